@@ -1,0 +1,1 @@
+"""Engine adapters: one per wire protocol, each yielding normalized events; no Redis, no gRPC."""

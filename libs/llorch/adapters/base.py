@@ -1,0 +1,73 @@
+"""The seam between a pool manager and an engine's wire protocol.
+
+An adapter turns a :class:`GenerateRequest` into the engine's streaming request and yields
+:class:`Token` pieces followed by exactly one :class:`Finished`. Failures are raised as
+``OrchestratorError`` with SPEC §4's mapping: connection refused/reset or process exit → WORKER_RESET,
+an engine error object or 5xx → INTERNAL (engine text in the message), a capacity refusal
+(no free slot, 503 busy, out of memory at submit) → REPLICA_EXHAUSTED.
+Cancel is closing the iterator (``aclose()``), which closes the HTTP stream; the engine frees the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    temperature: float = 0.0
+    top_k: int = 1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    task_id: str
+    prompt: str
+    max_tokens: int
+    seed: int
+    sampler: Sampler = field(default_factory=Sampler)
+    cache_prompt: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: Literal["stop", "length"]
+    tokens_in: int
+    tokens_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    live: bool
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EngineProps:
+    engine_version: str
+    slots_total: int
+    ctx: int
+    model_path: str
+
+
+class EngineAdapter(Protocol):
+    async def health(self) -> EngineHealth: ...
+
+    async def props(self) -> EngineProps: ...
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[Token | Finished]: ...
+
+    async def metrics(self) -> dict[str, float]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,73 @@
+"""JSON Lines logging (SPEC §5.11): one object per line with ts, level, service, event, msg.
+
+Callers log a short message and pass structured fields through ``extra``::
+
+    log.info("task admitted", extra={"event": "admission_accepted", "task_id": tid, "queue_position": 0})
+
+Only the SPEC's field names pass through, so headers, tokens and prompts cannot leak by accident.
+The correlation id of the request being served rides a context variable.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+
+FIELDS: Final = (
+    "task_id", "session_id", "client", "engine", "engine_version", "pool_id", "replica_id", "model_id",
+    "model_digest", "quant", "ctx", "kv_warmth", "queue_position", "predicted_start_ms", "queue_time_ms",
+    "tokens_in", "tokens_out", "decode_time_ms", "sampler_profile_version", "tensor_split", "seed",
+    "determinism", "code", "state", "pid", "port", "url", "address", "reason", "exit_code", "path",
+    "route", "status", "manager_id", "error",
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "event": getattr(record, "event", record.name),
+            "msg": record.getMessage(),
+        }
+        cid = correlation_id_var.get()
+        if cid is not None:
+            line["correlation_id"] = cid
+        attrs = record.__dict__
+        for name in FIELDS:
+            if name in attrs:
+                line[name] = attrs[name]
+        if "task_id" in line:
+            line["job_id"] = line["task_id"]
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def setup_logging(service: str, level: str = "info", log_file: Path | None = None) -> None:
+    """Configure the root logger for one service process (composition roots only)."""
+    formatter = JsonFormatter(service)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    root = logging.getLogger()
+    root.handlers.clear()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("aiohttp.access", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,111 @@
+"""`llorch`: start the services (each its own process) or the whole stack, and check configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import disable_created_metrics
+
+from llorch.config import ConfigError, LlorchConfig, load_config
+from llorch.logs import setup_logging
+
+from . import config_cmd
+
+Serve = Callable[[LlorchConfig, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def _load(path: str | None) -> LlorchConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_service(name: str, cfg: LlorchConfig, serve: Serve) -> None:
+    """Composition-root plumbing shared by the services: logging, uvloop, signals → stop event."""
+    setup_logging(name, cfg.telemetry.log_level, cfg.telemetry.log_file)
+    disable_created_metrics()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llorch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("up", "start the whole stack (embedded Redis when redis.url is null)"),
+        ("gateway", "run the HTTP gateway"),
+        ("scheduler", "run the queue-scheduler"),
+        ("pool-manager", "run a pool manager"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", default=None, help="YAML config (default $LLORCH_CONFIG or ~/.config/llorch/config.yaml)")
+        if name == "pool-manager":
+            cmd.add_argument("--index", type=int, default=0, help="n: gRPC on base_port+n, metrics on 9111+n")
+            cmd.add_argument("--pools", default=None, help="comma-separated pool ids (default: all)")
+    sub.add_parser("mock-engine", help="run the mock engine (llama-server protocol)", add_help=False)
+    config = sub.add_parser("config", help="validate a config or print its JSON Schema")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    validate = config_sub.add_parser("validate", help="validate FILE; exit 2 on errors")
+    validate.add_argument("file", nargs="?", default=None)
+    config_sub.add_parser("schema", help="print the JSON Schema")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["mock-engine"]:
+        from llorch_mockengine.__main__ import main as mock_main
+
+        mock_main(args_list[1:])
+        return
+    args = _parser().parse_args(args_list)
+    if args.command == "config":
+        code = config_cmd.validate(args.file) if args.config_command == "validate" else config_cmd.schema()
+        raise SystemExit(code)
+    if args.command == "up":
+        from .up import up
+
+        raise SystemExit(up(Path(args.config) if args.config else None))
+    cfg = _load(args.config)
+    if args.command == "gateway":
+        from llorch_gateway.__main__ import serve as gateway
+
+        run_service("gateway", cfg, gateway)
+    elif args.command == "scheduler":
+        from llorch_scheduler.__main__ import serve as scheduler
+
+        run_service("scheduler", cfg, scheduler)
+    else:
+        from llorch_poolmgr.__main__ import serve as pool_manager
+
+        pools = args.pools.split(",") if args.pools else None
+
+        async def serve_pm(c: LlorchConfig, stop: asyncio.Event) -> None:
+            await pool_manager(c, stop, args.index, pools)
+
+        run_service("pool-manager", cfg, serve_pm)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Composition root of the gateway process: `llorch gateway --config F`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from llorch.config import LlorchConfig
+from llorch.rpc import load_internal_token
+from llorch.store import Store
+
+from .app import Deps, build_app
+from .auth import Authenticator, load_tokens
+from .metrics import GatewayMetrics
+from .scheduler_client import SchedulerClient
+
+log = logging.getLogger(__name__)
+
+
+async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
+    internal = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
+    auth = Authenticator(load_tokens(cfg), cfg.api.probes_require_auth)
+    host, _, port = cfg.api.bind.rpartition(":")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("gateway bound beyond loopback", extra={"event": "bind_public", "address": cfg.api.bind})
+    assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
+    scheduler = SchedulerClient(cfg.grpc.scheduler, internal)
+    async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store, aiohttp.ClientSession() as http:
+        deps = Deps(cfg, store, scheduler, auth, GatewayMetrics(CollectorRegistry()), http)
+        runner = web.AppRunner(build_app(deps), access_log=None, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, host, int(port), backlog=1024)
+        await site.start()
+        log.info("gateway listening", extra={"event": "gateway_started", "url": f"http://{cfg.api.bind}"})
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+            await scheduler.aclose()

@@ -1,0 +1,176 @@
+"""The gateway's aiohttp application: routes of the native API, probes and the /metrics union."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from google.protobuf.json_format import MessageToDict
+
+from llorch.config import LlorchConfig
+from llorch.errors import Code, OrchestratorError, invalid
+from llorch.ids import is_valid_id
+from llorch.store import Store
+from llorch.v1 import scheduler_pb2
+
+from .auth import Authenticator
+from .edge import MAX_BODY, METRICS, edge
+from .metrics import GatewayMetrics
+from .models import TaskRequest, parse_json_object, parse_model
+from .scheduler_client import SchedulerClient
+from .sse import relay
+
+
+@dataclass
+class Deps:
+    cfg: LlorchConfig
+    store: Store
+    scheduler: SchedulerClient
+    auth: Authenticator
+    metrics: GatewayMetrics
+    http: aiohttp.ClientSession
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(payload, separators=(",", ":")), content_type="application/json")
+
+
+def _path_id(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not is_valid_id(value):
+        raise invalid(name, f"{name} must match ^[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}$")
+    return value
+
+
+class Api:
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+
+    async def submit(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        req = parse_model(TaskRequest, parse_json_object(body))
+        admit = scheduler_pb2.AdmitRequest(
+            task_id=req.task_id or "", session_id=req.session_id or "", workload=req.workload,
+            model_ref=req.model_ref, engine=req.engine or "", ctx=req.ctx, priority=req.priority,
+            max_tokens=req.max_tokens or 0, determinism=req.determinism or "",
+            sampler_profile_version=req.sampler_profile_version or "", inputs=req.inputs or [],
+            expected_tokens=req.expected_tokens or 0, kv_hint=req.kv_hint, client=request.get("client", ""),
+        )
+        if req.deadline_ms is not None:
+            if req.deadline_ms <= 0:
+                raise OrchestratorError(Code.DEADLINE_UNMET, "deadline_ms must be > 0", predicted_start_ms=0)
+            admit.deadline_ms = req.deadline_ms
+        if req.seed is not None:
+            admit.seed = req.seed
+        if req.prompt is not None:
+            admit.prompt = req.prompt
+        result = await self.d.scheduler.admit(admit)
+        payload = {
+            "task_id": result.task_id,
+            "session_id": result.session_id or None,
+            "queue_position": result.queue_position,
+            "predicted_start_ms": result.predicted_start_ms,
+            "backoff_ms": result.backoff_ms,
+            "on_time_probability": result.on_time_probability,
+            "stream_url": f"/v1/tasks/{result.task_id}/stream",
+        }
+        return _json(payload, 202)
+
+    async def status(self, request: web.Request) -> web.Response:
+        status = await self.d.scheduler.get_task(_path_id(request, "task_id"))
+        payload = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        payload.pop("error_json", None)
+        payload["session_id"] = status.session_id or None
+        payload["error"] = json.loads(status.error_json) if status.error_json else None
+        return _json(payload)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        return await relay(request, self.d.store, _path_id(request, "task_id"), self.d.cfg.sse.heartbeat_s)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        await self.d.scheduler.cancel(_path_id(request, "task_id"))
+        return web.Response(status=204)
+
+    async def pools(self, request: web.Request) -> web.Response:
+        reply = await self.d.scheduler.list_pools()
+        return _json([_pool_health(view) for view in reply.pools])
+
+    async def pool_health(self, request: web.Request) -> web.Response:
+        pool_id = request.match_info["pool_id"]
+        reply = await self.d.scheduler.list_pools()
+        for view in reply.pools:
+            if view.state.pool_id == pool_id:
+                return _json(_pool_health(view))
+        raise OrchestratorError(Code.NOT_FOUND, f"pool {pool_id} is unknown")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        redis_ok = await self.d.store.ping()
+        try:
+            reply = await self.d.scheduler.list_pools(timeout_s=2.0)
+            scheduler_ok = True
+            ready = sum(1 for view in reply.pools if view.state.state == "Ready")
+        except OrchestratorError:
+            scheduler_ok, ready = False, 0
+        checks = {"redis": redis_ok, "scheduler": scheduler_ok, "pools_ready": ready}
+        if redis_ok and scheduler_ok and ready:
+            return _json({"status": "ready", "checks": checks})
+        return _json({"status": "not_ready", "checks": checks}, 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        host = self.d.cfg.grpc.scheduler.rpartition(":")[0]
+        components = {"scheduler": f"{host}:{self.d.cfg.grpc.metrics_base_port}"}
+        try:
+            reply = await self.d.scheduler.list_pools(timeout_s=2.0)
+            components.update({f"pool-manager@{a}": a for a in reply.metrics_addresses})
+        except OrchestratorError:
+            pass  # the scheduler's own scrape will report it down
+        body = await self.d.metrics.union(self.d.http, components)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
+    pool = view.state
+    slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
+    last_error = (
+        {"code": pool.last_error.code, "message": pool.last_error.message, "at_ms": pool.last_error.at_ms}
+        if pool.has_error else None
+    )
+    return {
+        "pool_id": pool.pool_id, "live": pool.live, "ready": pool.state == "Ready", "draining": view.draining,
+        "state": pool.state, "engine": pool.engine, "engine_version": pool.engine_version or None,
+        "model_ref": pool.model_ref, "model_digest": pool.model_digest, "devices": list(pool.devices),
+        "replicas": [
+            {"replica_id": r.replica_id, "state": r.state, "pid": r.pid or None, "port": r.port or None}
+            for r in pool.replicas
+        ],
+        "last_error": last_error, "restarts": pool.restarts, "circuit": "closed",
+        "metrics": {
+            "slots_total": slots_total, "slots_free": view.slots_free, "tasks_running": view.tasks_running,
+            "vram_used_bytes": None, "vram_total_bytes": None, "gpu_utilization": None,
+            "kv_cache_usage_ratio": None,
+        },
+    }
+
+
+def build_app(deps: Deps) -> web.Application:
+    app = web.Application(
+        middlewares=[edge, deps.auth.middleware], client_max_size=deps.cfg.api.max_body_bytes
+    )
+    app[METRICS] = deps.metrics
+    app[MAX_BODY] = deps.cfg.api.max_body_bytes
+    api = Api(deps)
+    app.router.add_post("/v1/tasks", api.submit)
+    app.router.add_get("/v1/tasks/{task_id}", api.status)
+    app.router.add_get("/v1/tasks/{task_id}/stream", api.stream)
+    app.router.add_post("/v1/tasks/{task_id}/cancel", api.cancel)
+    app.router.add_get("/v1/pools", api.pools)
+    app.router.add_get("/v1/pools/{pool_id}/health", api.pool_health)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    return app

@@ -1,0 +1,102 @@
+"""API tokens (SPEC §2.5): loaded once, compared in memory with hmac.compare_digest against all."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from llorch.config import LlorchConfig
+from llorch.errors import Code, OrchestratorError
+
+from .edge import Handler
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    name: str
+    value: bytes
+
+
+def read_token_file(path: Path) -> str:
+    """A token file must be 0600 or stricter (SPEC §5.10)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SystemExit(f"token file {path} is readable by group or others (mode {mode:o}); chmod 600 it")
+    return path.read_text().strip()
+
+
+def ensure_token_file(path: Path) -> None:
+    """Create ``path`` with 32 random bytes (urlsafe base64), mode 0600, unless it exists."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32))
+
+
+def load_tokens(cfg: LlorchConfig) -> list[ApiToken]:
+    """api.tokens[] first; else LLORCH_API_TOKEN; else <state_dir>/api.token (created when missing)."""
+    tokens: list[ApiToken] = []
+    for entry in cfg.api.tokens:
+        if entry.token_env is not None:
+            value = os.environ.get(entry.token_env, "")
+            if not value:
+                raise SystemExit(f"api.tokens[{entry.name}]: env var {entry.token_env} is empty or unset")
+        else:
+            assert entry.token_file is not None
+            value = read_token_file(Path(entry.token_file))
+        tokens.append(ApiToken(entry.name, value.encode()))
+    if tokens:
+        return tokens
+    from_env = os.environ.get("LLORCH_API_TOKEN")
+    if from_env:
+        return [ApiToken("default", from_env.encode())]
+    path = cfg.state_dir / "api.token"
+    ensure_token_file(path)
+    return [ApiToken("default", read_token_file(path).encode())]
+
+
+class Authenticator:
+    def __init__(self, tokens: list[ApiToken], probes_require_auth: bool) -> None:
+        self.tokens = tokens
+        self.probes_require_auth = probes_require_auth
+
+    def client(self, request: web.Request) -> str:
+        """The matching token's name; raises 401/403 otherwise."""
+        header = request.headers.get("Authorization")
+        offered = ""
+        if header is not None:
+            scheme, _, value = header.partition(" ")
+            offered = value.strip() if scheme.lower() == "bearer" else ""
+        else:
+            offered = request.headers.get("X-API-Key", "").strip()
+        if not offered:
+            log.info("auth failed", extra={"event": "auth_failed", "reason": "missing", "route": request.path})
+            raise OrchestratorError(Code.UNAUTHENTICATED, "send the API token as Authorization: Bearer <token>")
+        candidate = offered.encode()
+        matched = ""
+        for token in self.tokens:  # compare against every token; no early exit
+            if hmac.compare_digest(candidate, token.value) and not matched:
+                matched = token.name
+        if not matched:
+            log.info("auth failed", extra={"event": "auth_failed", "reason": "mismatch", "route": request.path})
+            raise OrchestratorError(Code.FORBIDDEN, "the API token is not valid")
+        return matched
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/") or (self.probes_require_auth and request.path in OPEN_PATHS):
+            request["client"] = self.client(request)
+        return await handler(request)

@@ -1,0 +1,36 @@
+"""The gateway's own metric families and the `/metrics` union over every service (SPEC §6, D21)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+UNION_TIMEOUT_S = 2.0
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.http_requests = Counter(
+            "gateway_http_requests_total", "HTTP requests by route template", ["route", "method", "status"],
+            registry=registry,
+        )
+        self.component_up = Gauge("component_up", "1 when the component answered", ["component"], registry=registry)
+
+    async def union(self, session: aiohttp.ClientSession, components: dict[str, str]) -> bytes:
+        """Own families plus each component's exposition; a component that fails gets component_up 0."""
+
+        async def fetch(name: str, address: str) -> bytes:
+            try:
+                async with session.get(f"http://{address}/metrics", timeout=aiohttp.ClientTimeout(UNION_TIMEOUT_S)) as r:
+                    body = await r.read()
+                    ok = r.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                body, ok = b"", False
+            self.component_up.labels(name).set(1 if ok else 0)
+            return body if ok else b""
+
+        parts = await asyncio.gather(*(fetch(n, a) for n, a in sorted(components.items())))
+        return generate_latest(self.registry) + b"".join(parts)

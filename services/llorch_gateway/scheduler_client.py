@@ -1,0 +1,49 @@
+"""The gateway's client of the scheduler: deadlines on every call, one gRPC→domain mapper."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc.aio
+
+from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
+from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+T = TypeVar("T")
+
+
+class SchedulerClient:
+    def __init__(self, address: str, token: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.token = token
+
+    async def aclose(self) -> None:
+        await self.channel.close(None)
+
+    async def _call(self, call: Awaitable[T], what: str) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, what) from None
+
+    async def admit(self, request: scheduler_pb2.AdmitRequest) -> scheduler_pb2.AdmitResponse:
+        call = self.stub.Admit(request, metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S)
+        return await self._call(call, "the scheduler")
+
+    async def cancel(self, task_id: str) -> scheduler_pb2.CancelResponse:
+        call = self.stub.Cancel(
+            scheduler_pb2.CancelRequest(task_id=task_id), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        )
+        return await self._call(call, "the scheduler")
+
+    async def get_task(self, task_id: str) -> scheduler_pb2.TaskStatus:
+        call = self.stub.GetTask(
+            scheduler_pb2.GetTaskRequest(task_id=task_id), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        )
+        return await self._call(call, "the scheduler")
+
+    async def list_pools(self, timeout_s: float = DEFAULT_DEADLINE_S) -> scheduler_pb2.ListPoolsResponse:
+        call = self.stub.ListPools(scheduler_pb2.ListPoolsRequest(), metadata=metadata(self.token), timeout=timeout_s)
+        return await self._call(call, "the scheduler")

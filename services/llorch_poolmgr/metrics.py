@@ -1,0 +1,42 @@
+"""The pool manager's metric families (SPEC §6: it owns them)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llorch.metrics import LATENCY_BUCKETS_MS
+
+_REPLICA = ("engine", "engine_version", "pool_id", "replica_id")
+_POOL_PRIORITY = ("engine", "engine_version", "pool_id", "priority")
+
+
+class PoolMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.tasks_started = Counter(
+            "tasks_started_total", "Tasks dispatched to a slot", [*_REPLICA, "priority"], registry=registry
+        )
+        self.tokens_in = Counter("tokens_in_total", "Prompt tokens (engine count)", _REPLICA, registry=registry)
+        self.tokens_out = Counter("tokens_out_total", "Generated tokens", _REPLICA, registry=registry)
+        self.first_token = Histogram(
+            "latency_first_token_ms", "Admission to first token (ms)", _POOL_PRIORITY,
+            buckets=LATENCY_BUCKETS_MS, registry=registry,
+        )
+        self.decode = Histogram(
+            "latency_decode_ms", "Dispatch to end of successful tasks (ms)", _POOL_PRIORITY,
+            buckets=LATENCY_BUCKETS_MS, registry=registry,
+        )
+        self.kv_usage = Gauge("kv_cache_usage_ratio", "Share of KV in use", _REPLICA, registry=registry)
+        self.gpu_utilization = Gauge(
+            "gpu_utilization", "GPU utilization percent", [*_REPLICA, "device"], registry=registry
+        )
+        self.vram_used = Gauge(
+            "vram_used_bytes", "VRAM used by the replica", [*_REPLICA, "device"], registry=registry
+        )
+        self.pool_ready = Gauge("pool_ready", "1 when the pool is Ready", ["pool_id"], registry=registry)
+        self.engine_restarts = Counter(
+            "engine_restarts_total", "Engine restarts", ["pool_id", "reason"], registry=registry
+        )
+        self.tasks_failed = Counter(
+            "tasks_failed_total", "Tasks ended by an error", ["engine", "pool_id", "code"], registry=registry
+        )

@@ -1,0 +1,184 @@
+"""Admission: resolve the replica set, run the guardrails, create the task and enqueue it atomically.
+
+The gateway has already checked the request's shape; this checks it against what is served, in SPEC
+§5.1's order. Enqueue and the `started` event happen under the set's lock, which the dispatcher also
+takes to claim, so `started` is always seq 0 (the scheduler is the only writer of queues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from llorch.config import LlorchConfig
+from llorch.errors import Code, OrchestratorError, invalid
+from llorch.ids import default_seed, is_valid_id, new_task_id
+from llorch.metrics import QUEUE_REPLICA
+from llorch.store import Priority, Store, now_ms
+from llorch.v1 import scheduler_pb2
+
+from .estimator import Estimator
+from .metrics import SchedulerMetrics
+from .registry import PoolRegistry, SetInfo, set_of
+
+log = logging.getLogger(__name__)
+
+_PENDING_TTL_S = 7 * 24 * 3600
+"""Safety TTL of a record that has not ended yet; a terminal event shortens it to the retention."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    task_id: str
+    rs: str
+    queue_position: int
+    predicted_start_ms: int
+    backoff_ms: int
+    on_time_probability: float
+
+
+class Admission:
+    def __init__(
+        self,
+        cfg: LlorchConfig,
+        store: Store,
+        registry: PoolRegistry,
+        estimator: Estimator,
+        metrics: SchedulerMetrics,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.estimator = estimator
+        self.metrics = metrics
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        served = {p.model for p in cfg.pools}
+        self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
+
+    async def admit(self, req: scheduler_pb2.AdmitRequest) -> Admitted:
+        task_id = req.task_id or new_task_id()
+        if not is_valid_id(task_id):
+            raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+        if await self.store.task_exists(task_id):
+            raise OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")
+        info = self._resolve(req)
+        priority: Priority = "batch" if req.priority == "batch" else "interactive"
+        max_tokens = req.max_tokens or self.cfg.scheduler.default_max_tokens
+        deadline_ms = req.deadline_ms or self.cfg.scheduler.default_deadline_ms
+        prompt = req.prompt if req.HasField("prompt") else (req.inputs[0] if req.inputs else "")
+        self._guardrails(req, info, max_tokens, deadline_ms, prompt)
+        seed = req.seed if req.HasField("seed") else default_seed(task_id)
+        fields = {
+            "state": "queued",
+            "rs": info.rs,
+            "priority": priority,
+            "model_ref": req.model_ref,
+            "session_id": req.session_id,
+            "engine": info.engine,
+            "created_ms": str(now_ms()),
+            "deadline_ms": str(deadline_ms),
+            "request": json.dumps(
+                {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "determinism": req.determinism}
+            ),
+        }
+        if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
+            raise OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")
+        return await self._enqueue(task_id, info, priority, max_tokens, deadline_ms)
+
+    def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
+        members = self.registry.pools_for_model(req.model_ref)
+        if not members:
+            if req.model_ref in self.served_models:
+                raise OrchestratorError(
+                    Code.POOL_UNREADY, f"no pool serving {req.model_ref} has started yet; retry shortly",
+                    retry_after_ms=1000,
+                )
+            raise invalid(
+                "model_ref", f"model_ref {req.model_ref!r} is not served; use one of served_models",
+                served_models=list(self.served_models),
+            )
+        ready = [(m, p) for m, p in members if self.registry.is_ready(m, p)]
+        if not ready:
+            raise OrchestratorError(
+                Code.POOL_UNREADY, f"no replica serving {req.model_ref} is Ready yet; retry shortly",
+                retry_after_ms=1000,
+            )
+        rs = min(set_of(p) for _, p in ready)
+        info = self.registry.set_info(rs)
+        assert info is not None  # a Ready member exists, so the set does
+        if req.engine and req.engine != info.engine:
+            raise invalid("engine", f"model {req.model_ref} is served by engine {info.engine!r}, not {req.engine!r}")
+        return info
+
+    def _guardrails(
+        self, req: scheduler_pb2.AdmitRequest, info: SetInfo, max_tokens: int, deadline_ms: int, prompt: str
+    ) -> None:
+        if req.ctx > info.ctx:
+            raise invalid("ctx", f"ctx must be between 0 and {info.ctx} for this model")
+        if max_tokens > info.max_tokens_limit:
+            raise invalid("max_tokens", f"max_tokens must be between 1 and {info.max_tokens_limit}")
+        effective_ctx = req.ctx or info.ctx
+        prompt_est = math.ceil((len(prompt.encode()) + sum(len(i.encode()) for i in req.inputs[1:])) / 4)
+        if prompt_est + max_tokens > effective_ctx:
+            raise invalid(
+                "max_tokens",
+                f"prompt (~{prompt_est} tokens) + max_tokens ({max_tokens}) exceeds ctx {effective_ctx}; "
+                "shorten the prompt or lower max_tokens",
+            )
+        if deadline_ms <= 0:
+            raise OrchestratorError(Code.DEADLINE_UNMET, "deadline_ms must be > 0", predicted_start_ms=0)
+        if deadline_ms > self.cfg.scheduler.max_deadline_ms:
+            raise invalid("deadline_ms", f"deadline_ms must be at most {self.cfg.scheduler.max_deadline_ms}")
+
+    async def _enqueue(
+        self, task_id: str, info: SetInfo, priority: Priority, max_tokens: int, deadline_ms: int
+    ) -> Admitted:
+        rs = info.rs
+        slots_total, slots_free = self.registry.slots(rs)
+        async with self.locks[rs]:
+            position, depth_i, depth_b = await self.store.enqueue(
+                rs, task_id, priority, info.queue_capacity, info.queue_capacity
+            )
+            if position < 0:
+                await self.store.delete_task(task_id)
+                raise self._rejected(info, slots_total, depth_i + depth_b, max_tokens)
+            predicted = self.estimator.predicted_start_ms(rs, position, slots_total, slots_free, max_tokens)
+            on_time = self.estimator.on_time_probability(
+                predicted, self.estimator.service_ms(rs, max_tokens), deadline_ms
+            )
+            started = {
+                "task_id": task_id,
+                "queue_position": position,
+                "predicted_start_ms": predicted,
+                "on_time_probability": on_time,
+                "priority": priority,
+            }
+            await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
+        depth = depth_i + depth_b
+        backoff = 0
+        if depth >= self.cfg.queue.soft_watermark * info.queue_capacity:
+            backoff = self.estimator.backoff_ms(rs, slots_total, depth, max_tokens)
+        self.metrics.tasks_enqueued.labels(info.engine, info.engine_version, rs, QUEUE_REPLICA, priority).inc()
+        log.info(
+            "task admitted",
+            extra={"event": "admission_accepted", "task_id": task_id, "queue_position": position,
+                   "predicted_start_ms": predicted, "engine": info.engine},
+        )
+        return Admitted(task_id, rs, position, predicted, backoff, on_time)
+
+    def _rejected(self, info: SetInfo, slots_total: int, depth: int, max_tokens: int) -> OrchestratorError:
+        backoff = self.estimator.backoff_ms(info.rs, slots_total, depth, max_tokens)
+        self.metrics.tasks_rejected.labels(info.engine, Code.ADMISSION_REJECT.value).inc()
+        self.metrics.backpressure.labels(info.engine, "reject").inc()
+        log.info("queue full", extra={"event": "admission_rejected", "code": "ADMISSION_REJECT", "engine": info.engine})
+        return OrchestratorError(
+            Code.ADMISSION_REJECT,
+            f"the queue for this model is full ({depth} queued); retry after {backoff} ms",
+            engine=info.engine,
+            policy_label="reject",
+            retry_after_ms=backoff,
+        )

@@ -1,0 +1,183 @@
+"""Dispatch: claim queued tasks (with a lease) onto Ready replicas with a free slot; sweep dead leases.
+
+One loop, woken by admissions, finished tasks and pool reports. Each dispatched task is followed by
+one `Generate` stream to its pool manager: it says when the slot is taken and freed. A broken stream
+(pool manager gone) ends the task with WORKER_RESET; the lease sweeper covers what a scheduler
+restart forgot. Every path ends the task through the store's append-unless-terminal step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+import grpc.aio
+from redis.exceptions import RedisError
+
+from llorch.config import LlorchConfig
+from llorch.errors import Code, RETRIABLE
+from llorch.rpc import metadata
+from llorch.store import Claim, Store, now_ms
+from llorch.v1 import poolmgr_pb2, types_pb2
+
+from .admission import Admission
+from .estimator import Estimator
+from .registry import Candidate, PoolRegistry
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 15_000
+SWEEP_INTERVAL_S = 2.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: LlorchConfig,
+        store: Store,
+        registry: PoolRegistry,
+        admission: Admission,
+        estimator: Estimator,
+        internal_token: str,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.admission = admission
+        self.estimator = estimator
+        self.token = internal_token
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._attempts: dict[str, int] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        sweeper = asyncio.create_task(self._sweep_forever())
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                for rs in self.registry.replica_sets():
+                    await self._fill(rs)
+        finally:
+            sweeper.cancel()
+            for task in list(self._inflight):
+                task.cancel()
+            await asyncio.gather(sweeper, *self._inflight, return_exceptions=True)
+
+    async def _fill(self, rs: str) -> None:
+        while candidates := self.registry.candidates(rs):
+            async with self.admission.locks[rs]:
+                claim = await self.store.claim(rs, LEASE_MS)
+            if claim is None:
+                return
+            await self._dispatch(rs, claim, candidates[0])
+
+    async def _dispatch(self, rs: str, claim: Claim, target: Candidate) -> None:
+        task_id = claim.task_id
+        record = await self.store.task(task_id)
+        placed = {
+            "state": "running",
+            "manager": target.manager.address,
+            "pool_id": target.pool.pool_id,
+            "replica_id": target.replica.replica_id,
+            "dispatched_ms": str(now_ms()),
+        }
+        if not record or await self.store.append(task_id, [], fields=placed) < 0:
+            await self.store.release_lease(rs, task_id)  # canceled or expired while queued
+            return
+        self.registry.occupy(target.replica.replica_id, target.pool.pool_id, task_id)
+        request = self._generate_request(rs, task_id, record, target, claim)
+        task = asyncio.create_task(self._follow(rs, claim, target, request))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _generate_request(
+        self, rs: str, task_id: str, record: dict[str, str], target: Candidate, claim: Claim
+    ) -> poolmgr_pb2.GenerateRequest:
+        body = json.loads(record["request"])
+        profile = self.cfg.sampler_profiles[target.pool.sampler_profile_version]
+        admitted = int(record["created_ms"])
+        return poolmgr_pb2.GenerateRequest(
+            task_id=task_id,
+            pool_id=target.pool.pool_id,
+            replica_id=target.replica.replica_id,
+            replica_set_id=rs,
+            prompt=body["prompt"],
+            max_tokens=body["max_tokens"],
+            seed=body["seed"],
+            sampler=types_pb2.Sampler(
+                temperature=profile.temperature, top_k=profile.top_k, top_p=profile.top_p,
+                min_p=profile.min_p, repeat_penalty=profile.repeat_penalty,
+            ),
+            sampler_profile_version=target.pool.sampler_profile_version,
+            determinism=body.get("determinism") or "best_effort",
+            priority=claim.priority,
+            admitted_ms=admitted,
+            queue_time_ms=max(0, now_ms() - admitted),
+            deadline_at_ms=admitted + int(record["deadline_ms"]),
+            session_id=record.get("session_id", ""),
+        )
+
+    async def _follow(
+        self, rs: str, claim: Claim, target: Candidate, request: poolmgr_pb2.GenerateRequest
+    ) -> None:
+        task_id = claim.task_id
+        finished = False
+        try:
+            stream = target.manager.stub.Generate(request, metadata=metadata(self.token))
+            async for update in stream:
+                if update.phase == poolmgr_pb2.GenerateUpdate.REFUSED:
+                    await self._refused(rs, claim)
+                    finished = True
+                elif update.phase == poolmgr_pb2.GenerateUpdate.FINISHED:
+                    finished = True
+                    if not update.code:
+                        self.estimator.observe(rs, update.tokens_out, int(update.decode_ms))
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "pool manager stream lost",
+                extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name},
+            )
+        finally:
+            self.registry.release(target.replica.replica_id, task_id)
+            if not finished:
+                await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task was lost",
+                                 target.pool.engine, target.pool.pool_id)
+            await self.store.release_lease(rs, task_id)
+            self.wake()
+
+    async def _refused(self, rs: str, claim: Claim) -> None:
+        attempts = self._attempts.get(claim.task_id, 0) + 1
+        if attempts >= self.cfg.scheduler.dispatch_attempts:
+            self._attempts.pop(claim.task_id, None)
+            await self._fail(claim.task_id, Code.REPLICA_EXHAUSTED, "every replica refused the task for capacity")
+            return
+        self._attempts[claim.task_id] = attempts
+        await self.store.append(claim.task_id, [], fields={"state": "queued"})
+        await self.store.requeue_head(rs, claim)
+
+    async def _fail(self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = "") -> None:
+        payload: dict[str, object] = {"code": code.value, "message": message, "retriable": code in RETRIABLE}
+        if engine:
+            payload["engine"] = engine
+        if pool_id:
+            payload["pool_id"] = pool_id
+        await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            with contextlib.suppress(RedisError):  # a Redis blip must not stop the sweeper; next round retries
+                await self.sweep()
+
+    async def sweep(self) -> None:
+        """End every task whose lease expired (its pool manager stopped renewing) with WORKER_RESET."""
+        for rs, task_id in await self.store.expired_leases():
+            await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
+            await self.store.release_lease(rs, task_id)
+            log.warning("lease expired", extra={"event": "lease_expired", "task_id": task_id})

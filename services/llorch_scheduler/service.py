@@ -1,0 +1,174 @@
+"""The Scheduler gRPC service: thin handlers over admission, dispatch and the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from llorch.errors import Code, OrchestratorError
+from llorch.metrics import QUEUE_REPLICA
+from llorch.rpc import metadata, unary
+from llorch.store import Priority, Store
+from llorch.v1 import poolmgr_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from .admission import Admission
+from .dispatcher import Dispatcher
+from .metrics import SchedulerMetrics
+from .registry import PoolRegistry, set_of
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(
+        self,
+        store: Store,
+        registry: PoolRegistry,
+        admission: Admission,
+        dispatcher: Dispatcher,
+        metrics: SchedulerMetrics,
+        retention_s: int,
+        internal_token: str,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.admission = admission
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.retention_s = retention_s
+        self.token = internal_token
+        self._background: set[asyncio.Task[None]] = set()
+
+    @unary
+    async def Admit(self, request: scheduler_pb2.AdmitRequest, context: Context) -> scheduler_pb2.AdmitResponse:
+        admitted = await self.admission.admit(request)
+        self.dispatcher.wake()
+        return scheduler_pb2.AdmitResponse(
+            task_id=admitted.task_id,
+            session_id=request.session_id,
+            queue_position=admitted.queue_position,
+            predicted_start_ms=admitted.predicted_start_ms,
+            backoff_ms=admitted.backoff_ms,
+            on_time_probability=admitted.on_time_probability,
+        )
+
+    @unary
+    async def Cancel(self, request: scheduler_pb2.CancelRequest, context: Context) -> scheduler_pb2.CancelResponse:
+        """Write the terminal CANCELED first; only then answer; then abort the engine request."""
+        task_id = request.task_id
+        payload = {"code": Code.CANCELED.value, "message": "canceled by the client", "retriable": False}
+        previous, manager = await self.store.terminate(task_id, "canceled", payload, self.retention_s)
+        if not previous:
+            raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
+        if previous in ("queued", "running"):
+            record = await self.store.task(task_id)
+            rs = record.get("rs", "")
+            info = self.registry.set_info(rs)
+            engine, version = (info.engine, info.engine_version) if info else (record.get("engine", "none"), "")
+            pool_id = record.get("pool_id", rs)
+            replica_id = record.get("replica_id", QUEUE_REPLICA)
+            self.metrics.tasks_canceled.labels(engine, version, pool_id, replica_id, "client").inc()
+            log.info("task canceled", extra={"event": "task_canceled", "task_id": task_id, "state": previous})
+            if previous == "queued":
+                await self.store.dequeue(rs, task_id)
+            elif manager:
+                self._spawn(self._abort(manager, task_id))
+        return scheduler_pb2.CancelResponse(previous_state=previous)
+
+    async def _abort(self, address: str, task_id: str) -> None:
+        manager = self.registry.manager_by_address(address)
+        if manager is None:
+            return
+        try:
+            await manager.stub.Abort(
+                poolmgr_pb2.AbortRequest(task_id=task_id), metadata=metadata(self.token), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("abort failed", extra={"event": "abort_failed", "task_id": task_id, "code": exc.code().name})
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @unary
+    async def GetTask(self, request: scheduler_pb2.GetTaskRequest, context: Context) -> scheduler_pb2.TaskStatus:
+        record = await self.store.task(request.task_id)
+        if not record:
+            raise OrchestratorError(Code.NOT_FOUND, f"task {request.task_id} is unknown or expired")
+        status = scheduler_pb2.TaskStatus(
+            task_id=request.task_id,
+            session_id=record.get("session_id", ""),
+            state=record.get("state", ""),
+            priority=record.get("priority", ""),
+            model_ref=record.get("model_ref", ""),
+            replica_set_id=record.get("rs", ""),
+            pool_id=record.get("pool_id", ""),
+            replica_id=record.get("replica_id", ""),
+            tokens_out=int(record.get("tokens_out", "0")),
+            error_json=record.get("error", ""),
+        )
+        if status.state == "queued":
+            priority: Priority = "batch" if status.priority == "batch" else "interactive"
+            position = await self.store.queue_position(status.replica_set_id, request.task_id, priority)
+            if position is not None:
+                status.queue_position = position
+                total, free = self.registry.slots(status.replica_set_id)
+                body = json.loads(record["request"])
+                status.predicted_start_ms = self.admission.estimator.predicted_start_ms(
+                    status.replica_set_id, position, total, free, int(body["max_tokens"])
+                )
+        return status
+
+    @unary
+    async def ListPools(
+        self, request: scheduler_pb2.ListPoolsRequest, context: Context
+    ) -> scheduler_pb2.ListPoolsResponse:
+        reply = scheduler_pb2.ListPoolsResponse()
+        for manager, pool in sorted(self.registry.pools(), key=lambda mp: mp[1].pool_id):
+            busy = sum(self.registry.busy(r) for r in pool.replicas)
+            total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
+            view = reply.pools.add()
+            view.state.CopyFrom(pool)
+            if not manager.connected:
+                view.state.state = "Unreachable"
+                view.state.live = False
+            view.replica_set_id = set_of(pool)
+            view.manager_id = manager.manager_id
+            view.metrics_address = manager.metrics_address
+            view.tasks_running = busy
+            view.slots_free = max(0, total - busy)
+        reply.metrics_addresses.extend(
+            sorted({m.metrics_address for m in self.registry.managers.values() if m.connected})
+        )
+        return reply
+
+    async def RegisterPoolManager(
+        self, request_iterator: AsyncIterator[scheduler_pb2.PoolManagerReport], context: Context
+    ) -> AsyncIterator[scheduler_pb2.SchedulerDirective]:
+        manager_id = ""
+        try:
+            async for report in request_iterator:
+                manager_id = report.manager_id
+                self.registry.update(report.manager_id, report.address, report.metrics_address, list(report.pools))
+                self.dispatcher.wake()
+                yield scheduler_pb2.SchedulerDirective(ack=True)
+        finally:
+            if manager_id:
+                self.registry.disconnect(manager_id)
+
+    async def refresh_queue_gauges(self) -> None:
+        """Set `queue_depth` for every known set (series exist at 0 from the first report on)."""
+        for rs in self.registry.replica_sets():
+            info = self.registry.set_info(rs)
+            if info is not None:
+                depths = await self.store.queue_depths(rs)
+                for priority, depth in zip(("interactive", "batch"), depths, strict=True):
+                    self.metrics.queue_depth.labels(info.engine, info.engine_version, rs, priority).set(depth)

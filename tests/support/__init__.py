@@ -1,0 +1,1 @@
+"""Test support: free ports, condition waits, real child processes, a real Redis server."""
