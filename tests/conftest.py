@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
 from tests.support.redis_server import RedisServer
+from tests.support.stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +27,24 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, redis_url: str) -> Iterator[Any]:
+    """Build stacks on the test's Redis; every stack started is stopped at teardown."""
+    stacks: list[Stack] = []
+
+    def build(**kwargs: Any) -> Stack:
+        stack = Stack(tmp_path / f"stack{len(stacks)}", redis_url, **kwargs)
+        stacks.append(stack)
+        return stack
+
+    yield build
+    for stack in stacks:
+        stack.stop()

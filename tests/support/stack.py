@@ -1,0 +1,179 @@
+"""The whole stack as real processes on free ports: scheduler, pool manager(s), gateway, mock engines.
+
+Tests talk to it only over HTTP, like a client would. Redis is the session's real server.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from .procs import Proc, free_port, python_module, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+MOCK_MODEL = ROOT / "tests" / "fixtures" / "mock-model.bin"
+
+
+def _port_pair(offset: int) -> int:
+    """A port p with p and p+offset both free (pool managers use base+n, metrics base+10+n)."""
+    for _ in range(200):
+        port = free_port()
+        if port + offset > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def mock_pool(pool_id: str = "mock-a", slots: int = 1, capacity: int = 16, args: Sequence[str] = (),
+              **extra: Any) -> dict[str, Any]:
+    return {
+        "id": pool_id, "engine": "mock", "model": "mock-tiny", "devices": "cpu", "ctx": 2048, "slots": slots,
+        "engine_args": ["--token-delay-ms", "5", *args], "queue": {"capacity": capacity, "full_policy": "reject"},
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+class Stack:
+    def __init__(self, workdir: Path, redis_url: str, pools: list[dict[str, Any]],
+                 models: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_urlsafe(24)
+        self.api_port = free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        config: dict[str, Any] = {
+            "version": 1,
+            "state_dir": str(workdir / "state"),
+            "api": {"bind": f"127.0.0.1:{self.api_port}", "max_body_bytes": 65536},
+            "grpc": {"scheduler": f"127.0.0.1:{free_port()}", "pool_manager_base_port": free_port(),
+                     "metrics_base_port": _port_pair(10)},
+            "redis": {"url": redis_url},
+            "sse": {"heartbeat_s": 1, "retention_s": 60, "queued_metrics_interval_ms": 1000},
+            "catalog": {"models": models or [{"id": "mock-tiny", "path": str(MOCK_MODEL)}]},
+            "pools": pools,
+            "telemetry": {"log_level": "info"},
+            **(extra or {}),
+        }
+        self.config_path = workdir / "llorch.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {"LLORCH_API_TOKEN": self.token, "LLORCH_INTERNAL_TOKEN": secrets.token_urlsafe(24)}
+        self.procs: dict[str, Proc] = {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def _spawn(self, name: str, *args: str) -> Proc:
+        argv = python_module("llorch_cli.main", *args, "--config", str(self.config_path))
+        proc = Proc(argv, self.workdir / f"{name}.log", self.env)
+        self.procs[name] = proc
+        return proc
+
+    def start_pool_manager(self) -> Proc:
+        return self._spawn("pool-manager", "pool-manager", "--index", "0")
+
+    async def start(self, ready: bool = True) -> None:
+        self._spawn("scheduler", "scheduler")
+        self.start_pool_manager()
+        self._spawn("gateway", "gateway")
+        if ready:
+            await self.wait_ready()
+
+    async def wait_ready(self, timeout_s: float = 60) -> None:
+        async def ready() -> bool:
+            for name, proc in self.procs.items():
+                if not proc.alive():
+                    raise AssertionError(f"{name} exited:\n{proc.log_text()[-3000:]}")
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"{self.url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(ready, timeout_s, "the stack to be ready")
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "".join(p.log_text() for p in self.procs.values())
+
+
+class Client:
+    """A thin HTTP client of the public API for tests."""
+
+    def __init__(self, stack: Stack, session: aiohttp.ClientSession) -> None:
+        self.stack = stack
+        self.session = session
+
+    async def submit(self, **body: Any) -> tuple[int, dict[str, Any], Any]:
+        body.setdefault("model_ref", "mock-tiny")
+        body.setdefault("prompt", "hello")
+        async with self.session.post(f"{self.stack.url}/v1/tasks", json=body, headers=self.stack.headers) as r:
+            return r.status, await r.json(), r.headers
+
+    async def admit(self, **body: Any) -> str:
+        status, payload, _ = await self.submit(**body)
+        assert status == 202, payload
+        return str(payload["task_id"])
+
+    async def cancel(self, task_id: str) -> int:
+        url = f"{self.stack.url}/v1/tasks/{task_id}/cancel"
+        async with self.session.post(url, headers=self.stack.headers) as r:
+            return r.status
+
+    async def status(self, task_id: str) -> dict[str, Any]:
+        async with self.session.get(f"{self.stack.url}/v1/tasks/{task_id}", headers=self.stack.headers) as r:
+            assert r.status == 200, await r.text()
+            return dict(await r.json())
+
+    async def events(self, task_id: str, last_event_id: int | None = None) -> list[SseEvent]:
+        return [e async for e in self.follow(task_id, last_event_id)]
+
+    async def follow(self, task_id: str, last_event_id: int | None = None) -> AsyncIterator[SseEvent]:
+        headers = dict(self.stack.headers)
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        url = f"{self.stack.url}/v1/tasks/{task_id}/stream"
+        async with self.session.get(url, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            async for frame in sse_frames(r.content):
+                yield frame
+
+
+async def sse_frames(content: aiohttp.StreamReader) -> AsyncIterator[SseEvent]:
+    """Parse SSE frames strictly: each frame is id/event/data lines; comments are heartbeats."""
+    fields: dict[str, str] = {}
+    async for raw in content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if fields:
+                yield SseEvent(int(fields["id"]), fields["event"], json.loads(fields["data"]))
+                fields = {}
+            continue
+        key, _, value = line.partition(": ")
+        assert key in ("id", "event", "data") and key not in fields, f"bad SSE line {line!r}"
+        fields[key] = value
