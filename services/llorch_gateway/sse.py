@@ -40,7 +40,14 @@ async def relay(request: web.Request, store: Store, task_id: str, heartbeat_s: f
         }
     )
     await response.prepare(request)
-    block_ms = int(heartbeat_s * 1000)
+    try:
+        await _follow(response, store, task_id, after, int(heartbeat_s * 1000))
+    except ConnectionResetError:
+        pass  # the client went away; the task is unaffected
+    return response
+
+
+async def _follow(response: web.StreamResponse, store: Store, task_id: str, after: int, block_ms: int) -> None:
     while True:
         events = await store.wait_events(task_id, after, block_ms)
         if not events:
@@ -54,4 +61,3 @@ async def relay(request: web.Request, store: Store, task_id: str, heartbeat_s: f
         if events[-1].name in TERMINAL_EVENTS:
             break
     await response.write_eof()
-    return response

@@ -12,11 +12,12 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from llorch.config import PoolConfig
+from llorch.errors import Code
 from llorch.rpc import bind_correlation, metadata, unary
 from llorch.store import Store
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-from .executor import Executor
+from .executor import Executor, Outcome
 from .metrics import PoolMetrics
 from .supervisor import Replica
 
@@ -91,7 +92,12 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
             return
         yield poolmgr_pb2.GenerateUpdate(phase=poolmgr_pb2.GenerateUpdate.ACCEPTED)
         # Shielded: if the scheduler goes away the task runs on; its tokens go to Redis regardless.
-        outcome = await asyncio.shield(task)
+        try:
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this RPC was cancelled, not the task
+            outcome = Outcome(Code.CANCELED.value, 0, 0)  # aborted before it began
         yield poolmgr_pb2.GenerateUpdate(
             phase=poolmgr_pb2.GenerateUpdate.FINISHED, code=outcome.code, tokens_out=outcome.tokens_out,
             decode_ms=outcome.decode_ms,

@@ -121,7 +121,7 @@ class Replica:
             log.info(
                 "replica state change",
                 extra={"event": "pool_state_change", "pool_id": self.pool.id, "replica_id": self.replica_id,
-                       "state": state},
+                       "state": state, "reason": error[1] if error else None},
             )
         self.state = state
         self.on_change()
@@ -156,6 +156,7 @@ class Replica:
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, **engine_env(self.pool)},
             preexec_fn=_die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches the manager, which stops its engines in order
         )
         self.pid = self._proc.pid
         log.info("engine started", extra={"event": "engine_start", "replica_id": self.replica_id,

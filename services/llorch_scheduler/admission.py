@@ -72,6 +72,7 @@ class Admission:
         prompt = req.prompt if req.HasField("prompt") else (req.inputs[0] if req.inputs else "")
         self._guardrails(req, info, max_tokens, deadline_ms, prompt)
         seed = req.seed if req.HasField("seed") else default_seed(task_id)
+        determinism = self._determinism(req, info)
         fields = {
             "state": "queued",
             "rs": info.rs,
@@ -82,7 +83,7 @@ class Admission:
             "created_ms": str(now_ms()),
             "deadline_ms": str(deadline_ms),
             "request": json.dumps(
-                {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "determinism": req.determinism}
+                {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "determinism": determinism}
             ),
         }
         if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
@@ -113,6 +114,13 @@ class Admission:
         if req.engine and req.engine != info.engine:
             raise invalid("engine", f"model {req.model_ref} is served by engine {info.engine!r}, not {req.engine!r}")
         return info
+
+    def _determinism(self, req: scheduler_pb2.AdmitRequest, info: SetInfo) -> str:
+        """`strict` when the set can do it (not vllm, every replica one slot: OC-ADAPT-5010)."""
+        capable = info.engine != "vllm" and info.single_slot
+        if req.determinism == "strict" and not capable:
+            raise invalid("determinism", "this model's replicas cannot run strict determinism; use best_effort")
+        return req.determinism or ("strict" if capable else "best_effort")
 
     def _guardrails(
         self, req: scheduler_pb2.AdmitRequest, info: SetInfo, max_tokens: int, deadline_ms: int, prompt: str

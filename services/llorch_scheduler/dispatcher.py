@@ -49,7 +49,7 @@ class Dispatcher:
         self.estimator = estimator
         self.token = internal_token
         self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
         self._attempts: dict[str, int] = {}
 
     def wake(self) -> None:
@@ -65,9 +65,9 @@ class Dispatcher:
                     await self._fill(rs)
         finally:
             sweeper.cancel()
-            for task in list(self._inflight):
+            for task in list(self._inflight.values()):
                 task.cancel()
-            await asyncio.gather(sweeper, *self._inflight, return_exceptions=True)
+            await asyncio.gather(sweeper, *self._inflight.values(), return_exceptions=True)
 
     async def _fill(self, rs: str) -> None:
         while candidates := self.registry.candidates(rs):
@@ -93,8 +93,8 @@ class Dispatcher:
         self.registry.occupy(target.replica.replica_id, target.pool.pool_id, task_id)
         request = self._generate_request(rs, task_id, record, target, claim)
         task = asyncio.create_task(self._follow(rs, claim, target, request))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight[task_id] = task
+        task.add_done_callback(lambda _: self._inflight.pop(task_id, None))
 
     def _generate_request(
         self, rs: str, task_id: str, record: dict[str, str], target: Candidate, claim: Claim
@@ -180,4 +180,7 @@ class Dispatcher:
         for rs, task_id in await self.store.expired_leases():
             await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
             await self.store.release_lease(rs, task_id)
+            follower = self._inflight.get(task_id)
+            if follower is not None:
+                follower.cancel()  # frees the slot we counted for it
             log.warning("lease expired", extra={"event": "lease_expired", "task_id": task_id})

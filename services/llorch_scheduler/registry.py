@@ -54,6 +54,7 @@ class SetInfo:
     queue_capacity: int
     full_policy: str
     pool_ids: tuple[str, ...]
+    single_slot: bool
 
 
 def set_of(pool: types_pb2.PoolState) -> str:
@@ -120,6 +121,7 @@ class PoolRegistry:
             queue_capacity=sum(p.queue_capacity for p in members),
             full_policy=first.full_policy,
             pool_ids=tuple(sorted(p.pool_id for p in members)),
+            single_slot=all(r.slots_total == 1 for p in members for r in p.replicas),
         )
 
     def replica_sets(self) -> list[str]:
