@@ -18,6 +18,10 @@ def _sha256_file(path: Path) -> str:
 
 async def model_digest(path: Path, cache_file: Path) -> str:
     """The model file's digest; the file is read only when it changed since the last call."""
+    return await asyncio.to_thread(_cached_digest, path, cache_file)
+
+
+def _cached_digest(path: Path, cache_file: Path) -> str:
     resolved = path.resolve()
     stat = resolved.stat()
     key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -28,7 +32,7 @@ async def model_digest(path: Path, cache_file: Path) -> str:
         except json.JSONDecodeError:
             cache = {}
     if key not in cache:
-        cache[key] = await asyncio.to_thread(_sha256_file, resolved)
+        cache[key] = _sha256_file(resolved)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True))
     return cache[key]

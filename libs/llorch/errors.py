@@ -100,7 +100,11 @@ class OrchestratorError(Exception):
 
     def envelope(self) -> dict[str, JsonValue]:
         """The SPEC §2.1 error envelope: ``{code, message, retriable, ...context}``."""
-        body: dict[str, JsonValue] = {"code": self.code.value, "message": self.message, "retriable": self.retriable}
+        body: dict[str, JsonValue] = {
+            "code": self.code.value,
+            "message": self.message,
+            "retriable": self.retriable,
+        }
         body.update(self.context)
         return body
 

@@ -18,14 +18,46 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "correlation_id", default=None
+)
 
 FIELDS: Final = (
-    "task_id", "session_id", "client", "engine", "engine_version", "pool_id", "replica_id", "model_id",
-    "model_digest", "quant", "ctx", "kv_warmth", "queue_position", "predicted_start_ms", "queue_time_ms",
-    "tokens_in", "tokens_out", "decode_time_ms", "sampler_profile_version", "tensor_split", "seed",
-    "determinism", "code", "state", "pid", "port", "url", "address", "reason", "exit_code", "path",
-    "route", "status", "manager_id", "error",
+    "task_id",
+    "session_id",
+    "client",
+    "engine",
+    "engine_version",
+    "pool_id",
+    "replica_id",
+    "model_id",
+    "model_digest",
+    "quant",
+    "ctx",
+    "kv_warmth",
+    "queue_position",
+    "predicted_start_ms",
+    "queue_time_ms",
+    "tokens_in",
+    "tokens_out",
+    "decode_time_ms",
+    "sampler_profile_version",
+    "tensor_split",
+    "seed",
+    "determinism",
+    "code",
+    "state",
+    "pid",
+    "port",
+    "url",
+    "address",
+    "reason",
+    "exit_code",
+    "path",
+    "route",
+    "status",
+    "manager_id",
+    "error",
 )
 
 

@@ -49,7 +49,9 @@ def load_internal_token(state_dir: Path, token_file: Path | None = None, create:
     path = token_file or state_dir / "internal.token"
     if not path.exists():
         if not create:
-            raise OrchestratorError(Code.INTERNAL, f"internal token file {path} is missing; start with llorch up")
+            raise OrchestratorError(
+                Code.INTERNAL, f"internal token file {path} is missing; start with llorch up"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:

@@ -40,9 +40,24 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--save", "", "--logfile", str(self.dir / "server.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--logfile",
+                str(self.dir / "server.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
@@ -53,7 +68,9 @@ class EmbeddedRedis:
                     return
                 except redis.ConnectionError:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"embedded Redis did not start; see {self.dir / 'server.log'}") from None
+                        raise SystemExit(
+                            f"embedded Redis did not start; see {self.dir / 'server.log'}"
+                        ) from None
                     time.sleep(0.05)
         finally:
             client.close()

@@ -32,7 +32,7 @@ def _load(path: str | None) -> LlorchConfig:
 def run_service(name: str, cfg: LlorchConfig, serve: Serve) -> None:
     """Composition-root plumbing shared by the services: logging, uvloop, signals → stop event."""
     setup_logging(name, cfg.telemetry.log_level, cfg.telemetry.log_file)
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -59,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         ("pool-manager", "run a pool manager"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", default=None, help="YAML config (default $LLORCH_CONFIG or ~/.config/llorch/config.yaml)")
+        cmd.add_argument(
+            "--config",
+            default=None,
+            help="YAML config (default $LLORCH_CONFIG or ~/.config/llorch/config.yaml)",
+        )
         if name == "pool-manager":
             cmd.add_argument("--index", type=int, default=0, help="n: gRPC on base_port+n, metrics on 9111+n")
             cmd.add_argument("--pools", default=None, help="comma-separated pool ids (default: all)")

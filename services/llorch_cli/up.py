@@ -30,9 +30,8 @@ def _die_with_parent() -> None:
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "llorch_cli.main", *args], env=env, preexec_fn=_die_with_parent
-    )
+    argv = [sys.executable, "-m", "llorch_cli.main", *args]
+    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only
 
 
 def _token_hint(cfg: LlorchConfig) -> tuple[str, str]:
@@ -123,8 +122,8 @@ def up(config: Path | None) -> int:
         print(
             f"\nllama-orch is up: {url}\nAPI token: {where}\n\nTry:\n"
             f"  curl -s -H \"Authorization: Bearer {token_expr}\" -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model_ref\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 32}}' {url}/v1/tasks\n"
-            f"  curl -N -H \"Authorization: Bearer {token_expr}\" {url}/v1/tasks/<task_id>/stream\n\n"
+            f'    -d \'{{"model_ref": "{model}", "prompt": "Hello", "max_tokens": 32}}\' {url}/v1/tasks\n'
+            f'  curl -N -H "Authorization: Bearer {token_expr}" {url}/v1/tasks/<task_id>/stream\n\n'
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -34,7 +34,9 @@ class Deps:
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(payload, separators=(",", ":")), content_type="application/json")
+    return web.Response(
+        status=status, text=json.dumps(payload, separators=(",", ":")), content_type="application/json"
+    )
 
 
 def _path_id(request: web.Request, name: str) -> str:
@@ -52,11 +54,20 @@ class Api:
         body = await request.read()
         req = parse_model(TaskRequest, parse_json_object(body))
         admit = scheduler_pb2.AdmitRequest(
-            task_id=req.task_id or "", session_id=req.session_id or "", workload=req.workload,
-            model_ref=req.model_ref, engine=req.engine or "", ctx=req.ctx, priority=req.priority,
-            max_tokens=req.max_tokens or 0, determinism=req.determinism or "",
-            sampler_profile_version=req.sampler_profile_version or "", inputs=req.inputs or [],
-            expected_tokens=req.expected_tokens or 0, kv_hint=req.kv_hint, client=request.get("client", ""),
+            task_id=req.task_id or "",
+            session_id=req.session_id or "",
+            workload=req.workload,
+            model_ref=req.model_ref,
+            engine=req.engine or "",
+            ctx=req.ctx,
+            priority=req.priority,
+            max_tokens=req.max_tokens or 0,
+            determinism=req.determinism or "",
+            sampler_profile_version=req.sampler_profile_version or "",
+            inputs=req.inputs or [],
+            expected_tokens=req.expected_tokens or 0,
+            kv_hint=req.kv_hint,
+            client=request.get("client", ""),
         )
         if req.deadline_ms is not None:
             if req.deadline_ms <= 0:
@@ -80,7 +91,9 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         status = await self.d.scheduler.get_task(_path_id(request, "task_id"))
-        payload = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        payload = MessageToDict(
+            status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         payload.pop("error_json", None)
         payload["session_id"] = status.session_id or None
         payload["error"] = json.loads(status.error_json) if status.error_json else None
@@ -138,20 +151,34 @@ def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
     slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
     last_error = (
         {"code": pool.last_error.code, "message": pool.last_error.message, "at_ms": pool.last_error.at_ms}
-        if pool.has_error else None
+        if pool.has_error
+        else None
     )
     return {
-        "pool_id": pool.pool_id, "live": pool.live, "ready": pool.state == "Ready", "draining": view.draining,
-        "state": pool.state, "engine": pool.engine, "engine_version": pool.engine_version or None,
-        "model_ref": pool.model_ref, "model_digest": pool.model_digest, "devices": list(pool.devices),
+        "pool_id": pool.pool_id,
+        "live": pool.live,
+        "ready": pool.state == "Ready",
+        "draining": view.draining,
+        "state": pool.state,
+        "engine": pool.engine,
+        "engine_version": pool.engine_version or None,
+        "model_ref": pool.model_ref,
+        "model_digest": pool.model_digest,
+        "devices": list(pool.devices),
         "replicas": [
             {"replica_id": r.replica_id, "state": r.state, "pid": r.pid or None, "port": r.port or None}
             for r in pool.replicas
         ],
-        "last_error": last_error, "restarts": pool.restarts, "circuit": "closed",
+        "last_error": last_error,
+        "restarts": pool.restarts,
+        "circuit": "closed",
         "metrics": {
-            "slots_total": slots_total, "slots_free": view.slots_free, "tasks_running": view.tasks_running,
-            "vram_used_bytes": None, "vram_total_bytes": None, "gpu_utilization": None,
+            "slots_total": slots_total,
+            "slots_free": view.slots_free,
+            "tasks_running": view.tasks_running,
+            "vram_used_bytes": None,
+            "vram_total_bytes": None,
+            "gpu_utilization": None,
             "kv_cache_usage_ratio": None,
         },
     }

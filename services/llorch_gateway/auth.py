@@ -83,15 +83,21 @@ class Authenticator:
         else:
             offered = request.headers.get("X-API-Key", "").strip()
         if not offered:
-            log.info("auth failed", extra={"event": "auth_failed", "reason": "missing", "route": request.path})
-            raise OrchestratorError(Code.UNAUTHENTICATED, "send the API token as Authorization: Bearer <token>")
+            log.info(
+                "auth failed", extra={"event": "auth_failed", "reason": "missing", "route": request.path}
+            )
+            raise OrchestratorError(
+                Code.UNAUTHENTICATED, "send the API token as Authorization: Bearer <token>"
+            )
         candidate = offered.encode()
         matched = ""
         for token in self.tokens:  # compare against every token; no early exit
             if hmac.compare_digest(candidate, token.value) and not matched:
                 matched = token.name
         if not matched:
-            log.info("auth failed", extra={"event": "auth_failed", "reason": "mismatch", "route": request.path})
+            log.info(
+                "auth failed", extra={"event": "auth_failed", "reason": "mismatch", "route": request.path}
+            )
             raise OrchestratorError(Code.FORBIDDEN, "the API token is not valid")
         return matched
 

@@ -47,7 +47,9 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> OrchestratorErro
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allow = ", ".join(sorted(exc.allowed_methods))
         return OrchestratorError(
-            Code.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}; use {allow}", allow=allow
+            Code.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.path}; use {allow}",
+            allow=allow,
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[MAX_BODY]
@@ -72,11 +74,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = error_response(exc, request)
         except web.HTTPException as exc:
             response = error_response(_from_http(exc, request), request)
-        except (ConnectionResetError, TimeoutError):  # noqa: TRY203 - the client went away; nothing to answer
+        except (ConnectionResetError, TimeoutError):
             raise
         except Exception:  # the edge of the service: never a traceback to a client
             log.exception("unhandled error", extra={"event": "internal_error", "route": request.path})
-            response = error_response(OrchestratorError(Code.INTERNAL, "internal error; retry shortly"), request)
+            response = error_response(
+                OrchestratorError(Code.INTERNAL, "internal error; retry shortly"), request
+            )
         if not response.prepared:
             response.headers[CORRELATION_HEADER] = cid
         status = response.status

@@ -14,17 +14,23 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.http_requests = Counter(
-            "gateway_http_requests_total", "HTTP requests by route template", ["route", "method", "status"],
+            "gateway_http_requests_total",
+            "HTTP requests by route template",
+            ["route", "method", "status"],
             registry=registry,
         )
-        self.component_up = Gauge("component_up", "1 when the component answered", ["component"], registry=registry)
+        self.component_up = Gauge(
+            "component_up", "1 when the component answered", ["component"], registry=registry
+        )
 
     async def union(self, session: aiohttp.ClientSession, components: dict[str, str]) -> bytes:
         """Own families plus each component's exposition; a component that fails gets component_up 0."""
 
         async def fetch(name: str, address: str) -> bytes:
             try:
-                async with session.get(f"http://{address}/metrics", timeout=aiohttp.ClientTimeout(UNION_TIMEOUT_S)) as r:
+                async with session.get(
+                    f"http://{address}/metrics", timeout=aiohttp.ClientTimeout(UNION_TIMEOUT_S)
+                ) as r:
                     body = await r.read()
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError):

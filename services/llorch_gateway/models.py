@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llorch.errors import OrchestratorError, invalid
 from llorch.ids import ID_PATTERN, SEED_MAX
@@ -43,13 +51,27 @@ class TaskRequest(BaseModel):
     kv_hint: Literal["reuse", "cold"] = "reuse"
     budget: Budget | None = None
 
+    @field_validator("prompt", "inputs")
+    @classmethod
+    def _encodable(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+        return value
+
     @model_validator(mode="after")
     def _one_input(self) -> TaskRequest:
         if self.prompt is None and self.inputs is None:
             raise ValueError("one of prompt or inputs is required")
         if self.workload == "completion" and self.inputs is not None and len(self.inputs) != 1:
             raise ValueError("a completion takes exactly one item in inputs")
-        if self.expected_tokens is not None and self.max_tokens is not None and self.expected_tokens > self.max_tokens:
+        if (
+            self.expected_tokens is not None
+            and self.max_tokens is not None
+            and self.expected_tokens > self.max_tokens
+        ):
             raise ValueError("expected_tokens must be at most max_tokens")
         return self
 
@@ -57,7 +79,7 @@ class TaskRequest(BaseModel):
 def parse_json_object(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise invalid("body", "the body must be a UTF-8 JSON object") from None
     if not isinstance(data, dict):
         raise invalid("body", "the body must be a JSON object")

@@ -34,16 +34,22 @@ class SchedulerClient:
 
     async def cancel(self, task_id: str) -> scheduler_pb2.CancelResponse:
         call = self.stub.Cancel(
-            scheduler_pb2.CancelRequest(task_id=task_id), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+            scheduler_pb2.CancelRequest(task_id=task_id),
+            metadata=metadata(self.token),
+            timeout=DEFAULT_DEADLINE_S,
         )
         return await self._call(call, "the scheduler")
 
     async def get_task(self, task_id: str) -> scheduler_pb2.TaskStatus:
         call = self.stub.GetTask(
-            scheduler_pb2.GetTaskRequest(task_id=task_id), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+            scheduler_pb2.GetTaskRequest(task_id=task_id),
+            metadata=metadata(self.token),
+            timeout=DEFAULT_DEADLINE_S,
         )
         return await self._call(call, "the scheduler")
 
     async def list_pools(self, timeout_s: float = DEFAULT_DEADLINE_S) -> scheduler_pb2.ListPoolsResponse:
-        call = self.stub.ListPools(scheduler_pb2.ListPoolsRequest(), metadata=metadata(self.token), timeout=timeout_s)
+        call = self.stub.ListPools(
+            scheduler_pb2.ListPoolsRequest(), metadata=metadata(self.token), timeout=timeout_s
+        )
         return await self._call(call, "the scheduler")

@@ -7,6 +7,9 @@ position. A client that goes away affects nothing.
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 from aiohttp import web
 
 from llorch.errors import Code, OrchestratorError, invalid
@@ -15,6 +18,7 @@ from llorch.store import TERMINAL_EVENTS, Store
 from .edge import CORRELATION_HEADER
 
 HEARTBEAT = b": hb\n\n"
+_EVENT_ID = re.compile(r"-?[0-9]{1,18}")
 
 
 def parse_last_event_id(request: web.Request) -> int:
@@ -23,7 +27,7 @@ def parse_last_event_id(request: web.Request) -> int:
     if raw is None:
         return -1
     value = raw.strip()
-    if not value.lstrip("-").isdigit() or len(value) > 18 or int(value) < -1:
+    if not _EVENT_ID.fullmatch(value) or int(value) < -1:
         raise invalid("Last-Event-ID", "Last-Event-ID must be an integer event id (0, 1, 2, ...)")
     return int(value)
 
@@ -40,14 +44,14 @@ async def relay(request: web.Request, store: Store, task_id: str, heartbeat_s: f
         }
     )
     await response.prepare(request)
-    try:
+    with contextlib.suppress(ConnectionResetError):  # the client went away; the task is unaffected
         await _follow(response, store, task_id, after, int(heartbeat_s * 1000))
-    except ConnectionResetError:
-        pass  # the client went away; the task is unaffected
     return response
 
 
-async def _follow(response: web.StreamResponse, store: Store, task_id: str, after: int, block_ms: int) -> None:
+async def _follow(
+    response: web.StreamResponse, store: Store, task_id: str, after: int, block_ms: int
+) -> None:
     while True:
         events = await store.wait_events(task_id, after, block_ms)
         if not events:

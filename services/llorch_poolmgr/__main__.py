@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 def addresses(cfg: LlorchConfig, index: int) -> tuple[str, str]:
     """(gRPC address, metrics address) of pool manager `index` (SPEC §1: 50061+n and 9111+n)."""
     host = cfg.grpc.scheduler.rpartition(":")[0]
-    return f"{host}:{cfg.grpc.pool_manager_base_port + index}", f"{host}:{cfg.grpc.metrics_base_port + 10 + index}"
+    return (
+        f"{host}:{cfg.grpc.pool_manager_base_port + index}",
+        f"{host}:{cfg.grpc.metrics_base_port + 10 + index}",
+    )
 
 
 async def build_pools(cfg: LlorchConfig, pool_cfgs: list[PoolConfig], metrics: PoolMetrics) -> Pools:
@@ -56,12 +59,16 @@ async def build_pools(cfg: LlorchConfig, pool_cfgs: list[PoolConfig], metrics: P
     return holder[0]
 
 
-async def serve(cfg: LlorchConfig, stop: asyncio.Event, index: int = 0, pool_ids: list[str] | None = None) -> None:
+async def serve(
+    cfg: LlorchConfig, stop: asyncio.Event, index: int = 0, pool_ids: list[str] | None = None
+) -> None:
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     address, metrics_address = addresses(cfg, index)
     metrics = PoolMetrics(CollectorRegistry())
     metrics_host, _, metrics_port = metrics_address.rpartition(":")
-    metrics_server, metrics_thread = start_http_server(int(metrics_port), addr=metrics_host, registry=metrics.registry)
+    metrics_server, metrics_thread = start_http_server(
+        int(metrics_port), addr=metrics_host, registry=metrics.registry
+    )
     selected = [p for p in cfg.pools if pool_ids is None or p.id in pool_ids]
     pools = await build_pools(cfg, selected, metrics)
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
@@ -76,9 +83,13 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, index: int = 0, pool_ids
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("pool manager listening", extra={"event": "pool_manager_started", "address": address})
         loops = [asyncio.create_task(r.run()) for r in pools.replicas.values()]
-        loops.append(asyncio.create_task(register_forever(
-            cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
-        )))
+        loops.append(
+            asyncio.create_task(
+                register_forever(
+                    cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
+                )
+            )
+        )
         loops.append(asyncio.create_task(renew_leases_forever(store, executor)))
         try:
             await stop.wait()

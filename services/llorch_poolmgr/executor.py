@@ -81,6 +81,14 @@ class EventWriter:
 
 
 @dataclass
+class Progress:
+    """What a run has emitted so far; survives the run's cancellation (an abort)."""
+
+    tokens: int = 0
+    first_token_ms: int = 0
+
+
+@dataclass
 class Outcome:
     code: str
     tokens_out: int
@@ -88,7 +96,9 @@ class Outcome:
 
 
 class Executor:
-    def __init__(self, store: Store, replicas: dict[str, Replica], metrics: PoolMetrics, retention_s: int) -> None:
+    def __init__(
+        self, store: Store, replicas: dict[str, Replica], metrics: PoolMetrics, retention_s: int
+    ) -> None:
         self.store = store
         self.replicas = replicas
         self.metrics = metrics
@@ -126,40 +136,55 @@ class Executor:
         pool = replica.pool
         labels = (pool.engine, replica.engine_version, pool.id, replica.replica_id)
         writer = EventWriter(self.store, req.task_id, self.retention_s)
-        writer.add("metrics", _json({
-            "phase": "dispatch", "pool_id": pool.id, "replica_id": replica.replica_id, "engine": pool.engine,
-            "engine_version": replica.engine_version, "kv_warmth": False, "kv_migrated": False,
-            "queue_time_ms": req.queue_time_ms, "seed": req.seed, "determinism": req.determinism,
-            "sampler_profile_version": req.sampler_profile_version,
-        }))
+        writer.add(
+            "metrics",
+            _json(
+                {
+                    "phase": "dispatch",
+                    "pool_id": pool.id,
+                    "replica_id": replica.replica_id,
+                    "engine": pool.engine,
+                    "engine_version": replica.engine_version,
+                    "kv_warmth": False,
+                    "kv_migrated": False,
+                    "queue_time_ms": req.queue_time_ms,
+                    "seed": req.seed,
+                    "determinism": req.determinism,
+                    "sampler_profile_version": req.sampler_profile_version,
+                }
+            ),
+        )
         self.metrics.tasks_started.labels(*labels, req.priority).inc()
         started = time.monotonic()
-        tokens = 0
+        progress = Progress()
         code = ""
         try:
-            tokens, code = await self._stream(req, replica, writer, started)
+            code = await self._stream(req, replica, writer, started, progress)
         except asyncio.CancelledError:
             code = Code.CANCELED.value  # Abort: the scheduler already wrote the terminal event
         finally:
             await writer.close()
-            if tokens:
-                self.metrics.tokens_out.labels(*labels).inc(tokens)
+            if progress.tokens:
+                self.metrics.tokens_out.labels(*labels).inc(progress.tokens)
         if code and code != Code.CANCELED.value:
             self.metrics.tasks_failed.labels(pool.engine, pool.id, code).inc()
-        return Outcome(code, tokens, int((time.monotonic() - started) * 1000))
+        return Outcome(code, progress.tokens, int((time.monotonic() - started) * 1000))
 
     async def _stream(
-        self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: EventWriter, started: float
-    ) -> tuple[int, str]:
-        """Relay the engine stream into the log; returns (tokens emitted, terminal code or '')."""
+        self,
+        req: poolmgr_pb2.GenerateRequest,
+        replica: Replica,
+        writer: EventWriter,
+        started: float,
+        progress: Progress,
+    ) -> str:
+        """Relay the engine stream into the log; returns the terminal code ('' for `end`)."""
         pool = replica.pool
         adapter = replica.adapter
         loop = asyncio.get_running_loop()
         wall_at = loop.time() + pool.timeouts.wall_ms / 1000
         idle_s = pool.timeouts.idle_ms / 1000
         deadline_at = loop.time() + max(0, req.deadline_at_ms - now_ms()) / 1000
-        tokens = 0
-        first_token_ms = 0
         try:
             if adapter is None:
                 raise OrchestratorError(Code.WORKER_RESET, "the engine restarted before the task began")
@@ -167,33 +192,41 @@ class Executor:
             async with asyncio.timeout(min(wall_at, deadline_at, loop.time() + idle_s)) as timer:
                 async for item in stream:
                     if isinstance(item, Token):
-                        writer.add("token", _json({"t": item.text, "i": tokens}), tokens_out=str(tokens + 1))
-                        tokens += 1
-                        if tokens == 1:
-                            first_token_ms = self._first_token(req, replica, writer)
+                        i = progress.tokens
+                        writer.add("token", _json({"t": item.text, "i": i}), tokens_out=str(i + 1))
+                        progress.tokens = i + 1
+                        if i == 0:
+                            progress.first_token_ms = self._first_token(req, replica, writer)
                         if writer.rejected:
                             break
                         timer.reschedule(min(wall_at, deadline_at, loop.time() + idle_s))
                     elif isinstance(item, Finished):
-                        self._end(req, replica, writer, item, (tokens, first_token_ms), started)
-                        return tokens, ""
+                        self._end(req, replica, writer, item, progress, started)
+                        return ""
             if writer.rejected:
-                return tokens, Code.CANCELED.value
+                return Code.CANCELED.value
             raise OrchestratorError(Code.WORKER_RESET, "the engine stream ended without a final chunk")
         except TimeoutError:
             code = Code.DEADLINE_UNMET if loop.time() >= deadline_at else Code.DECODE_TIMEOUT
-            message = "the task passed its deadline" if code == Code.DEADLINE_UNMET else "the engine stopped producing tokens"
-            self._error(writer, replica, OrchestratorError(code, message), tokens)
-            return tokens, code.value
+            message = (
+                "the task passed its deadline"
+                if code == Code.DEADLINE_UNMET
+                else "the engine stopped producing tokens"
+            )
+            self._error(writer, replica, OrchestratorError(code, message), progress.tokens)
+            return code.value
         except OrchestratorError as exc:
-            self._error(writer, replica, exc, tokens)
-            return tokens, exc.code.value
+            self._error(writer, replica, exc, progress.tokens)
+            return exc.code.value
 
     @staticmethod
     def _request(req: poolmgr_pb2.GenerateRequest) -> GenerateRequest:
         s = req.sampler
         return GenerateRequest(
-            task_id=req.task_id, prompt=req.prompt, max_tokens=req.max_tokens, seed=req.seed,
+            task_id=req.task_id,
+            prompt=req.prompt,
+            max_tokens=req.max_tokens,
+            seed=req.seed,
             sampler=Sampler(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty),
         )
 
@@ -204,29 +237,61 @@ class Executor:
         self.metrics.first_token.labels(pool.engine, replica.engine_version, pool.id, req.priority).observe(
             first_token_ms
         )
-        writer.add("metrics", _json({
-            "phase": "decode", "queue_depth": 0, "on_time_probability": 1.0, "kv_warmth": False,
-            "tokens_out_so_far": 1,
-        }))
+        writer.add(
+            "metrics",
+            _json(
+                {
+                    "phase": "decode",
+                    "queue_depth": 0,
+                    "on_time_probability": 1.0,
+                    "kv_warmth": False,
+                    "tokens_out_so_far": 1,
+                }
+            ),
+        )
         return first_token_ms
 
     def _end(
-        self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: EventWriter, fin: Finished,
-        counts: tuple[int, int], started: float,
+        self,
+        req: poolmgr_pb2.GenerateRequest,
+        replica: Replica,
+        writer: EventWriter,
+        fin: Finished,
+        progress: Progress,
+        started: float,
     ) -> None:
-        tokens, first_token_ms = counts
+        tokens, first_token_ms = progress.tokens, progress.first_token_ms
         pool = replica.pool
         decode_ms = int((time.monotonic() - started) * 1000)
         if tokens == 0:
-            writer.add("metrics", _json({
-                "phase": "decode", "queue_depth": 0, "on_time_probability": 1.0, "kv_warmth": False,
-                "tokens_out_so_far": 0,
-            }))
-        writer.add("end", _json({
-            "tokens_out": tokens, "decode_ms": decode_ms, "tokens_in": fin.tokens_in,
-            "queue_time_ms": req.queue_time_ms, "first_token_ms": first_token_ms,
-            "finish_reason": fin.finish_reason, "pool_id": pool.id, "replica_id": replica.replica_id,
-        }), "succeeded")
+            writer.add(
+                "metrics",
+                _json(
+                    {
+                        "phase": "decode",
+                        "queue_depth": 0,
+                        "on_time_probability": 1.0,
+                        "kv_warmth": False,
+                        "tokens_out_so_far": 0,
+                    }
+                ),
+            )
+        writer.add(
+            "end",
+            _json(
+                {
+                    "tokens_out": tokens,
+                    "decode_ms": decode_ms,
+                    "tokens_in": fin.tokens_in,
+                    "queue_time_ms": req.queue_time_ms,
+                    "first_token_ms": first_token_ms,
+                    "finish_reason": fin.finish_reason,
+                    "pool_id": pool.id,
+                    "replica_id": replica.replica_id,
+                }
+            ),
+            "succeeded",
+        )
         labels = (pool.engine, replica.engine_version, pool.id)
         self.metrics.tokens_in.labels(*labels, replica.replica_id).inc(fin.tokens_in)
         self.metrics.decode.labels(*labels, req.priority).observe(decode_ms)
@@ -234,8 +299,13 @@ class Executor:
     @staticmethod
     def _error(writer: EventWriter, replica: Replica, exc: OrchestratorError, tokens: int) -> None:
         payload = {
-            "code": exc.code.value, "message": exc.message, "retriable": exc.retriable, "tokens_out": tokens,
-            "engine": replica.pool.engine, "pool_id": replica.pool.id, "replica_id": replica.replica_id,
+            "code": exc.code.value,
+            "message": exc.message,
+            "retriable": exc.retriable,
+            "tokens_out": tokens,
+            "engine": replica.pool.engine,
+            "pool_id": replica.pool.id,
+            "replica_id": replica.replica_id,
         }
         data = _json(payload)
         writer.add("error", data, "failed", error=data)

@@ -16,15 +16,23 @@ class PoolMetrics:
         self.tasks_started = Counter(
             "tasks_started_total", "Tasks dispatched to a slot", [*_REPLICA, "priority"], registry=registry
         )
-        self.tokens_in = Counter("tokens_in_total", "Prompt tokens (engine count)", _REPLICA, registry=registry)
+        self.tokens_in = Counter(
+            "tokens_in_total", "Prompt tokens (engine count)", _REPLICA, registry=registry
+        )
         self.tokens_out = Counter("tokens_out_total", "Generated tokens", _REPLICA, registry=registry)
         self.first_token = Histogram(
-            "latency_first_token_ms", "Admission to first token (ms)", _POOL_PRIORITY,
-            buckets=LATENCY_BUCKETS_MS, registry=registry,
+            "latency_first_token_ms",
+            "Admission to first token (ms)",
+            _POOL_PRIORITY,
+            buckets=LATENCY_BUCKETS_MS,
+            registry=registry,
         )
         self.decode = Histogram(
-            "latency_decode_ms", "Dispatch to end of successful tasks (ms)", _POOL_PRIORITY,
-            buckets=LATENCY_BUCKETS_MS, registry=registry,
+            "latency_decode_ms",
+            "Dispatch to end of successful tasks (ms)",
+            _POOL_PRIORITY,
+            buckets=LATENCY_BUCKETS_MS,
+            registry=registry,
         )
         self.kv_usage = Gauge("kv_cache_usage_ratio", "Share of KV in use", _REPLICA, registry=registry)
         self.gpu_utilization = Gauge(

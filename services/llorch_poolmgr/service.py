@@ -52,21 +52,39 @@ class Pools:
 
     def _state(self, cfg: PoolConfig, digest: str, replicas: list[Replica]) -> types_pb2.PoolState:
         ready = [r for r in replicas if r.state == "Ready"]
-        state = "Ready" if ready else ("Backoff" if any(r.state == "Backoff" for r in replicas) else "Starting")
+        state = (
+            "Ready" if ready else ("Backoff" if any(r.state == "Backoff" for r in replicas) else "Starting")
+        )
         if not replicas:
             state = "Unavailable"  # the model could not be resolved; see last_error
         self.metrics.pool_ready.labels(cfg.id).set(1 if ready else 0)
         devices = [str(d) for d in cfg.devices] if isinstance(cfg.devices, list) else [cfg.devices]
         pool = types_pb2.PoolState(
-            pool_id=cfg.id, engine=cfg.engine, engine_version=next((r.engine_version for r in ready), ""),
-            model_ref=cfg.model, model_digest=digest, ctx=cfg.ctx, sampler_profile_version=cfg.sampler_profile_version,
-            state=state, devices=devices, restarts=sum(r.restarts for r in replicas),
-            queue_capacity=cfg.queue.capacity, full_policy=cfg.queue.full_policy,
-            max_tokens_limit=cfg.effective_max_tokens_limit, live=any(r.pid and r.state != "Stopped" for r in replicas),
+            pool_id=cfg.id,
+            engine=cfg.engine,
+            engine_version=next((r.engine_version for r in ready), ""),
+            model_ref=cfg.model,
+            model_digest=digest,
+            ctx=cfg.ctx,
+            sampler_profile_version=cfg.sampler_profile_version,
+            state=state,
+            devices=devices,
+            restarts=sum(r.restarts for r in replicas),
+            queue_capacity=cfg.queue.capacity,
+            full_policy=cfg.queue.full_policy,
+            max_tokens_limit=cfg.effective_max_tokens_limit,
+            workloads=list(cfg.workloads),
+            live=any(r.pid and r.state != "Stopped" for r in replicas),
         )
         for r in replicas:
-            pool.replicas.add(replica_id=r.replica_id, state=r.state, pid=r.pid, port=r.port,
-                              slots_total=r.slots_total, slots_busy=len(r.running))
+            pool.replicas.add(
+                replica_id=r.replica_id,
+                state=r.state,
+                pid=r.pid,
+                port=r.port,
+                slots_total=r.slots_total,
+                slots_busy=len(r.running),
+            )
         errors = [r.last_error for r in replicas if r.last_error is not None]
         if cfg.id in self.errors:
             errors.append(self.errors[cfg.id])
@@ -99,7 +117,9 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
                 raise  # this RPC was cancelled, not the task
             outcome = Outcome(Code.CANCELED.value, 0, 0)  # aborted before it began
         yield poolmgr_pb2.GenerateUpdate(
-            phase=poolmgr_pb2.GenerateUpdate.FINISHED, code=outcome.code, tokens_out=outcome.tokens_out,
+            phase=poolmgr_pb2.GenerateUpdate.FINISHED,
+            code=outcome.code,
+            tokens_out=outcome.tokens_out,
             decode_ms=outcome.decode_ms,
         )
 
@@ -108,21 +128,29 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         return poolmgr_pb2.AbortResponse(aborted=self.executor.abort(request.task_id))
 
     @unary
-    async def Health(self, request: poolmgr_pb2.HealthRequest, context: Context) -> poolmgr_pb2.HealthResponse:
+    async def Health(
+        self, request: poolmgr_pb2.HealthRequest, context: Context
+    ) -> poolmgr_pb2.HealthResponse:
         return poolmgr_pb2.HealthResponse(pools=self.pools.states())
 
 
 async def register_forever(
-    scheduler_address: str, token: str, manager_id: str, address: str, metrics_address: str,
-    pools: Pools, executor: Executor,
+    scheduler_address: str,
+    token: str,
+    manager_id: str,
+    address: str,
+    metrics_address: str,
+    pools: Pools,
+    executor: Executor,
 ) -> None:
     """Keep one RegisterPoolManager stream open; report at connect, on change and every heartbeat."""
     while True:
         try:
             async with grpc.aio.insecure_channel(scheduler_address) as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                call = stub.RegisterPoolManager(_reports(manager_id, address, metrics_address, pools, executor),
-                                                metadata=metadata(token))
+                call = stub.RegisterPoolManager(
+                    _reports(manager_id, address, metrics_address, pools, executor), metadata=metadata(token)
+                )
                 async for _ack in call:
                     pass
         except grpc.aio.AioRpcError as exc:
@@ -136,7 +164,10 @@ async def _reports(
     while True:
         pools.changed.clear()
         yield scheduler_pb2.PoolManagerReport(
-            manager_id=manager_id, address=address, metrics_address=metrics_address, pools=pools.states(),
+            manager_id=manager_id,
+            address=address,
+            metrics_address=metrics_address,
+            pools=pools.states(),
             running_task_ids=sorted(executor.running),
         )
         with contextlib.suppress(TimeoutError):

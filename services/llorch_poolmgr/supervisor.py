@@ -58,9 +58,21 @@ def resolve_binary(name: str) -> str:
 def engine_command(pool: PoolConfig, binary: str, model_path: Path, port: int) -> list[str]:
     """llama-server's command line (the mock engine accepts the same flags)."""
     argv = [
-        binary, "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-        "-c", str(pool.ctx * pool.slots), "--parallel", str(pool.slots), "--metrics", "--no-webui",
-        "--alias", pool.id,
+        binary,
+        "-m",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(pool.ctx * pool.slots),
+        "--parallel",
+        str(pool.slots),
+        "--metrics",
+        "--no-webui",
+        "--alias",
+        pool.id,
     ]
     if pool.slots == 1:
         argv.append("--no-cont-batching")
@@ -120,8 +132,13 @@ class Replica:
         if state != self.state:
             log.info(
                 "replica state change",
-                extra={"event": "pool_state_change", "pool_id": self.pool.id, "replica_id": self.replica_id,
-                       "state": state, "reason": error[1] if error else None},
+                extra={
+                    "event": "pool_state_change",
+                    "pool_id": self.pool.id,
+                    "replica_id": self.replica_id,
+                    "state": state,
+                    "reason": error[1] if error else None,
+                },
             )
         self.state = state
         self.on_change()
@@ -159,8 +176,15 @@ class Replica:
             start_new_session=True,  # Ctrl-C reaches the manager, which stops its engines in order
         )
         self.pid = self._proc.pid
-        log.info("engine started", extra={"event": "engine_start", "replica_id": self.replica_id,
-                                          "pid": self.pid, "port": self.port})
+        log.info(
+            "engine started",
+            extra={
+                "event": "engine_start",
+                "replica_id": self.replica_id,
+                "pid": self.pid,
+                "port": self.port,
+            },
+        )
         self.adapter = LlamaCppAdapter(f"http://127.0.0.1:{self.port}")
         pump = asyncio.create_task(self._pump_output(self._proc))
         try:

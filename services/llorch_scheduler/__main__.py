@@ -42,11 +42,15 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     )
     registry = PoolRegistry()
     sched = cfg.scheduler
-    estimator = Estimator(sched.ewma_alpha, sched.prior_ms_per_token, sched.backoff_min_ms, sched.backoff_max_ms)
+    estimator = Estimator(
+        sched.ewma_alpha, sched.prior_ms_per_token, sched.backoff_min_ms, sched.backoff_max_ms
+    )
     async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
         admission = Admission(cfg, store, registry, estimator, metrics)
         dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token)
-        service = SchedulerService(store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token)
+        service = SchedulerService(
+            store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token
+        )
         server = grpc.aio.server(interceptors=[AuthInterceptor(token)])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
         health_servicer = HealthServicer()

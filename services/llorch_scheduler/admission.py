@@ -64,7 +64,9 @@ class Admission:
         if not is_valid_id(task_id):
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
         if await self.store.task_exists(task_id):
-            raise OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")
+            raise OrchestratorError(
+                Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id"
+            )
         info = self._resolve(req)
         priority: Priority = "batch" if req.priority == "batch" else "interactive"
         max_tokens = req.max_tokens or self.cfg.scheduler.default_max_tokens
@@ -87,7 +89,9 @@ class Admission:
             ),
         }
         if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
-            raise OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")
+            raise OrchestratorError(
+                Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id"
+            )
         return await self._enqueue(task_id, info, priority, max_tokens, deadline_ms)
 
     def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
@@ -95,31 +99,50 @@ class Admission:
         if not members:
             if req.model_ref in self.served_models:
                 raise OrchestratorError(
-                    Code.POOL_UNREADY, f"no pool serving {req.model_ref} has started yet; retry shortly",
+                    Code.POOL_UNREADY,
+                    f"no pool serving {req.model_ref} has started yet; retry shortly",
                     retry_after_ms=1000,
                 )
             raise invalid(
-                "model_ref", f"model_ref {req.model_ref!r} is not served; use one of served_models",
+                "model_ref",
+                f"model_ref {req.model_ref!r} is not served; use one of served_models",
                 served_models=list(self.served_models),
             )
         ready = [(m, p) for m, p in members if self.registry.is_ready(m, p)]
         if not ready:
             raise OrchestratorError(
-                Code.POOL_UNREADY, f"no replica serving {req.model_ref} is Ready yet; retry shortly",
+                Code.POOL_UNREADY,
+                f"no replica serving {req.model_ref} is Ready yet; retry shortly",
                 retry_after_ms=1000,
             )
+        if req.sampler_profile_version:
+            ready = [(m, p) for m, p in ready if p.sampler_profile_version == req.sampler_profile_version]
+            if not ready:
+                raise invalid(
+                    "sampler_profile_version",
+                    f"sampler_profile_version {req.sampler_profile_version!r} is not served for this model",
+                )
         rs = min(set_of(p) for _, p in ready)
         info = self.registry.set_info(rs)
         assert info is not None  # a Ready member exists, so the set does
         if req.engine and req.engine != info.engine:
-            raise invalid("engine", f"model {req.model_ref} is served by engine {info.engine!r}, not {req.engine!r}")
+            raise invalid(
+                "engine", f"model {req.model_ref} is served by engine {info.engine!r}, not {req.engine!r}"
+            )
+        if (req.workload or "completion") not in info.workloads:
+            raise invalid(
+                "workload",
+                f"workload {req.workload!r} is not served for this model; it serves {sorted(info.workloads)}",
+            )
         return info
 
     def _determinism(self, req: scheduler_pb2.AdmitRequest, info: SetInfo) -> str:
         """`strict` when the set can do it (not vllm, every replica one slot: OC-ADAPT-5010)."""
         capable = info.engine != "vllm" and info.single_slot
         if req.determinism == "strict" and not capable:
-            raise invalid("determinism", "this model's replicas cannot run strict determinism; use best_effort")
+            raise invalid(
+                "determinism", "this model's replicas cannot run strict determinism; use best_effort"
+            )
         return req.determinism or ("strict" if capable else "best_effort")
 
     def _guardrails(
@@ -170,11 +193,18 @@ class Admission:
         backoff = 0
         if depth >= self.cfg.queue.soft_watermark * info.queue_capacity:
             backoff = self.estimator.backoff_ms(rs, slots_total, depth, max_tokens)
-        self.metrics.tasks_enqueued.labels(info.engine, info.engine_version, rs, QUEUE_REPLICA, priority).inc()
+        self.metrics.tasks_enqueued.labels(
+            info.engine, info.engine_version, rs, QUEUE_REPLICA, priority
+        ).inc()
         log.info(
             "task admitted",
-            extra={"event": "admission_accepted", "task_id": task_id, "queue_position": position,
-                   "predicted_start_ms": predicted, "engine": info.engine},
+            extra={
+                "event": "admission_accepted",
+                "task_id": task_id,
+                "queue_position": position,
+                "predicted_start_ms": predicted,
+                "engine": info.engine,
+            },
         )
         return Admitted(task_id, rs, position, predicted, backoff, on_time)
 
@@ -182,7 +212,10 @@ class Admission:
         backoff = self.estimator.backoff_ms(info.rs, slots_total, depth, max_tokens)
         self.metrics.tasks_rejected.labels(info.engine, Code.ADMISSION_REJECT.value).inc()
         self.metrics.backpressure.labels(info.engine, "reject").inc()
-        log.info("queue full", extra={"event": "admission_rejected", "code": "ADMISSION_REJECT", "engine": info.engine})
+        log.info(
+            "queue full",
+            extra={"event": "admission_rejected", "code": "ADMISSION_REJECT", "engine": info.engine},
+        )
         return OrchestratorError(
             Code.ADMISSION_REJECT,
             f"the queue for this model is full ({depth} queued); retry after {backoff} ms",

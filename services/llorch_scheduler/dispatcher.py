@@ -17,7 +17,7 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from llorch.config import LlorchConfig
-from llorch.errors import Code, RETRIABLE
+from llorch.errors import RETRIABLE, Code
 from llorch.rpc import metadata
 from llorch.store import Claim, Store, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
@@ -111,8 +111,11 @@ class Dispatcher:
             max_tokens=body["max_tokens"],
             seed=body["seed"],
             sampler=types_pb2.Sampler(
-                temperature=profile.temperature, top_k=profile.top_k, top_p=profile.top_p,
-                min_p=profile.min_p, repeat_penalty=profile.repeat_penalty,
+                temperature=profile.temperature,
+                top_k=profile.top_k,
+                top_p=profile.top_p,
+                min_p=profile.min_p,
+                repeat_penalty=profile.repeat_penalty,
             ),
             sampler_profile_version=target.pool.sampler_profile_version,
             determinism=body.get("determinism") or "best_effort",
@@ -146,8 +149,13 @@ class Dispatcher:
         finally:
             self.registry.release(target.replica.replica_id, task_id)
             if not finished:
-                await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task was lost",
-                                 target.pool.engine, target.pool.pool_id)
+                await self._fail(
+                    task_id,
+                    Code.WORKER_RESET,
+                    "the pool manager running this task was lost",
+                    target.pool.engine,
+                    target.pool.pool_id,
+                )
             await self.store.release_lease(rs, task_id)
             self.wake()
 
@@ -155,13 +163,17 @@ class Dispatcher:
         attempts = self._attempts.get(claim.task_id, 0) + 1
         if attempts >= self.cfg.scheduler.dispatch_attempts:
             self._attempts.pop(claim.task_id, None)
-            await self._fail(claim.task_id, Code.REPLICA_EXHAUSTED, "every replica refused the task for capacity")
+            await self._fail(
+                claim.task_id, Code.REPLICA_EXHAUSTED, "every replica refused the task for capacity"
+            )
             return
         self._attempts[claim.task_id] = attempts
         await self.store.append(claim.task_id, [], fields={"state": "queued"})
         await self.store.requeue_head(rs, claim)
 
-    async def _fail(self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = "") -> None:
+    async def _fail(
+        self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = ""
+    ) -> None:
         payload: dict[str, object] = {"code": code.value, "message": message, "retriable": code in RETRIABLE}
         if engine:
             payload["engine"] = engine
@@ -172,13 +184,17 @@ class Dispatcher:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            with contextlib.suppress(RedisError):  # a Redis blip must not stop the sweeper; next round retries
+            with contextlib.suppress(
+                RedisError
+            ):  # a Redis blip must not stop the sweeper; next round retries
                 await self.sweep()
 
     async def sweep(self) -> None:
         """End every task whose lease expired (its pool manager stopped renewing) with WORKER_RESET."""
         for rs, task_id in await self.store.expired_leases():
-            await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
+            await self._fail(
+                task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding"
+            )
             await self.store.release_lease(rs, task_id)
             follower = self._inflight.get(task_id)
             if follower is not None:

@@ -1,6 +1,6 @@
 """Queue estimates: a small online model per replica set (SPEC §5.2).
 
-Service time per task = tokens × EWMA(ms per output token), with the config prior until the set has
+Service time per task = tokens * EWMA(ms per output token), with the config prior until the set has
 finished a task. The tasks ahead are list-scheduled onto the set's slots. A richer model (variance,
 log-normal on-time probability) belongs to the admission issue; this one is deliberately plain.
 """
@@ -33,13 +33,17 @@ class Estimator:
             return
         rate = self._rate(rs)
         sample = decode_ms / tokens_out
-        rate.ms_per_token = sample if rate.samples == 0 else self.alpha * sample + (1 - self.alpha) * rate.ms_per_token
+        rate.ms_per_token = (
+            sample if rate.samples == 0 else self.alpha * sample + (1 - self.alpha) * rate.ms_per_token
+        )
         rate.samples += 1
 
     def service_ms(self, rs: str, tokens: int) -> float:
         return tokens * self._rate(rs).ms_per_token
 
-    def predicted_start_ms(self, rs: str, position: int, slots_total: int, slots_free: int, tokens: int) -> int:
+    def predicted_start_ms(
+        self, rs: str, position: int, slots_total: int, slots_free: int, tokens: int
+    ) -> int:
         """0 when a slot is free for this position; else whole service rounds ahead of it."""
         if position < slots_free:
             return 0

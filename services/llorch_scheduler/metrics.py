@@ -14,16 +14,26 @@ class SchedulerMetrics:
             "tasks_enqueued_total", "Tasks admitted to a queue", [*_TASK, "priority"], registry=registry
         )
         self.tasks_canceled = Counter(
-            "tasks_canceled_total", "Tasks ended by cancel, watchdog, deadline or drain", [*_TASK, "reason"],
+            "tasks_canceled_total",
+            "Tasks ended by cancel, watchdog, deadline or drain",
+            [*_TASK, "reason"],
             registry=registry,
         )
         self.tasks_rejected = Counter(
-            "tasks_rejected_total", "Admission rejections and evictions", ["engine", "reason"], registry=registry
+            "tasks_rejected_total",
+            "Admission rejections and evictions",
+            ["engine", "reason"],
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "queue_depth", "Queued tasks per replica set and class",
-            ["engine", "engine_version", "pool_id", "priority"], registry=registry,
+            "queue_depth",
+            "Queued tasks per replica set and class",
+            ["engine", "engine_version", "pool_id", "priority"],
+            registry=registry,
         )
         self.backpressure = Counter(
-            "admission_backpressure_events_total", "429s and evictions", ["engine", "policy"], registry=registry
+            "admission_backpressure_events_total",
+            "429s and evictions",
+            ["engine", "policy"],
+            registry=registry,
         )

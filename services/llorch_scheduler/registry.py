@@ -55,6 +55,7 @@ class SetInfo:
     full_policy: str
     pool_ids: tuple[str, ...]
     single_slot: bool
+    workloads: frozenset[str]
 
 
 def set_of(pool: types_pb2.PoolState) -> str:
@@ -73,13 +74,19 @@ class PoolRegistry:
             await manager.channel.close(None)
         self.managers.clear()
 
-    def update(self, manager_id: str, address: str, metrics_address: str, pools: list[types_pb2.PoolState]) -> None:
+    def update(
+        self, manager_id: str, address: str, metrics_address: str, pools: list[types_pb2.PoolState]
+    ) -> None:
         manager = self.managers.get(manager_id)
         if manager is None or manager.address != address:
             channel = grpc.aio.insecure_channel(address)
-            manager = Manager(manager_id, address, metrics_address, channel, poolmgr_pb2_grpc.PoolManagerStub(channel))
+            manager = Manager(
+                manager_id, address, metrics_address, channel, poolmgr_pb2_grpc.PoolManagerStub(channel)
+            )
             self.managers[manager_id] = manager
-            log.info("pool manager registered", extra={"event": "pool_manager_registered", "address": address})
+            log.info(
+                "pool manager registered", extra={"event": "pool_manager_registered", "address": address}
+            )
         manager.connected = True
         manager.metrics_address = metrics_address
         manager.pools = {pool.pool_id: pool for pool in pools}
@@ -91,7 +98,9 @@ class PoolRegistry:
         manager = self.managers.get(manager_id)
         if manager is not None:
             manager.connected = False
-            log.warning("pool manager disconnected", extra={"event": "pool_manager_lost", "manager_id": manager_id})
+            log.warning(
+                "pool manager disconnected", extra={"event": "pool_manager_lost", "manager_id": manager_id}
+            )
 
     def pools(self) -> list[tuple[Manager, types_pb2.PoolState]]:
         return [(m, p) for m in self.managers.values() for p in m.pools.values()]
@@ -122,6 +131,7 @@ class PoolRegistry:
             full_policy=first.full_policy,
             pool_ids=tuple(sorted(p.pool_id for p in members)),
             single_slot=all(r.slots_total == 1 for p in members for r in p.replicas),
+            workloads=frozenset.intersection(*(frozenset(p.workloads) for p in members)),
         )
 
     def replica_sets(self) -> list[str]:

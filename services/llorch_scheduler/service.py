@@ -47,7 +47,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     @unary
-    async def Admit(self, request: scheduler_pb2.AdmitRequest, context: Context) -> scheduler_pb2.AdmitResponse:
+    async def Admit(
+        self, request: scheduler_pb2.AdmitRequest, context: Context
+    ) -> scheduler_pb2.AdmitResponse:
         admitted = await self.admission.admit(request)
         self.dispatcher.wake()
         return scheduler_pb2.AdmitResponse(
@@ -60,7 +62,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     @unary
-    async def Cancel(self, request: scheduler_pb2.CancelRequest, context: Context) -> scheduler_pb2.CancelResponse:
+    async def Cancel(
+        self, request: scheduler_pb2.CancelRequest, context: Context
+    ) -> scheduler_pb2.CancelResponse:
         """Write the terminal CANCELED first; only then answer; then abort the engine request."""
         task_id = request.task_id
         payload = {"code": Code.CANCELED.value, "message": "canceled by the client", "retriable": False}
@@ -71,7 +75,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             record = await self.store.task(task_id)
             rs = record.get("rs", "")
             info = self.registry.set_info(rs)
-            engine, version = (info.engine, info.engine_version) if info else (record.get("engine", "none"), "")
+            engine, version = (
+                (info.engine, info.engine_version) if info else (record.get("engine", "none"), "")
+            )
             pool_id = record.get("pool_id", rs)
             replica_id = record.get("replica_id", QUEUE_REPLICA)
             self.metrics.tasks_canceled.labels(engine, version, pool_id, replica_id, "client").inc()
@@ -91,7 +97,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 poolmgr_pb2.AbortRequest(task_id=task_id), metadata=metadata(self.token), timeout=5
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("abort failed", extra={"event": "abort_failed", "task_id": task_id, "code": exc.code().name})
+            log.warning(
+                "abort failed", extra={"event": "abort_failed", "task_id": task_id, "code": exc.code().name}
+            )
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -99,7 +107,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         task.add_done_callback(self._background.discard)
 
     @unary
-    async def GetTask(self, request: scheduler_pb2.GetTaskRequest, context: Context) -> scheduler_pb2.TaskStatus:
+    async def GetTask(
+        self, request: scheduler_pb2.GetTaskRequest, context: Context
+    ) -> scheduler_pb2.TaskStatus:
         record = await self.store.task(request.task_id)
         if not record:
             raise OrchestratorError(Code.NOT_FOUND, f"task {request.task_id} is unknown or expired")
@@ -157,7 +167,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             async for report in request_iterator:
                 manager_id = report.manager_id
-                self.registry.update(report.manager_id, report.address, report.metrics_address, list(report.pools))
+                self.registry.update(
+                    report.manager_id, report.address, report.metrics_address, list(report.pools)
+                )
                 self.dispatcher.wake()
                 yield scheduler_pb2.SchedulerDirective(ack=True)
         finally:

@@ -13,11 +13,20 @@ from tests.support.stack import Client
 def _llamacpp_stack(stack_factory: Any, llama_server_bin: Path, model_gguf: Path) -> Any:
     return stack_factory(
         models=[{"id": "smollm2-135m", "path": str(model_gguf)}],
-        pools=[{
-            "id": "smollm2-cpu", "engine": "llamacpp", "model": "smollm2-135m", "devices": "cpu",
-            "allow_cpu": True, "ctx": 2048, "slots": 1, "engine_bin": str(llama_server_bin),
-            "engine_args": ["--threads", "2"], "queue": {"capacity": 8, "full_policy": "reject"},
-        }],
+        pools=[
+            {
+                "id": "smollm2-cpu",
+                "engine": "llamacpp",
+                "model": "smollm2-135m",
+                "devices": "cpu",
+                "allow_cpu": True,
+                "ctx": 2048,
+                "slots": 1,
+                "engine_bin": str(llama_server_bin),
+                "engine_args": ["--threads", "2"],
+                "queue": {"capacity": 8, "full_policy": "reject"},
+            }
+        ],
     )
 
 
@@ -27,8 +36,12 @@ async def test_identical_seeded_requests_give_identical_streams(
     stack = _llamacpp_stack(stack_factory, llama_server_bin, model_gguf)
     await stack.start()
     client = Client(stack, http)
-    body = {"model_ref": "smollm2-135m", "prompt": "Write one sentence about GPUs.", "seed": 1234,
-            "max_tokens": 24}
+    body = {
+        "model_ref": "smollm2-135m",
+        "prompt": "Write one sentence about GPUs.",
+        "seed": 1234,
+        "max_tokens": 24,
+    }
     runs = []
     for _ in range(2):
         events = await client.events(await client.admit(**body))
@@ -50,7 +63,9 @@ async def test_cancel_frees_the_real_engine_slot(
     stack = _llamacpp_stack(stack_factory, llama_server_bin, model_gguf)
     await stack.start()
     client = Client(stack, http)
-    task_id = await client.admit(model_ref="smollm2-135m", prompt="Count slowly to one thousand.", max_tokens=1500)
+    task_id = await client.admit(
+        model_ref="smollm2-135m", prompt="Count slowly to one thousand.", max_tokens=1500
+    )
     async for event in client.follow(task_id):
         if event.event == "token":
             break

@@ -38,7 +38,9 @@ async def _first_token(client: Client, task_id: str) -> list[SseEvent]:
     raise AssertionError(f"stream ended before a token: {seen}")
 
 
-async def test_cancel_queued_task_is_never_dispatched(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+async def test_cancel_queued_task_is_never_dispatched(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = stack_factory(pools=[mock_pool(slots=1, args=["--token-delay-ms", "50"])])
     await stack.start()
     client = Client(stack, http)

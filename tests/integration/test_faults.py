@@ -66,8 +66,14 @@ async def test_pool_manager_killed_mid_stream_ends_with_worker_reset(
 async def test_engine_crash_mid_stream_is_typed_and_the_replica_restarts(
     stack_factory: Any, http: aiohttp.ClientSession
 ) -> None:
-    stack = stack_factory(pools=[mock_pool(args=["--crash-after-tokens", "3"],
-                                           restart={"initial_backoff_ms": 100, "max_backoff_ms": 1000})])
+    stack = stack_factory(
+        pools=[
+            mock_pool(
+                args=["--crash-after-tokens", "3"],
+                restart={"initial_backoff_ms": 100, "max_backoff_ms": 1000},
+            )
+        ]
+    )
     await stack.start()
     client = Client(stack, http)
     first_pid = (await _health(http, stack))["replicas"][0]["pid"]
@@ -98,8 +104,9 @@ async def test_engine_error_object_maps_to_internal(stack_factory: Any, http: ai
 
 
 async def test_hung_engine_hits_the_idle_watchdog(stack_factory: Any, http: aiohttp.ClientSession) -> None:
-    stack = stack_factory(pools=[mock_pool(args=["--hang-after-tokens", "2"],
-                                           timeouts={"idle_ms": 1000, "wall_ms": 600000})])
+    stack = stack_factory(
+        pools=[mock_pool(args=["--hang-after-tokens", "2"], timeouts={"idle_ms": 1000, "wall_ms": 600000})]
+    )
     await stack.start()
     client = Client(stack, http)
     error = _error(await client.events(await client.admit(max_tokens=10)))

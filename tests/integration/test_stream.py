@@ -15,8 +15,15 @@ async def test_submit_and_stream_in_spec_order(stack_factory: Any, http: aiohttp
     client = Client(stack, http)
     status, body, headers = await client.submit(prompt="Hello there", max_tokens=6, seed=7)
     assert status == 202
-    assert set(body) == {"task_id", "session_id", "queue_position", "predicted_start_ms", "backoff_ms",
-                         "on_time_probability", "stream_url"}
+    assert set(body) == {
+        "task_id",
+        "session_id",
+        "queue_position",
+        "predicted_start_ms",
+        "backoff_ms",
+        "on_time_probability",
+        "stream_url",
+    }
     assert headers["X-Correlation-Id"]
     events = await client.events(body["task_id"])
     names = [e.event for e in events]
@@ -53,7 +60,9 @@ async def test_replay_after_end_and_last_event_id(stack_factory: Any, http: aioh
     assert text.startswith("id: 3\nevent: ")
 
 
-async def test_identical_seeded_requests_stream_identical_text(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+async def test_identical_seeded_requests_stream_identical_text(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = stack_factory(pools=[mock_pool(slots=2)])
     await stack.start()
     client = Client(stack, http)

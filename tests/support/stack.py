@@ -37,11 +37,18 @@ def _port_pair(offset: int) -> int:
     raise RuntimeError("no free port pair")
 
 
-def mock_pool(pool_id: str = "mock-a", slots: int = 1, capacity: int = 16, args: Sequence[str] = (),
-              **extra: Any) -> dict[str, Any]:
+def mock_pool(
+    pool_id: str = "mock-a", slots: int = 1, capacity: int = 16, args: Sequence[str] = (), **extra: Any
+) -> dict[str, Any]:
     return {
-        "id": pool_id, "engine": "mock", "model": "mock-tiny", "devices": "cpu", "ctx": 2048, "slots": slots,
-        "engine_args": ["--token-delay-ms", "5", *args], "queue": {"capacity": capacity, "full_policy": "reject"},
+        "id": pool_id,
+        "engine": "mock",
+        "model": "mock-tiny",
+        "devices": "cpu",
+        "ctx": 2048,
+        "slots": slots,
+        "engine_args": ["--token-delay-ms", "5", *args],
+        "queue": {"capacity": capacity, "full_policy": "reject"},
         **extra,
     }
 
@@ -54,8 +61,14 @@ class SseEvent:
 
 
 class Stack:
-    def __init__(self, workdir: Path, redis_url: str, pools: list[dict[str, Any]],
-                 models: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        redis_url: str,
+        pools: list[dict[str, Any]],
+        models: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(24)
@@ -65,8 +78,11 @@ class Stack:
             "version": 1,
             "state_dir": str(workdir / "state"),
             "api": {"bind": f"127.0.0.1:{self.api_port}", "max_body_bytes": 65536},
-            "grpc": {"scheduler": f"127.0.0.1:{free_port()}", "pool_manager_base_port": free_port(),
-                     "metrics_base_port": _port_pair(10)},
+            "grpc": {
+                "scheduler": f"127.0.0.1:{free_port()}",
+                "pool_manager_base_port": free_port(),
+                "metrics_base_port": _port_pair(10),
+            },
             "redis": {"url": redis_url},
             "sse": {"heartbeat_s": 1, "retention_s": 60, "queued_metrics_interval_ms": 1000},
             "catalog": {"models": models or [{"id": "mock-tiny", "path": str(MOCK_MODEL)}]},
@@ -130,7 +146,9 @@ class Client:
     async def submit(self, **body: Any) -> tuple[int, dict[str, Any], Any]:
         body.setdefault("model_ref", "mock-tiny")
         body.setdefault("prompt", "hello")
-        async with self.session.post(f"{self.stack.url}/v1/tasks", json=body, headers=self.stack.headers) as r:
+        async with self.session.post(
+            f"{self.stack.url}/v1/tasks", json=body, headers=self.stack.headers
+        ) as r:
             return r.status, await r.json(), r.headers
 
     async def admit(self, **body: Any) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from llorch.config import (
     ConfigError,
     LlorchConfig,
@@ -20,7 +22,6 @@ from llorch.config import (
     validate_config,
 )
 from llorch_cli import config_cmd
-from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

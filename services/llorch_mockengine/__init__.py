@@ -1,0 +1,1 @@
+"""llorch_mockengine."""

@@ -1,0 +1,87 @@
+"""The store's Lua steps against real Redis: append-unless-terminal, capacity, strict priority, leases."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llorch.store import Store
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    async with Store.connect(redis_url, prefix="t:") as s:
+        yield s
+
+
+async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
+    assert await store.create_task("a", {"state": "queued"}, 60)
+    assert not await store.create_task("a", {"state": "queued"}, 60)  # TASK_EXISTS
+    assert (
+        await store.append(
+            "a", [("started", "{}", ""), ("token", '{"t":"x","i":0}', "")], {"tokens_out": "1"}
+        )
+        == 1
+    )
+    prev, _ = await store.terminate(
+        "a", "canceled", {"code": "CANCELED", "message": "m", "retriable": False}, 60
+    )
+    assert prev == "queued"
+    assert await store.append("a", [("token", '{"t":"y","i":1}', "")]) == -1
+    assert await store.append("unknown", [("token", "{}", "")]) == -2
+    events = await store.read_events("a", -1)
+    assert [(e.seq, e.name) for e in events] == [(0, "started"), (1, "token"), (2, "error")]
+    assert '"tokens_out":1' in events[-1].data
+    assert (await store.task("a"))["state"] == "canceled"
+    assert 0 < await store.client.ttl(store.keys.events("a")) <= 60
+    assert await store.read_events("a", 1) == events[2:]
+
+
+async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store: Store) -> None:
+    order = [("b1", "batch"), ("i1", "interactive"), ("b2", "batch"), ("i2", "interactive")]
+    positions = [(await store.enqueue("rs", t, p, 4, 4))[0] for t, p in order]  # type: ignore[arg-type]
+    assert positions == [0, 0, 2, 1]
+    assert (await store.enqueue("rs", "x", "interactive", 4, 4))[0] == -1
+    assert await store.queue_depths("rs") == (2, 2)
+    claimed = []
+    while (claim := await store.claim("rs", 10_000)) is not None:
+        claimed.append(claim.task_id)
+    assert claimed == ["i1", "i2", "b1", "b2"]
+    assert sorted(await store.leased("rs")) == ["b1", "b2", "i1", "i2"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.sampled_from(["interactive", "batch"]), st.booleans()), max_size=30),
+    st.integers(min_value=1, max_value=10),
+)
+async def test_queue_matches_a_reference_model(
+    store: Store, ops: list[tuple[str, bool]], capacity: int
+) -> None:
+    """Enqueue/claim in any order: never over capacity, FIFO per class, interactive strictly first."""
+    await store.client.flushdb()
+    model: dict[str, list[str]] = {"interactive": [], "batch": []}
+    for n, (priority, is_claim) in enumerate(ops):
+        if is_claim:
+            claim = await store.claim("rs", 10_000)
+            expected = (model["interactive"] or model["batch"] or [None])[0]
+            assert (claim.task_id if claim else None) == expected
+            if expected is not None:
+                (model["interactive"] if model["interactive"] else model["batch"]).pop(0)
+            continue
+        task_id = f"t{n}"
+        pos, _, _ = await store.enqueue("rs", task_id, priority, capacity, capacity)  # type: ignore[arg-type]
+        full = len(model["interactive"]) + len(model["batch"]) >= capacity
+        assert (pos == -1) == full
+        if not full:
+            model[priority].append(task_id)
+            ahead = (
+                len(model["interactive"]) - 1
+                if priority == "interactive"
+                else (len(model["interactive"]) + len(model["batch"]) - 1)
+            )
+            assert pos == ahead
+    assert await store.queue_depths("rs") == (len(model["interactive"]), len(model["batch"]))
