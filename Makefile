@@ -52,7 +52,7 @@ run-mock: setup
 lint: setup
 	$(BIN)/ruff check libs services tests features bench
 	$(BIN)/ruff format --check libs services tests features bench
-	$(BIN)/mypy libs services
+	$(BIN)/mypy libs services bench
 
 unit: setup
 	$(BIN)/pytest -q tests/unit

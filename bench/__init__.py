@@ -1,0 +1,1 @@
+"""Benchmarks (BENCH.md): side-by-side ratios of llama-orch against the bare engine on this machine."""

@@ -1,0 +1,109 @@
+"""``make bench``: start the system under test once, run P1, P2 and P3, write and print the results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from . import report
+from .cases import AB, Plan, Sides, bounded, p1_inter_token, p2_ttft, p3_throughput
+from .env import MODEL_REF, BenchEnv, Layout
+from .traffic import DirectTarget, StackTarget, wave
+
+QUICK = Plan(
+    rounds=1,
+    p3_rounds=1,
+    p1_streams=(1, 32),
+    p1_tokens=30,
+    p2_sequential=5,
+    p2_waves=1,
+    p3_streams=64,
+    p3_tokens=60,
+    sat_streams=16,
+    sat_tokens=100,
+)
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--only", default="P1,P2,P3", help="comma-separated benchmark ids")
+    parser.add_argument("--rounds", type=int, default=None, help="stack/direct rounds per benchmark")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run of the harness")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
+    return parser.parse_args()
+
+
+async def _warm_up(session: aiohttp.ClientSession, env: BenchEnv, sides: Sides) -> None:
+    """Open connections and channels on both paths before anything is measured."""
+    for target in (sides.stack, sides.direct):
+        traces = await wave(session, target, 16, 5, 60)
+        errors = [t.error for t in traces if t.error]
+        if errors:
+            raise RuntimeError(f"warm-up through {target.name} failed: {errors[0]}")
+    await env.wait_idle()
+
+
+async def bench(workdir: Path, plan: Plan, only: set[str]) -> dict[str, Any]:
+    layout = Layout()
+    async with BenchEnv(workdir, layout) as env:
+        stack = env.the_stack
+        sides = Sides(StackTarget(stack.url, stack.headers, MODEL_REF), DirectTarget(env.direct_urls))
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await _warm_up(session, env, sides)
+            ab = AB(env, sides, plan.rounds)
+            steps = {"P1": p1_inter_token, "P2": p2_ttft, "P3": p3_throughput}
+            benchmarks = []
+            for bench_id, step in steps.items():
+                if bench_id not in only:
+                    continue
+                started = time.monotonic()
+                print(f"{bench_id} …", file=sys.stderr, flush=True)
+                result = await bounded(step(ab, session, plan))
+                result["duration_s"] = round(time.monotonic() - started, 1)
+                print(f"{bench_id} done in {result['duration_s']} s", file=sys.stderr, flush=True)
+                benchmarks.append(result)
+    return {
+        "machine": report.machine(),
+        "layout": layout.as_json(),
+        "plan": plan.as_json(),
+        "direct_baseline": "one standalone mock engine per pool replica, same command line, "
+        "streams spread round-robin",
+        "benchmarks": benchmarks,
+    }
+
+
+def main() -> None:
+    args = _args()
+    plan = QUICK if args.quick else Plan()
+    if args.rounds is not None:
+        plan = Plan(**{**plan.as_json(), "rounds": args.rounds, "p3_rounds": args.rounds})
+    only = {part.strip().upper() for part in args.only.split(",") if part.strip()}
+    workdir = Path(tempfile.mkdtemp(prefix="llorch-bench-"))
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    try:
+        results = uvloop.run(bench(workdir, plan, only))
+    except BaseException:
+        print(f"benchmark failed; process logs are under {workdir}", file=sys.stderr)
+        raise
+    results["total_duration_s"] = round(time.monotonic() - started, 1)
+    results["machine"]["loadavg_1m_at_start"] = round(load_before, 2)
+    print(report.write(results))
+    print(f"total {results['total_duration_s']} s", file=sys.stderr)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
