@@ -11,6 +11,11 @@ touches one slot):
 
 Every multi-step change is one Lua script (registered once), so cancel is race-free by construction:
 once a terminal event is in the log, ``append`` refuses every later event.
+
+Live delivery: every script that appends also PUBLISHes the appended events, one message per call, on
+the ``events`` channel: ``task_id US first_seq (US name US data)*`` with US = \x1f (JSON never carries
+a raw control character). The stream stays the source of truth; a reader that sees a gap in the seqs
+fills it from the stream, so a lost message costs a read, never an event.
 """
 
 from __future__ import annotations
@@ -23,34 +28,52 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline, PubSub
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
 TERMINAL_EVENTS: Final = frozenset({"end", "error"})
 
-# seq of the last event; -1 before `started`. Returns the new seq, -1 if already terminal, -2 if unknown.
+US: Final = "\x1f"
+
+# ARGV: retention_s, n_fields, field pairs..., then (name, data, terminal_state) triples, then
+# channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
 _APPEND: Final = """
 local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
 if not t[1] then return -2 end
 if t[1] == '1' then return -1 end
 local seq = tonumber(t[2])
+local first = seq + 1
 local nf = tonumber(ARGV[2])
 if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * nf)) end
+local last = #ARGV - 2
+local msg = {ARGV[#ARGV], first}
 local i = 3 + 2 * nf
-while i <= #ARGV do
+local ended = false
+while i <= last and not ended do
   seq = seq + 1
   redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
-  if ARGV[i + 2] ~= '' then
-    redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2], 'seq', seq)
+  msg[#msg + 1] = ARGV[i]
+  msg[#msg + 1] = ARGV[i + 1]
+  ended = ARGV[i + 2] ~= ''
+  if ended then
+    redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2])
     redis.call('EXPIRE', KEYS[1], ARGV[1])
     redis.call('EXPIRE', KEYS[2], ARGV[1])
-    return seq
   end
   i = i + 3
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
+if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\\31')) end
 return seq
+"""
+
+# Claim the queued task for dispatch unless it ended meanwhile; returns the record or {} (KEYS: task).
+_MARK_RUNNING: Final = """
+local t = redis.call('HGET', KEYS[1], 'terminal')
+if t ~= '0' then return {} end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HGETALL', KEYS[1])
 """
 
 # Terminal error written by a non-engine writer (cancel, sweeper): the payload's tokens_out comes from
@@ -69,6 +92,7 @@ redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', 'error', 'd', data)
 redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[2], 'seq', seq, 'error', data)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[4], table.concat({ARGV[5], seq, 'error', data}, '\\31'))
 return {t[3], t[5] or ''}
 """
 
@@ -97,17 +121,24 @@ redis.call('ZADD', KEYS[1], seq, ARGV[1])
 return {ni, ni + 1, nb}
 """
 
-# KEYS: q interactive, q batch, lease. ARGV: lease expiry (epoch ms). Strict priority, FIFO per class.
+# KEYS: q interactive, q batch, lease. ARGV: lease expiry (epoch ms), at most n. Strict priority, FIFO
+# per class. Returns flat {task_id, score, priority, ...}.
 _CLAIM: Final = """
-local r = redis.call('ZPOPMIN', KEYS[1])
-local prio = 'interactive'
-if #r == 0 then
-  r = redis.call('ZPOPMIN', KEYS[2])
-  prio = 'batch'
+local out = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local r = redis.call('ZPOPMIN', KEYS[1])
+  local prio = 'interactive'
+  if #r == 0 then
+    r = redis.call('ZPOPMIN', KEYS[2])
+    prio = 'batch'
+  end
+  if #r == 0 then break end
+  redis.call('ZADD', KEYS[3], ARGV[1], r[1])
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+  out[#out + 1] = prio
 end
-if #r == 0 then return false end
-redis.call('ZADD', KEYS[3], ARGV[1], r[1])
-return {r[1], r[2], prio}
+return out
 """
 
 
@@ -153,6 +184,9 @@ class Keys:
     def replica_sets(self) -> str:
         return f"{self.prefix}replicasets"
 
+    def channel(self) -> str:
+        return f"{self.prefix}events"
+
 
 class Store:
     """Task records, event logs, queues and leases. Construct with :meth:`connect`."""
@@ -165,6 +199,8 @@ class Store:
         self._create = client.register_script(_CREATE)
         self._enqueue = client.register_script(_ENQUEUE)
         self._claim = client.register_script(_CLAIM)
+        self._mark_running = client.register_script(_MARK_RUNNING)
+        self._known_sets: set[str] = set()
 
     @classmethod
     @asynccontextmanager
@@ -207,11 +243,46 @@ class Store:
         ``terminal_state`` is '' for non-terminal events, else the task's final state. Returns the
         seq of the last event written, -1 when a terminal event stood first, -2 for an unknown task.
         """
+        result = await self._append(
+            keys=[self.keys.task(task_id), self.keys.events(task_id)],
+            args=self._append_args(task_id, events, fields, retention_s),
+        )
+        return int(result)
+
+    async def append_many(
+        self,
+        batches: Sequence[tuple[str, Sequence[tuple[str, str, str]], Mapping[str, str]]],
+        retention_s: int,
+    ) -> list[int]:
+        """:meth:`append` for many tasks in one round trip; results in the order of ``batches``."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id, events, fields in batches:
+                await self._append(
+                    keys=[self.keys.task(task_id), self.keys.events(task_id)],
+                    args=self._append_args(task_id, events, fields, retention_s),
+                    client=pipe,
+                )
+            return [int(r) for r in await pipe.execute()]
+
+    def _append_args(
+        self,
+        task_id: str,
+        events: Sequence[tuple[str, str, str]],
+        fields: Mapping[str, str] | None,
+        retention_s: int,
+    ) -> list[str | int]:
         flat_fields = [v for kv in (fields or {}).items() for v in kv]
         flat_events = [v for ev in events for v in ev]
-        args: list[str | int] = [retention_s, len(flat_fields) // 2, *flat_fields, *flat_events]
-        result = await self._append(keys=[self.keys.task(task_id), self.keys.events(task_id)], args=args)
-        return int(result)
+        return [retention_s, len(flat_fields) // 2, *flat_fields, *flat_events, self.keys.channel(), task_id]
+
+    async def mark_running(self, task_id: str, fields: Mapping[str, str]) -> dict[str, str] | None:
+        """Set the placement fields unless the task ended; returns its record, or None."""
+        flat = [v for kv in fields.items() for v in kv]
+        reply = await self._mark_running(keys=[self.keys.task(task_id)], args=flat)
+        if not reply:
+            return None
+        values = cast(list[str], reply)
+        return dict(zip(values[::2], values[1::2], strict=True))
 
     async def terminate(
         self, task_id: str, state: str, payload: Mapping[str, object], retention_s: int
@@ -222,7 +293,13 @@ class Store:
         """
         prev, manager = await self._terminate(
             keys=[self.keys.task(task_id), self.keys.events(task_id)],
-            args=[retention_s, state, json.dumps(payload, separators=(",", ":"))],
+            args=[
+                retention_s,
+                state,
+                json.dumps(payload, separators=(",", ":")),
+                self.keys.channel(),
+                task_id,
+            ],
         )
         return str(prev), str(manager)
 
@@ -243,15 +320,15 @@ class Store:
         )
         return [_event(entry_id, body) for entry_id, body in entries]
 
-    async def wait_events(self, task_id: str, after_seq: int, block_ms: int, count: int = 512) -> list[Event]:
-        """Like :meth:`read_events` but blocks up to ``block_ms`` for the next event."""
-        reply = cast(
-            list[tuple[str, list[tuple[str, dict[str, str]]]]],
-            await self.client.xread({self.keys.events(task_id): f"0-{after_seq + 1}"}, count, block_ms),
-        )
-        if not reply:
-            return []
-        return [_event(entry_id, body) for entry_id, body in reply[0][1]]
+    @asynccontextmanager
+    async def subscribe_events(self) -> AsyncIterator[PubSub]:
+        """A pub/sub connection on the live-events channel (see the module docstring)."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.keys.channel())
+        try:
+            yield pubsub
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- queues and leases ---------------------------------------------------------------------------
 
@@ -259,23 +336,28 @@ class Store:
         self, rs: str, task_id: str, priority: Priority, capacity: int, class_capacity: int
     ) -> tuple[int, int, int]:
         """Atomic capacity check + enqueue. Returns (position or -1 when full, depth_i, depth_b)."""
-        await self.client.sadd(self.keys.replica_sets(), rs)
+        if rs not in self._known_sets:
+            await self.client.sadd(self.keys.replica_sets(), rs)
+            self._known_sets.add(rs)
         pos, ni, nb = await self._enqueue(
             keys=[self.keys.queue(rs, "interactive"), self.keys.queue(rs, "batch"), self.keys.queue_seq(rs)],
             args=[task_id, priority, capacity, class_capacity],
         )
         return int(pos), int(ni), int(nb)
 
-    async def claim(self, rs: str, lease_ms: int) -> Claim | None:
-        """Pop the next task (strict priority, FIFO per class) and lease it, in one step."""
-        reply = await self._claim(
-            keys=[self.keys.queue(rs, "interactive"), self.keys.queue(rs, "batch"), self.keys.lease(rs)],
-            args=[now_ms() + lease_ms],
+    async def claim(self, rs: str, lease_ms: int, limit: int = 1) -> list[Claim]:
+        """Pop up to ``limit`` tasks (strict priority, FIFO per class) and lease them, in one step."""
+        reply = cast(
+            list[str],
+            await self._claim(
+                keys=[self.keys.queue(rs, "interactive"), self.keys.queue(rs, "batch"), self.keys.lease(rs)],
+                args=[now_ms() + lease_ms, limit],
+            ),
         )
-        if not reply:
-            return None
-        task_id, score, priority = reply
-        return Claim(str(task_id), float(score), "batch" if priority == "batch" else "interactive")
+        return [
+            Claim(str(reply[i]), float(reply[i + 1]), "batch" if reply[i + 2] == "batch" else "interactive")
+            for i in range(0, len(reply), 3)
+        ]
 
     async def requeue_head(self, rs: str, claim: Claim) -> None:
         """Put a claimed task back where it was (its original admission sequence) and drop its lease."""

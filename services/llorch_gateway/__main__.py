@@ -15,6 +15,7 @@ from llorch.store import Store
 
 from .app import Deps, build_app
 from .auth import Authenticator, load_tokens
+from .feed import EventFeed
 from .metrics import GatewayMetrics
 from .scheduler_client import SchedulerClient
 
@@ -30,7 +31,10 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
     scheduler = SchedulerClient(cfg.grpc.scheduler, internal)
     async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store, aiohttp.ClientSession() as http:
-        deps = Deps(cfg, store, scheduler, auth, GatewayMetrics(CollectorRegistry()), http)
+        feed = EventFeed(store)
+        feed_task = asyncio.create_task(feed.run())
+        await feed.connected.wait()
+        deps = Deps(cfg, store, scheduler, auth, GatewayMetrics(CollectorRegistry()), http, feed)
         runner = web.AppRunner(build_app(deps), access_log=None, shutdown_timeout=2)
         await runner.setup()
         site = web.TCPSite(runner, host, int(port), backlog=1024)
@@ -40,4 +44,6 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             await runner.cleanup()
+            feed_task.cancel()
+            await asyncio.gather(feed_task, return_exceptions=True)
             await scheduler.aclose()

@@ -17,6 +17,7 @@ from llorch.v1 import scheduler_pb2
 
 from .auth import Authenticator
 from .edge import MAX_BODY, METRICS, edge
+from .feed import EventFeed
 from .metrics import GatewayMetrics
 from .models import TaskRequest, parse_json_object, parse_model
 from .scheduler_client import SchedulerClient
@@ -31,6 +32,7 @@ class Deps:
     auth: Authenticator
     metrics: GatewayMetrics
     http: aiohttp.ClientSession
+    feed: EventFeed
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
@@ -100,7 +102,8 @@ class Api:
         return _json(payload)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        return await relay(request, self.d.store, _path_id(request, "task_id"), self.d.cfg.sse.heartbeat_s)
+        task_id = _path_id(request, "task_id")
+        return await relay(request, self.d.store, self.d.feed, task_id, self.d.cfg.sse.heartbeat_s)
 
     async def cancel(self, request: web.Request) -> web.Response:
         await self.d.scheduler.cancel(_path_id(request, "task_id"))

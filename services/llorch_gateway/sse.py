@@ -1,8 +1,9 @@
 """SSE relay (SPEC §3): replay from the task's event log, then follow it live until the terminal event.
 
 Frames are assembled from the stored event name and its already-encoded JSON: no re-encoding per
-client. Reading never consumes events, so any number of clients may follow one task, from any
-position. A client that goes away affects nothing.
+client. Live events come from the gateway's :class:`EventFeed`; the log fills any gap. Reading never
+consumes events, so any number of clients may follow one task, from any position, and a client that
+goes away affects nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import re
 from aiohttp import web
 
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.store import TERMINAL_EVENTS, Store
+from llorch.store import TERMINAL_EVENTS, Event, Store
 
 from .edge import CORRELATION_HEADER
+from .feed import RESYNC, EventFeed, Subscription
 
 HEARTBEAT = b": hb\n\n"
 _EVENT_ID = re.compile(r"-?[0-9]{1,18}")
@@ -32,7 +34,9 @@ def parse_last_event_id(request: web.Request) -> int:
     return int(value)
 
 
-async def relay(request: web.Request, store: Store, task_id: str, heartbeat_s: float) -> web.StreamResponse:
+async def relay(
+    request: web.Request, store: Store, feed: EventFeed, task_id: str, heartbeat_s: float
+) -> web.StreamResponse:
     after = parse_last_event_id(request)
     if not await store.task_exists(task_id):
         raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
@@ -44,24 +48,58 @@ async def relay(request: web.Request, store: Store, task_id: str, heartbeat_s: f
         }
     )
     await response.prepare(request)
-    with contextlib.suppress(ConnectionResetError):  # the client went away; the task is unaffected
-        await _follow(response, store, task_id, after, int(heartbeat_s * 1000))
+    # Subscribe before the replay so nothing appended in between can be missed.
+    with feed.subscribe(task_id) as sub, contextlib.suppress(ConnectionResetError):
+        await _Stream(response, store, task_id, after).follow(sub, heartbeat_s)
     return response
 
 
-async def _follow(
-    response: web.StreamResponse, store: Store, task_id: str, after: int, block_ms: int
-) -> None:
-    while True:
-        events = await store.wait_events(task_id, after, block_ms)
-        if not events:
-            if not await store.task_exists(task_id):
-                break  # retention expired while the client waited
-            await response.write(HEARTBEAT)
-            continue
-        frames = "".join(f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n" for e in events)
-        await response.write(frames.encode())
-        after = events[-1].seq
-        if events[-1].name in TERMINAL_EVENTS:
-            break
-    await response.write_eof()
+class _Stream:
+    def __init__(self, response: web.StreamResponse, store: Store, task_id: str, after: int) -> None:
+        self.response = response
+        self.store = store
+        self.task_id = task_id
+        self.after = after
+
+    async def follow(self, sub: Subscription, heartbeat_s: float) -> None:
+        if await self._catch_up():
+            return
+        while True:
+            delivered = await sub.next(heartbeat_s)
+            if delivered is None:  # silence: a heartbeat, and a look at the log in case the feed missed
+                if await self._catch_up():
+                    return
+                if not await self.store.task_exists(self.task_id):
+                    return  # retention expired while the client waited
+                await self.response.write(HEARTBEAT)
+                continue
+            fresh = [e for e in delivered if e.seq > self.after]
+            if fresh and await self._write(fresh):
+                return
+            gap = any(e is RESYNC for e in delivered) or (fresh and self.after < fresh[-1].seq)
+            if gap and await self._catch_up():  # a gap or a reconnect: the log decides
+                return
+
+    async def _catch_up(self) -> bool:
+        """Write everything in the log after ``after``; True once the terminal event is written."""
+        while events := await self.store.read_events(self.task_id, self.after):
+            if await self._write(events):
+                return True
+        return False
+
+    async def _write(self, events: list[Event]) -> bool:
+        frames = []
+        ended = False
+        for e in events:
+            if e.seq != self.after + 1:
+                break
+            frames.append(f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n")
+            self.after = e.seq
+            if e.name in TERMINAL_EVENTS:
+                ended = True
+                break
+        if frames:
+            await self.response.write("".join(frames).encode())
+        if ended:
+            await self.response.write_eof()
+        return ended

@@ -18,6 +18,7 @@ from llorch.rpc import AuthInterceptor, load_internal_token
 from llorch.store import Store
 from llorch.v1 import poolmgr_pb2_grpc
 
+from .eventlog import EventLog
 from .executor import Executor
 from .metrics import PoolMetrics
 from .service import PoolManagerService, Pools, register_forever, renew_leases_forever
@@ -73,7 +74,8 @@ async def serve(
     pools = await build_pools(cfg, selected, metrics)
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
     async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store:
-        executor = Executor(store, pools.replicas, metrics, cfg.sse.retention_s)
+        events = EventLog(store, cfg.sse.retention_s)
+        executor = Executor(events, pools.replicas, metrics)
         server = grpc.aio.server(interceptors=[AuthInterceptor(token)])
         poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(PoolManagerService(pools, executor), server)
         health_servicer = HealthServicer()
@@ -99,5 +101,6 @@ async def serve(
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            await events.aclose()
             metrics_server.shutdown()
             metrics_thread.join(timeout=2)

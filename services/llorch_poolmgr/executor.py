@@ -1,9 +1,7 @@
 """Run dispatched tasks through their replica's adapter and append the events to the task's log.
 
-Events go through :class:`EventWriter`, which batches whatever accumulated while the previous append
-was in flight into one append-unless-terminal call: one Redis round trip per token when idle, far
-fewer under load. When an append is refused (a cancel's terminal event stood first) the engine
-stream is closed at once, which frees the slot.
+Events go through the pool manager's :class:`EventLog` (batched across tasks). When an append is
+refused (a cancel's terminal event stood first) the engine stream is closed at once, which frees the slot.
 """
 
 from __future__ import annotations
@@ -15,13 +13,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
-from llorch.store import Store, now_ms
+from llorch.store import now_ms
 from llorch.v1 import poolmgr_pb2
 
+from .eventlog import EventLog, TaskWriter
 from .metrics import PoolMetrics
 from .supervisor import Replica
 
@@ -30,54 +27,6 @@ log = logging.getLogger(__name__)
 
 def _json(payload: Mapping[str, object]) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
-class EventWriter:
-    """Ordered, batched appends for one task; stops for good once the log refuses (terminal)."""
-
-    def __init__(self, store: Store, task_id: str, retention_s: int) -> None:
-        self.store = store
-        self.task_id = task_id
-        self.retention_s = retention_s
-        self.rejected = False
-        self._pending: list[tuple[str, str, str]] = []
-        self._fields: dict[str, str] = {}
-        self._final = False
-        self._ready = asyncio.Event()
-        self._task = asyncio.create_task(self._run())
-
-    def add(self, name: str, data: str, final_state: str = "", **fields: str) -> None:
-        if self._final or self.rejected:
-            return
-        self._pending.append((name, data, final_state))
-        self._fields.update(fields)
-        self._final = bool(final_state)
-        self._ready.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            if not self._pending:
-                if self._final:
-                    return
-                continue
-            batch, fields = self._pending, self._fields
-            self._pending, self._fields = [], {}
-            if await self.store.append(self.task_id, batch, fields, self.retention_s) < 0:
-                self.rejected = True
-                return
-            if batch[-1][2]:
-                return
-
-    async def close(self) -> None:
-        """Wait until everything added so far is written (call after the terminal event)."""
-        self._final = True
-        self._ready.set()
-        try:
-            await self._task
-        except RedisError:
-            log.exception("event append failed", extra={"event": "append_failed", "task_id": self.task_id})
 
 
 @dataclass
@@ -96,13 +45,10 @@ class Outcome:
 
 
 class Executor:
-    def __init__(
-        self, store: Store, replicas: dict[str, Replica], metrics: PoolMetrics, retention_s: int
-    ) -> None:
-        self.store = store
+    def __init__(self, events: EventLog, replicas: dict[str, Replica], metrics: PoolMetrics) -> None:
+        self.events = events
         self.replicas = replicas
         self.metrics = metrics
-        self.retention_s = retention_s
         self.running: dict[str, asyncio.Task[Outcome]] = {}
         self.leases: dict[str, str] = {}  # task_id -> replica set id
 
@@ -135,7 +81,7 @@ class Executor:
     async def _run(self, req: poolmgr_pb2.GenerateRequest, replica: Replica) -> Outcome:
         pool = replica.pool
         labels = (pool.engine, replica.engine_version, pool.id, replica.replica_id)
-        writer = EventWriter(self.store, req.task_id, self.retention_s)
+        writer = self.events.writer(req.task_id)
         writer.add(
             "metrics",
             _json(
@@ -174,7 +120,7 @@ class Executor:
         self,
         req: poolmgr_pb2.GenerateRequest,
         replica: Replica,
-        writer: EventWriter,
+        writer: TaskWriter,
         started: float,
         progress: Progress,
     ) -> str:
@@ -230,7 +176,7 @@ class Executor:
             sampler=Sampler(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty),
         )
 
-    def _first_token(self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: EventWriter) -> int:
+    def _first_token(self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: TaskWriter) -> int:
         """Record the first token; returns admission → first token in ms."""
         pool = replica.pool
         first_token_ms = max(0, now_ms() - req.admitted_ms)
@@ -255,7 +201,7 @@ class Executor:
         self,
         req: poolmgr_pb2.GenerateRequest,
         replica: Replica,
-        writer: EventWriter,
+        writer: TaskWriter,
         fin: Finished,
         progress: Progress,
         started: float,
@@ -297,7 +243,7 @@ class Executor:
         self.metrics.decode.labels(*labels, req.priority).observe(decode_ms)
 
     @staticmethod
-    def _error(writer: EventWriter, replica: Replica, exc: OrchestratorError, tokens: int) -> None:
+    def _error(writer: TaskWriter, replica: Replica, exc: OrchestratorError, tokens: int) -> None:
         payload = {
             "code": exc.code.value,
             "message": exc.message,

@@ -70,27 +70,38 @@ class Dispatcher:
             await asyncio.gather(sweeper, *self._inflight.values(), return_exceptions=True)
 
     async def _fill(self, rs: str) -> None:
+        """Claim as many tasks as there are free slots in one step, then place them concurrently."""
         while candidates := self.registry.candidates(rs):
             async with self.admission.locks[rs]:
-                claim = await self.store.claim(rs, LEASE_MS)
-            if claim is None:
+                claims = await self.store.claim(rs, LEASE_MS, limit=sum(c.slots_free for c in candidates))
+            if not claims:
                 return
-            await self._dispatch(rs, claim, candidates[0])
+            placed: list[tuple[Claim, Candidate]] = []
+            for claim in claims:
+                best = self.registry.candidates(rs)
+                if not best:  # a replica left while we claimed
+                    await self.store.requeue_head(rs, claim)
+                    continue
+                self.registry.occupy(best[0].replica.replica_id, best[0].pool.pool_id, claim.task_id)
+                placed.append((claim, best[0]))
+            await asyncio.gather(*(self._dispatch(rs, claim, target) for claim, target in placed))
 
     async def _dispatch(self, rs: str, claim: Claim, target: Candidate) -> None:
         task_id = claim.task_id
-        record = await self.store.task(task_id)
-        placed = {
-            "state": "running",
-            "manager": target.manager.address,
-            "pool_id": target.pool.pool_id,
-            "replica_id": target.replica.replica_id,
-            "dispatched_ms": str(now_ms()),
-        }
-        if not record or await self.store.append(task_id, [], fields=placed) < 0:
-            await self.store.release_lease(rs, task_id)  # canceled or expired while queued
+        record = await self.store.mark_running(
+            task_id,
+            {
+                "state": "running",
+                "manager": target.manager.address,
+                "pool_id": target.pool.pool_id,
+                "replica_id": target.replica.replica_id,
+                "dispatched_ms": str(now_ms()),
+            },
+        )
+        if record is None:  # canceled (or expired) while queued
+            self.registry.release(target.replica.replica_id, task_id)
+            await self.store.release_lease(rs, task_id)
             return
-        self.registry.occupy(target.replica.replica_id, target.pool.pool_id, task_id)
         request = self._generate_request(rs, task_id, record, target, claim)
         task = asyncio.create_task(self._follow(rs, claim, target, request))
         self._inflight[task_id] = task
@@ -191,7 +202,11 @@ class Dispatcher:
 
     async def sweep(self) -> None:
         """End every task whose lease expired (its pool manager stopped renewing) with WORKER_RESET."""
+        running = self.registry.running_tasks()
         for rs, task_id in await self.store.expired_leases():
+            if task_id in running:  # its pool manager is alive and still reports it: renewals were late
+                await self.store.renew_leases({rs: [task_id]}, LEASE_MS)
+                continue
             await self._fail(
                 task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding"
             )

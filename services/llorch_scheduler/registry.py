@@ -33,6 +33,7 @@ class Manager:
     channel: grpc.aio.Channel
     stub: poolmgr_pb2_grpc.PoolManagerAsyncStub
     pools: dict[str, types_pb2.PoolState] = field(default_factory=dict)
+    running: frozenset[str] = frozenset()
     connected: bool = True
 
 
@@ -75,7 +76,12 @@ class PoolRegistry:
         self.managers.clear()
 
     def update(
-        self, manager_id: str, address: str, metrics_address: str, pools: list[types_pb2.PoolState]
+        self,
+        manager_id: str,
+        address: str,
+        metrics_address: str,
+        pools: list[types_pb2.PoolState],
+        running: frozenset[str] = frozenset(),
     ) -> None:
         manager = self.managers.get(manager_id)
         if manager is None or manager.address != address:
@@ -88,6 +94,7 @@ class PoolRegistry:
                 "pool manager registered", extra={"event": "pool_manager_registered", "address": address}
             )
         manager.connected = True
+        manager.running = running
         manager.metrics_address = metrics_address
         manager.pools = {pool.pool_id: pool for pool in pools}
         for pool in pools:
@@ -168,6 +175,10 @@ class PoolRegistry:
         slots = self._slots.get(replica_id)
         if slots is not None:
             slots.running.discard(task_id)
+
+    def running_tasks(self) -> set[str]:
+        """Tasks the connected pool managers said they are running in their latest reports."""
+        return {t for m in self.managers.values() if m.connected for t in m.running}
 
     def manager_by_address(self, address: str) -> Manager | None:
         for manager in self.managers.values():

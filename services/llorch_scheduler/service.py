@@ -168,7 +168,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             async for report in request_iterator:
                 manager_id = report.manager_id
                 self.registry.update(
-                    report.manager_id, report.address, report.metrics_address, list(report.pools)
+                    report.manager_id,
+                    report.address,
+                    report.metrics_address,
+                    list(report.pools),
+                    frozenset(report.running_task_ids),
                 )
                 self.dispatcher.wake()
                 yield scheduler_pb2.SchedulerDirective(ack=True)

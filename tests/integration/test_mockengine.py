@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +36,6 @@ class Mock:
 StartMock = Callable[..., Awaitable[Mock]]
 
 
-async def _answers(url: str) -> bool:
-    try:
-        async with aiohttp.ClientSession() as session, session.get(url) as resp:
-            return resp.status < 600
-    except aiohttp.ClientError:
-        return False
-
-
 @pytest.fixture
 async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
     """Start the mock on a free port; wait until it answers (with ``ready``: until /health is 200)."""
@@ -54,18 +48,16 @@ async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
         )
         procs.append(proc)
         mock = Mock(proc, f"http://127.0.0.1:{port}")
-        probe = f"{mock.url}/health" if ready else f"{mock.url}/mock/stats"
+        probe = f"{mock.url}/health" if ready else f"{mock.url}/mock/stats"  # /mock/* answers while loading
 
         async def up() -> bool:
             if not proc.alive():
                 raise AssertionError(f"mock exited early ({proc.popen.returncode}):\n{proc.log_text()}")
-            if ready:
-                try:
-                    async with aiohttp.ClientSession() as session, session.get(probe) as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
-            return await _answers(probe)
+            try:
+                async with aiohttp.ClientSession() as session, session.get(probe) as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
 
         await wait_until(up, timeout_s=60, what=f"mock engine on {port}")
         return mock
@@ -497,10 +489,7 @@ async def test_prompt_beyond_the_context_is_rejected(
     assert error["type"] == "exceed_context_size_error" and error["n_ctx"] == 64
 
 
-def test_bare_version_flag_prints_the_build(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def test_bare_version_flag_prints_the_build() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "llorch_mockengine", "--version"], capture_output=True, text=True, check=True
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -47,8 +48,8 @@ async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store
     assert (await store.enqueue("rs", "x", "interactive", 4, 4))[0] == -1
     assert await store.queue_depths("rs") == (2, 2)
     claimed = []
-    while (claim := await store.claim("rs", 10_000)) is not None:
-        claimed.append(claim.task_id)
+    while claims := await store.claim("rs", 10_000, limit=3):
+        claimed += [c.task_id for c in claims]
     assert claimed == ["i1", "i2", "b1", "b2"]
     assert sorted(await store.leased("rs")) == ["b1", "b2", "i1", "i2"]
 
@@ -66,9 +67,9 @@ async def test_queue_matches_a_reference_model(
     model: dict[str, list[str]] = {"interactive": [], "batch": []}
     for n, (priority, is_claim) in enumerate(ops):
         if is_claim:
-            claim = await store.claim("rs", 10_000)
+            claims = await store.claim("rs", 10_000)
             expected = (model["interactive"] or model["batch"] or [None])[0]
-            assert (claim.task_id if claim else None) == expected
+            assert (claims[0].task_id if claims else None) == expected
             if expected is not None:
                 (model["interactive"] if model["interactive"] else model["batch"]).pop(0)
             continue
@@ -85,3 +86,28 @@ async def test_queue_matches_a_reference_model(
             )
             assert pos == ahead
     assert await store.queue_depths("rs") == (len(model["interactive"]), len(model["batch"]))
+
+
+async def test_every_append_is_published_in_the_feed_format(store: Store) -> None:
+    """What the scripts publish is what the gateway's feed parses: the same events as the log."""
+    from llorch_gateway.feed import EventFeed
+
+    feed = EventFeed(store)
+    async with store.subscribe_events() as pubsub:
+        with feed.subscribe("p") as sub:
+            assert await store.create_task("p", {"state": "queued"}, 60)
+            await store.append("p", [("started", '{"a":"x\\u001fy"}', "")])
+            await store.append_many(
+                [("p", [("token", '{"t":" hi","i":0}', ""), ("token", "{}", "")], {})], 60
+            )
+            await store.terminate(
+                "p", "canceled", {"code": "CANCELED", "message": "m", "retriable": False}, 60
+            )
+            delivered = []
+            deadline = time.monotonic() + 30
+            while len(delivered) < 4 and time.monotonic() < deadline:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:  # None: the subscribe confirmation, or nothing yet
+                    feed._dispatch(message["data"])
+                    delivered += await sub.next(5) or []
+    assert delivered == await store.read_events("p", -1)

@@ -99,7 +99,11 @@ class LlamaCppAdapter:
         )
 
     async def metrics(self) -> dict[str, float]:
-        """``GET /metrics`` as ``{sample name: value}``; labelled samples are keyed ``name{k="v",...}``."""
+        """``GET /metrics`` as ``{sample name: value}``; labelled samples are keyed ``name{k="v",...}``.
+
+        Names are prometheus_client's: a counter exposed without ``_total`` (``llamacpp:n_tokens_max``)
+        is keyed with it (``llamacpp:n_tokens_max_total``).
+        """
         text = (await self._get("/metrics")).decode()
         out: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
@@ -134,7 +138,7 @@ class LlamaCppAdapter:
         try:
             resp = await self._request("POST", "/completion", self._stream_timeout, payload)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._reset(f"cannot submit to llama-server: {exc!r}") from exc
+            raise _reset("cannot reach llama-server to submit", exc) from exc
         finished: Finished | None = None
         try:
             if resp.status != 200:
@@ -143,7 +147,7 @@ class LlamaCppAdapter:
             while True:
                 line = await readline(max_line_length=_MAX_LINE_BYTES)
                 if not line:
-                    raise self._reset("llama-server closed the stream before the stop chunk")
+                    raise _reset("llama-server closed the stream before the stop chunk")
                 if not line.startswith(_DATA):
                     continue  # blank separators, comments
                 event = json.loads(line[5:])
@@ -157,7 +161,7 @@ class LlamaCppAdapter:
                 if error is not None:
                     raise _engine_error(error, status=None, at_submit=False)
         except aiohttp.ClientError as exc:
-            raise self._reset(f"llama-server stream broke: {exc!r}") from exc
+            raise _reset("llama-server stream broke", exc) from exc
         except ValueError as exc:  # json.JSONDecodeError
             raise OrchestratorError(Code.INTERNAL, f"llama-server sent an unparseable chunk: {exc}") from exc
         finally:
@@ -173,7 +177,7 @@ class LlamaCppAdapter:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._reset(f"llama-server {path} unreachable: {exc!r}") from exc
+            raise _reset(f"llama-server {path} unreachable", exc) from exc
         if status != 200:
             raise _status_error(status, body, at_submit=False)
         return body
@@ -191,8 +195,11 @@ class LlamaCppAdapter:
             # A stale keep-alive connection (see _KEEPALIVE_S); a dead engine fails again at connect.
             return await session.request(method, url, json=payload, timeout=limits)
 
-    def _reset(self, message: str) -> OrchestratorError:
-        return OrchestratorError(Code.WORKER_RESET, f"{message} ({self.base_url})")
+
+def _reset(message: str, cause: BaseException | None = None) -> OrchestratorError:
+    # The engine's address stays out of the message: errors reach clients (OC-ADAPT-5002).
+    detail = f" ({type(cause).__name__})" if cause is not None else ""
+    return OrchestratorError(Code.WORKER_RESET, message + detail)
 
 
 def _finished(event: dict[str, object]) -> Finished:
