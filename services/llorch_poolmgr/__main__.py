@@ -93,6 +93,7 @@ async def serve(
             )
         )
         loops.append(asyncio.create_task(renew_leases_forever(store, executor)))
+        loops.append(asyncio.create_task(executor.watch()))
         try:
             await stop.wait()
         finally:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
@@ -29,12 +30,29 @@ def _json(payload: Mapping[str, object]) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
+def _token_json(text: str, i: int) -> str:
+    """`{"t":...,"i":...}` without a dict and an encoder pass per token (the hot path)."""
+    return f'{{"t":{encode_basestring(text)},"i":{i}}}'
+
+
 @dataclass
 class Progress:
-    """What a run has emitted so far; survives the run's cancellation (an abort)."""
+    """A run's progress and limits; survives the run's cancellation (an abort or the watchdog)."""
 
+    idle_s: float
+    wall_at: float
+    deadline_at: float
+    last_event_at: float
     tokens: int = 0
     first_token_ms: int = 0
+    expired: Code | None = None
+
+    def overdue(self, now: float) -> Code | None:
+        if now >= self.deadline_at:
+            return Code.DEADLINE_UNMET
+        if now >= self.wall_at or now - self.last_event_at >= self.idle_s:
+            return Code.DECODE_TIMEOUT
+        return None
 
 
 @dataclass
@@ -50,6 +68,7 @@ class Executor:
         self.replicas = replicas
         self.metrics = metrics
         self.running: dict[str, asyncio.Task[Outcome]] = {}
+        self._progress: dict[str, Progress] = {}
         self.leases: dict[str, str] = {}  # task_id -> replica set id
 
     def try_start(self, request: poolmgr_pb2.GenerateRequest) -> asyncio.Task[Outcome] | None:
@@ -64,12 +83,30 @@ class Executor:
         def done(_: asyncio.Task[Outcome]) -> None:
             replica.running.discard(request.task_id)
             self.running.pop(request.task_id, None)
+            self._progress.pop(request.task_id, None)
             self.leases.pop(request.task_id, None)
             replica.on_change()
 
         task.add_done_callback(done)
         replica.on_change()
         return task
+
+    async def watch(self, interval_s: float = 0.25) -> None:
+        """The watchdog (SPEC §5.5): wall_ms and idle_ms per pool, and the task's deadline.
+
+        One scan of the running tasks every ``interval_s`` instead of a timer per token, which
+        would cost a timer-heap operation per token.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for task_id, progress in list(self._progress.items()):
+                code = progress.overdue(now)
+                task = self.running.get(task_id)
+                if code is not None and progress.expired is None and task is not None:
+                    progress.expired = code
+                    task.cancel()
 
     def abort(self, task_id: str) -> bool:
         task = self.running.get(task_id)
@@ -102,12 +139,28 @@ class Executor:
         )
         self.metrics.tasks_started.labels(*labels, req.priority).inc()
         started = time.monotonic()
-        progress = Progress()
+        now = asyncio.get_running_loop().time()
+        progress = Progress(
+            idle_s=pool.timeouts.idle_ms / 1000,
+            wall_at=now + pool.timeouts.wall_ms / 1000,
+            deadline_at=now + max(0, req.deadline_at_ms - now_ms()) / 1000,
+            last_event_at=now,
+        )
+        self._progress[req.task_id] = progress
         code = ""
         try:
             code = await self._stream(req, replica, writer, started, progress)
         except asyncio.CancelledError:
-            code = Code.CANCELED.value  # Abort: the scheduler already wrote the terminal event
+            if progress.expired is None:
+                code = Code.CANCELED.value  # Abort: the scheduler already wrote the terminal event
+            else:
+                code = progress.expired.value
+                message = (
+                    "the task passed its deadline"
+                    if progress.expired == Code.DEADLINE_UNMET
+                    else "the engine stopped producing tokens within the pool's timeouts"
+                )
+                self._error(writer, replica, OrchestratorError(progress.expired, message), progress.tokens)
         finally:
             await writer.close()
             if progress.tokens:
@@ -125,45 +178,33 @@ class Executor:
         progress: Progress,
     ) -> str:
         """Relay the engine stream into the log; returns the terminal code ('' for `end`)."""
-        pool = replica.pool
         adapter = replica.adapter
         loop = asyncio.get_running_loop()
-        wall_at = loop.time() + pool.timeouts.wall_ms / 1000
-        idle_s = pool.timeouts.idle_ms / 1000
-        deadline_at = loop.time() + max(0, req.deadline_at_ms - now_ms()) / 1000
+        if adapter is None:
+            exc = OrchestratorError(Code.WORKER_RESET, "the engine restarted before the task began")
+            self._error(writer, replica, exc, 0)
+            return exc.code.value
+        stream = adapter.stream(self._request(req))
         try:
-            if adapter is None:
-                raise OrchestratorError(Code.WORKER_RESET, "the engine restarted before the task began")
-            stream = adapter.stream(self._request(req))
-            async with asyncio.timeout(min(wall_at, deadline_at, loop.time() + idle_s)) as timer:
-                async for item in stream:
-                    if isinstance(item, Token):
-                        i = progress.tokens
-                        writer.add("token", _json({"t": item.text, "i": i}), tokens_out=str(i + 1))
-                        progress.tokens = i + 1
-                        if i == 0:
-                            progress.first_token_ms = self._first_token(req, replica, writer)
-                        if writer.rejected:
-                            break
-                        timer.reschedule(min(wall_at, deadline_at, loop.time() + idle_s))
-                    elif isinstance(item, Finished):
-                        self._end(req, replica, writer, item, progress, started)
-                        return ""
-            if writer.rejected:
-                return Code.CANCELED.value
+            async for item in stream:
+                progress.last_event_at = loop.time()
+                if isinstance(item, Token):
+                    i = progress.tokens
+                    writer.add("token", _token_json(item.text, i), tokens_out=str(i + 1))
+                    progress.tokens = i + 1
+                    if i == 0:
+                        progress.first_token_ms = self._first_token(req, replica, writer)
+                    if writer.rejected:
+                        return Code.CANCELED.value
+                elif isinstance(item, Finished):
+                    self._end(req, replica, writer, item, progress, started)
+                    return ""
             raise OrchestratorError(Code.WORKER_RESET, "the engine stream ended without a final chunk")
-        except TimeoutError:
-            code = Code.DEADLINE_UNMET if loop.time() >= deadline_at else Code.DECODE_TIMEOUT
-            message = (
-                "the task passed its deadline"
-                if code == Code.DEADLINE_UNMET
-                else "the engine stopped producing tokens"
-            )
-            self._error(writer, replica, OrchestratorError(code, message), progress.tokens)
-            return code.value
         except OrchestratorError as exc:
             self._error(writer, replica, exc, progress.tokens)
             return exc.code.value
+        finally:
+            await stream.aclose()  # closes the engine connection at once when we stop early
 
     @staticmethod
     def _request(req: poolmgr_pb2.GenerateRequest) -> GenerateRequest:

@@ -132,3 +132,17 @@ async def test_queue_full_gives_429_with_retry_after(stack_factory: Any, http: a
         assert await client.cancel(task_id) == 204
     accepted, _, _ = await client.submit(max_tokens=1)
     assert accepted == 202
+
+
+async def test_running_task_past_its_deadline_ends_with_deadline_unmet(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    stack = stack_factory(pools=[mock_pool(args=["--token-delay-ms", "50"])])
+    await stack.start()
+    client = Client(stack, http)
+    events = await client.events(await client.admit(max_tokens=1000, deadline_ms=1500))
+    error = _error(events)
+    assert error["code"] == "DEADLINE_UNMET" and error["retriable"] is False
+    assert error["tokens_out"] == sum(1 for e in events if e.event == "token") >= 1
+    follow_up = await client.admit(max_tokens=2)
+    assert (await client.events(follow_up))[-1].event == "end"

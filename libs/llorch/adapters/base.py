@@ -10,7 +10,7 @@ Cancel is closing the iterator (``aclose()``), which closes the HTTP stream; the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -66,7 +66,7 @@ class EngineAdapter(Protocol):
 
     async def props(self) -> EngineProps: ...
 
-    def stream(self, request: GenerateRequest) -> AsyncIterator[Token | Finished]: ...
+    def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]: ...
 
     async def metrics(self) -> dict[str, float]: ...
 
