@@ -33,6 +33,8 @@ from redis.asyncio.client import Pipeline, PubSub
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
 TERMINAL_EVENTS: Final = frozenset({"end", "error"})
+READ_PAGE: Final = 512
+"""Most events one log read returns."""
 
 US: Final = "\x1f"
 
@@ -68,10 +70,12 @@ if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\
 return seq
 """
 
-# Claim the queued task for dispatch unless it ended meanwhile; returns the record or {} (KEYS: task).
+# Claim the queued task for dispatch unless it ended meanwhile ({}) or its `started` event has not
+# landed yet (-1); returns the record (KEYS: task).
 _MARK_RUNNING: Final = """
-local t = redis.call('HGET', KEYS[1], 'terminal')
-if t ~= '0' then return {} end
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
+if t[1] ~= '0' then return {} end
+if t[2] == '-1' then return -1 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HGETALL', KEYS[1])
 """
@@ -275,10 +279,15 @@ class Store:
         flat_events = [v for ev in events for v in ev]
         return [retention_s, len(flat_fields) // 2, *flat_fields, *flat_events, self.keys.channel(), task_id]
 
-    async def mark_running(self, task_id: str, fields: Mapping[str, str]) -> dict[str, str] | None:
-        """Set the placement fields unless the task ended; returns its record, or None."""
+    async def mark_running(
+        self, task_id: str, fields: Mapping[str, str]
+    ) -> dict[str, str] | Literal[False] | None:
+        """Set the placement fields and return the record; None if the task ended, False if its
+        `started` event has not been written yet (admission is mid-way: put it back)."""
         flat = [v for kv in fields.items() for v in kv]
         reply = await self._mark_running(keys=[self.keys.task(task_id)], args=flat)
+        if reply == -1:
+            return False
         if not reply:
             return None
         values = cast(list[str], reply)
@@ -312,7 +321,7 @@ class Store:
     async def task_exists(self, task_id: str) -> bool:
         return bool(await self.client.exists(self.keys.task(task_id)))
 
-    async def read_events(self, task_id: str, after_seq: int, count: int = 512) -> list[Event]:
+    async def read_events(self, task_id: str, after_seq: int, count: int = READ_PAGE) -> list[Event]:
         """Events with seq > ``after_seq`` that are in the log now (no waiting)."""
         entries = cast(
             list[tuple[str, dict[str, str]]],

@@ -14,7 +14,7 @@ import re
 from aiohttp import web
 
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.store import TERMINAL_EVENTS, Event, Store
+from llorch.store import READ_PAGE, TERMINAL_EVENTS, Event, Store
 
 from .edge import CORRELATION_HEADER
 from .feed import RESYNC, EventFeed, Subscription
@@ -38,19 +38,26 @@ async def relay(
     request: web.Request, store: Store, feed: EventFeed, task_id: str, heartbeat_s: float
 ) -> web.StreamResponse:
     after = parse_last_event_id(request)
-    if not await store.task_exists(task_id):
-        raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            CORRELATION_HEADER: request["correlation_id"],
-        }
-    )
-    await response.prepare(request)
     # Subscribe before the replay so nothing appended in between can be missed.
-    with feed.subscribe(task_id) as sub, contextlib.suppress(ConnectionResetError):
-        await _Stream(response, store, task_id, after).follow(sub, heartbeat_s)
+    with feed.subscribe(task_id) as sub:
+        replay = await store.read_events(task_id, after)
+        if not replay and not await store.task_exists(task_id):
+            raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                CORRELATION_HEADER: request["correlation_id"],
+            }
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            stream = _Stream(response, store, task_id, after)
+            ended = await stream.write(replay)
+            if not ended and len(replay) >= READ_PAGE:
+                ended = await stream.catch_up()
+            if not ended:
+                await stream.follow(sub, heartbeat_s)
     return response
 
 
@@ -62,32 +69,30 @@ class _Stream:
         self.after = after
 
     async def follow(self, sub: Subscription, heartbeat_s: float) -> None:
-        if await self._catch_up():
-            return
         while True:
             delivered = await sub.next(heartbeat_s)
             if delivered is None:  # silence: a heartbeat, and a look at the log in case the feed missed
-                if await self._catch_up():
+                if await self.catch_up():
                     return
                 if not await self.store.task_exists(self.task_id):
                     return  # retention expired while the client waited
                 await self.response.write(HEARTBEAT)
                 continue
             fresh = [e for e in delivered if e.seq > self.after]
-            if fresh and await self._write(fresh):
+            if fresh and await self.write(fresh):
                 return
             gap = any(e is RESYNC for e in delivered) or (fresh and self.after < fresh[-1].seq)
-            if gap and await self._catch_up():  # a gap or a reconnect: the log decides
+            if gap and await self.catch_up():  # a gap or a reconnect: the log decides
                 return
 
-    async def _catch_up(self) -> bool:
+    async def catch_up(self) -> bool:
         """Write everything in the log after ``after``; True once the terminal event is written."""
         while events := await self.store.read_events(self.task_id, self.after):
-            if await self._write(events):
+            if await self.write(events):
                 return True
         return False
 
-    async def _write(self, events: list[Event]) -> bool:
+    async def write(self, events: list[Event]) -> bool:
         frames = []
         ended = False
         for e in events:

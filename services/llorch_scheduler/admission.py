@@ -1,17 +1,15 @@
 """Admission: resolve the replica set, run the guardrails, create the task and enqueue it atomically.
 
 The gateway has already checked the request's shape; this checks it against what is served, in SPEC
-§5.1's order. Enqueue and the `started` event happen under the set's lock, which the dispatcher also
-takes to claim, so `started` is always seq 0 (the scheduler is the only writer of queues).
+§5.1's order. `started` is always seq 0: the dispatcher's mark-running step refuses a task whose
+`started` has not landed yet and puts it back at the head of its class.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 from llorch.config import LlorchConfig
@@ -55,7 +53,6 @@ class Admission:
         self.registry = registry
         self.estimator = estimator
         self.metrics = metrics
-        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         served = {p.model for p in cfg.pools}
         self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
 
@@ -63,11 +60,12 @@ class Admission:
         task_id = req.task_id or new_task_id()
         if not is_valid_id(task_id):
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-        if await self.store.task_exists(task_id):
-            raise OrchestratorError(
-                Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id"
-            )
-        info = self._resolve(req)
+        try:
+            info = self._resolve(req)
+        except OrchestratorError:
+            if await self.store.task_exists(task_id):  # SPEC §5.1: check 4 answers before check 5
+                raise _task_exists(task_id) from None
+            raise
         priority: Priority = "batch" if req.priority == "batch" else "interactive"
         max_tokens = req.max_tokens or self.cfg.scheduler.default_max_tokens
         deadline_ms = req.deadline_ms or self.cfg.scheduler.default_deadline_ms
@@ -89,9 +87,7 @@ class Admission:
             ),
         }
         if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
-            raise OrchestratorError(
-                Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id"
-            )
+            raise _task_exists(task_id)
         return await self._enqueue(task_id, info, priority, max_tokens, deadline_ms)
 
     def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
@@ -170,25 +166,25 @@ class Admission:
     ) -> Admitted:
         rs = info.rs
         slots_total, slots_free = self.registry.slots(rs)
-        async with self.locks[rs]:
-            position, depth_i, depth_b = await self.store.enqueue(
-                rs, task_id, priority, info.queue_capacity, info.queue_capacity
-            )
-            if position < 0:
-                await self.store.delete_task(task_id)
-                raise self._rejected(info, slots_total, depth_i + depth_b, max_tokens)
-            predicted = self.estimator.predicted_start_ms(rs, position, slots_total, slots_free, max_tokens)
-            on_time = self.estimator.on_time_probability(
-                predicted, self.estimator.service_ms(rs, max_tokens), deadline_ms
-            )
-            started = {
-                "task_id": task_id,
-                "queue_position": position,
-                "predicted_start_ms": predicted,
-                "on_time_probability": on_time,
-                "priority": priority,
-            }
-            await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
+        position, depth_i, depth_b = await self.store.enqueue(
+            rs, task_id, priority, info.queue_capacity, info.queue_capacity
+        )
+        if position < 0:
+            await self.store.delete_task(task_id)
+            raise self._rejected(info, slots_total, depth_i + depth_b, max_tokens)
+        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, slots_free, max_tokens)
+        on_time = self.estimator.on_time_probability(
+            predicted, self.estimator.service_ms(rs, max_tokens), deadline_ms
+        )
+        started = {
+            "task_id": task_id,
+            "queue_position": position,
+            "predicted_start_ms": predicted,
+            "on_time_probability": on_time,
+            "priority": priority,
+        }
+        # The dispatcher may claim the task before this lands; mark_running then puts it back.
+        await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
         depth = depth_i + depth_b
         backoff = 0
         if depth >= self.cfg.queue.soft_watermark * info.queue_capacity:
@@ -223,3 +219,7 @@ class Admission:
             policy_label="reject",
             retry_after_ms=backoff,
         )
+
+
+def _task_exists(task_id: str) -> OrchestratorError:
+    return OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")

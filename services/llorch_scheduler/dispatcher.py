@@ -72,8 +72,7 @@ class Dispatcher:
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently."""
         while candidates := self.registry.candidates(rs):
-            async with self.admission.locks[rs]:
-                claims = await self.store.claim(rs, LEASE_MS, limit=sum(c.slots_free for c in candidates))
+            claims = await self.store.claim(rs, LEASE_MS, limit=sum(c.slots_free for c in candidates))
             if not claims:
                 return
             placed: list[tuple[Claim, Candidate]] = []
@@ -84,9 +83,12 @@ class Dispatcher:
                     continue
                 self.registry.occupy(best[0].replica.replica_id, best[0].pool.pool_id, claim.task_id)
                 placed.append((claim, best[0]))
-            await asyncio.gather(*(self._dispatch(rs, claim, target) for claim, target in placed))
+            settled = await asyncio.gather(*(self._dispatch(rs, claim, target) for claim, target in placed))
+            if not all(settled):
+                return  # one was put back until its admission finishes; that admission wakes us
 
-    async def _dispatch(self, rs: str, claim: Claim, target: Candidate) -> None:
+    async def _dispatch(self, rs: str, claim: Claim, target: Candidate) -> bool:
+        """Place one claimed task; False when it went back to the queue (its `started` not written yet)."""
         task_id = claim.task_id
         record = await self.store.mark_running(
             task_id,
@@ -98,14 +100,18 @@ class Dispatcher:
                 "dispatched_ms": str(now_ms()),
             },
         )
-        if record is None:  # canceled (or expired) while queued
+        if not record:
             self.registry.release(target.replica.replica_id, task_id)
-            await self.store.release_lease(rs, task_id)
-            return
+            if record is False:
+                await self.store.requeue_head(rs, claim)
+                return False
+            await self.store.release_lease(rs, task_id)  # canceled (or expired) while queued
+            return True
         request = self._generate_request(rs, task_id, record, target, claim)
         task = asyncio.create_task(self._follow(rs, claim, target, request))
         self._inflight[task_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(task_id, None))
+        return True
 
     def _generate_request(
         self, rs: str, task_id: str, record: dict[str, str], target: Candidate, claim: Claim
