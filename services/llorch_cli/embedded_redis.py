@@ -31,8 +31,11 @@ def _free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, state_dir: Path) -> None:
+    """A private server; ``appendonly`` False (tests) keeps nothing on disk."""
+
+    def __init__(self, state_dir: Path, appendonly: bool = True) -> None:
         self.dir = state_dir / "redis"
+        self.appendonly = appendonly
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,7 +52,7 @@ class EmbeddedRedis:
                 "--dir",
                 str(self.dir),
                 "--appendonly",
-                "yes",
+                "yes" if self.appendonly else "no",
                 "--save",
                 "",
                 "--logfile",

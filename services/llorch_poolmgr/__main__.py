@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from llorch.config import LlorchConfig, PoolConfig
 from llorch.digest import model_digest
-from llorch.rpc import AuthInterceptor, load_internal_token
+from llorch.lifecycle import background, grpc_server, metrics_endpoint
+from llorch.rpc import load_internal_token
 from llorch.store import Store
 from llorch.v1 import poolmgr_pb2_grpc
 
@@ -66,42 +65,29 @@ async def serve(
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     address, metrics_address = addresses(cfg, index)
     metrics = PoolMetrics(CollectorRegistry())
-    metrics_host, _, metrics_port = metrics_address.rpartition(":")
-    metrics_server, metrics_thread = start_http_server(
-        int(metrics_port), addr=metrics_host, registry=metrics.registry
-    )
     selected = [p for p in cfg.pools if pool_ids is None or p.id in pool_ids]
-    pools = await build_pools(cfg, selected, metrics)
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
-    async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store:
-        events = EventLog(store, cfg.sse.retention_s)
-        executor = Executor(events, pools.replicas, metrics)
-        server = grpc.aio.server(interceptors=[AuthInterceptor(token)])
-        poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(PoolManagerService(pools, executor), server)
-        health_servicer = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.add_insecure_port(address)
-        await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("pool manager listening", extra={"event": "pool_manager_started", "address": address})
-        loops = [asyncio.create_task(r.run()) for r in pools.replicas.values()]
-        loops.append(
-            asyncio.create_task(
-                register_forever(
-                    cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
+    with metrics_endpoint(metrics_address, metrics.registry):
+        pools = await build_pools(cfg, selected, metrics)
+        async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store:
+            events = EventLog(store, cfg.sse.retention_s)
+            executor = Executor(events, pools.replicas, metrics)
+
+            def register(server: grpc.aio.Server) -> None:
+                poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(
+                    PoolManagerService(pools, executor), server
                 )
+
+            loops = [r.run() for r in pools.replicas.values()]
+            reports = register_forever(
+                cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
             )
-        )
-        loops.append(asyncio.create_task(renew_leases_forever(store, executor)))
-        loops.append(asyncio.create_task(executor.watch()))
-        try:
-            await stop.wait()
-        finally:
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(grace=2)
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            async with (
+                background(*loops, reports, renew_leases_forever(store, executor), executor.watch()),
+                grpc_server(address, token, register),  # exits first: stop serving, then stop the loops
+            ):
+                log.info(
+                    "pool manager listening", extra={"event": "pool_manager_started", "address": address}
+                )
+                await stop.wait()
             await events.aclose()
-            metrics_server.shutdown()
-            metrics_thread.join(timeout=2)

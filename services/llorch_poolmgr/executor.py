@@ -7,12 +7,15 @@ refused (a cancel's terminal event stood first) the engine stream is closed at o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
+
+from redis.exceptions import RedisError
 
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
@@ -24,6 +27,8 @@ from .metrics import PoolMetrics
 from .supervisor import Replica
 
 log = logging.getLogger(__name__)
+
+DECODE_METRICS_EVERY_S = 1.0
 
 
 def _json(payload: Mapping[str, object]) -> str:
@@ -43,6 +48,8 @@ class Progress:
     wall_at: float
     deadline_at: float
     last_event_at: float
+    started_at: float = 0.0
+    metrics_at: float = 0.0
     tokens: int = 0
     first_token_ms: int = 0
     expired: Code | None = None
@@ -69,6 +76,7 @@ class Executor:
         self.metrics = metrics
         self.running: dict[str, asyncio.Task[Outcome]] = {}
         self._progress: dict[str, Progress] = {}
+        self.queue_depths: dict[str, int] = {}  # replica set -> queued tasks, for decode metrics
         self.leases: dict[str, str] = {}  # task_id -> replica set id
 
     def try_start(self, request: poolmgr_pb2.GenerateRequest) -> asyncio.Task[Outcome] | None:
@@ -98,8 +106,12 @@ class Executor:
         would cost a timer-heap operation per token.
         """
         loop = asyncio.get_running_loop()
+        ticks = 0
         while True:
             await asyncio.sleep(interval_s)
+            ticks += 1
+            if ticks % round(DECODE_METRICS_EVERY_S / interval_s) == 0:
+                await self._refresh_queue_depths()
             now = loop.time()
             for task_id, progress in list(self._progress.items()):
                 code = progress.overdue(now)
@@ -107,6 +119,11 @@ class Executor:
                 if code is not None and progress.expired is None and task is not None:
                     progress.expired = code
                     task.cancel()
+
+    async def _refresh_queue_depths(self) -> None:
+        for rs in set(self.leases.values()):
+            with contextlib.suppress(RedisError):
+                self.queue_depths[rs] = sum(await self.events.store.queue_depths(rs))
 
     def abort(self, task_id: str) -> bool:
         task = self.running.get(task_id)
@@ -145,6 +162,7 @@ class Executor:
             wall_at=now + pool.timeouts.wall_ms / 1000,
             deadline_at=now + max(0, req.deadline_at_ms - now_ms()) / 1000,
             last_event_at=now,
+            started_at=now,
         )
         self._progress[req.task_id] = progress
         code = ""
@@ -194,6 +212,8 @@ class Executor:
                     progress.tokens = i + 1
                     if i == 0:
                         progress.first_token_ms = self._first_token(req, replica, writer)
+                    if i == 0 or progress.last_event_at - progress.metrics_at >= DECODE_METRICS_EVERY_S:
+                        writer.add("metrics", self._decode_metrics(req, progress, progress.last_event_at))
                     if writer.rejected:
                         return Code.CANCELED.value
                 elif isinstance(item, Finished):
@@ -224,19 +244,28 @@ class Executor:
         self.metrics.first_token.labels(pool.engine, replica.engine_version, pool.id, req.priority).observe(
             first_token_ms
         )
-        writer.add(
-            "metrics",
-            _json(
-                {
-                    "phase": "decode",
-                    "queue_depth": 0,
-                    "on_time_probability": 1.0,
-                    "kv_warmth": False,
-                    "tokens_out_so_far": 1,
-                }
-            ),
-        )
         return first_token_ms
+
+    def _decode_metrics(self, req: poolmgr_pb2.GenerateRequest, progress: Progress, now: float) -> str:
+        """The decode `metrics` payload: the set's queue depth (refreshed every second by the
+        watchdog loop) and the chance to finish by the deadline, projecting the rate seen so far."""
+        progress.metrics_at = now
+        left_s = progress.deadline_at - now
+        if progress.tokens == 0 or left_s <= 0:
+            on_time = 1.0 if left_s > 0 else 0.0
+        else:
+            per_token_s = (now - progress.started_at) / progress.tokens
+            need_s = max(0, req.max_tokens - progress.tokens) * per_token_s
+            on_time = 1.0 if need_s <= left_s else round(left_s / need_s, 3)
+        return _json(
+            {
+                "phase": "decode",
+                "queue_depth": self.queue_depths.get(req.replica_set_id, 0),
+                "on_time_probability": on_time,
+                "kv_warmth": False,
+                "tokens_out_so_far": progress.tokens,
+            }
+        )
 
     def _end(
         self,
@@ -251,18 +280,7 @@ class Executor:
         pool = replica.pool
         decode_ms = int((time.monotonic() - started) * 1000)
         if tokens == 0:
-            writer.add(
-                "metrics",
-                _json(
-                    {
-                        "phase": "decode",
-                        "queue_depth": 0,
-                        "on_time_probability": 1.0,
-                        "kv_warmth": False,
-                        "tokens_out_so_far": 0,
-                    }
-                ),
-            )
+            writer.add("metrics", self._decode_metrics(req, progress, progress.last_event_at))
         writer.add(
             "end",
             _json(

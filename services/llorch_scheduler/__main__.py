@@ -7,13 +7,12 @@ import contextlib
 import logging
 
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from llorch.config import LlorchConfig
-from llorch.rpc import AuthInterceptor, load_internal_token
+from llorch.lifecycle import background, grpc_server, metrics_endpoint
+from llorch.rpc import load_internal_token
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2_grpc
 
@@ -36,41 +35,32 @@ def redis_url(cfg: LlorchConfig) -> str:
 async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     metrics = SchedulerMetrics(CollectorRegistry())
-    metrics_host, _, _ = cfg.grpc.scheduler.rpartition(":")
-    metrics_server, metrics_thread = start_http_server(
-        cfg.grpc.metrics_base_port, addr=metrics_host, registry=metrics.registry
-    )
+    host = cfg.grpc.scheduler.rpartition(":")[0]
     registry = PoolRegistry()
     sched = cfg.scheduler
     estimator = Estimator(
         sched.ewma_alpha, sched.prior_ms_per_token, sched.backoff_min_ms, sched.backoff_max_ms
     )
-    async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
-        admission = Admission(cfg, store, registry, estimator, metrics)
-        dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token)
-        service = SchedulerService(
-            store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token
-        )
-        server = grpc.aio.server(interceptors=[AuthInterceptor(token)])
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-        health_servicer = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        server.add_insecure_port(cfg.grpc.scheduler)
-        await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("scheduler listening", extra={"event": "scheduler_started", "address": cfg.grpc.scheduler})
-        loops = [asyncio.create_task(dispatcher.run()), asyncio.create_task(_gauges(service))]
-        try:
-            await stop.wait()
-        finally:
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(grace=2)
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+    with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
+        async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
+            admission = Admission(cfg, store, registry, estimator, metrics)
+            dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token)
+            service = SchedulerService(
+                store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token
+            )
+
+            def register(server: grpc.aio.Server) -> None:
+                scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+
+            async with (
+                background(dispatcher.run(), _gauges(service)),
+                grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops
+            ):
+                log.info(
+                    "scheduler listening", extra={"event": "scheduler_started", "address": cfg.grpc.scheduler}
+                )
+                await stop.wait()
             await registry.aclose()
-            metrics_server.shutdown()
-            metrics_thread.join(timeout=2)
 
 
 async def _gauges(service: SchedulerService) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +14,14 @@ from llorch.adapters.base import EngineHealth, Finished, GenerateRequest, Token
 from llorch.adapters.llamacpp import LlamaCppAdapter
 from llorch.errors import Code, OrchestratorError
 from llorch_mockengine.generation import completion_text
-from tests.support.procs import Proc, free_port, python_module, wait_until
-
-FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "mock-model.bin"
-
-
-@dataclass
-class Mock:
-    proc: Proc
-    url: str
-
-
-StartMock = Callable[..., Awaitable[Mock]]
+from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock, mock_engines
+from tests.support.procs import free_port, wait_until
 
 
 @pytest.fixture
 async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
-    """Start the mock on a free port; wait until it answers (with ``ready``: until /health is 200)."""
-    procs: list[Proc] = []
-
-    async def start(*args: str, ready: bool = True) -> Mock:
-        port = free_port()
-        proc = Proc(
-            python_module("llorch_mockengine", "--port", str(port), *args), tmp_path / f"mock-{port}.log"
-        )
-        procs.append(proc)
-        mock = Mock(proc, f"http://127.0.0.1:{port}")
-
-        async def up() -> bool:
-            if not proc.alive():
-                raise AssertionError(f"mock exited early ({proc.popen.returncode}):\n{proc.log_text()}")
-            try:
-                async with aiohttp.ClientSession() as session, session.get(f"{mock.url}/health") as resp:
-                    return resp.status == 200 or not ready
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(up, timeout_s=60, what=f"mock engine on {port}")
-        return mock
-
-    yield start
-    for proc in procs:
-        proc.stop()
+    async with mock_engines(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,54 +16,17 @@ import aiohttp
 import pytest
 
 from llorch_mockengine.generation import WORDS, completion_text
+from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock, mock_engines
 from tests.support.procs import Proc, free_port, python_module, wait_until
 
-FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "mock-model.bin"
 TOKEN_KEYS = ["index", "content", "tokens", "stop", "id_slot", "tokens_predicted", "tokens_evaluated"]
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
-@dataclass
-class Mock:
-    proc: Proc
-    url: str
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-
-StartMock = Callable[..., Awaitable[Mock]]
-
-
 @pytest.fixture
 async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
-    """Start the mock on a free port; wait until it answers (with ``ready``: until /health is 200)."""
-    procs: list[Proc] = []
-
-    async def start(*args: str, ready: bool = True) -> Mock:
-        port = free_port()
-        proc = Proc(
-            python_module("llorch_mockengine", "--port", str(port), *args), tmp_path / f"mock-{port}.log"
-        )
-        procs.append(proc)
-        mock = Mock(proc, f"http://127.0.0.1:{port}")
-        probe = f"{mock.url}/health" if ready else f"{mock.url}/mock/stats"  # /mock/* answers while loading
-
-        async def up() -> bool:
-            if not proc.alive():
-                raise AssertionError(f"mock exited early ({proc.popen.returncode}):\n{proc.log_text()}")
-            try:
-                async with aiohttp.ClientSession() as session, session.get(probe) as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(up, timeout_s=60, what=f"mock engine on {port}")
-        return mock
-
-    yield start
-    for proc in procs:
-        proc.stop()
+    async with mock_engines(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llorch.errors import HTTP_STATUS, RETRIABLE, Code, OrchestratorError
 
-CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contracts" / "error-codes.json"
+CONTRACT = Path(__file__).resolve().parents[2] / "contracts" / "error-codes.json"
 
 
 def test_codes_statuses_and_retriability_match_the_contract() -> None:
