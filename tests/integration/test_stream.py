@@ -88,3 +88,21 @@ async def test_status_reflects_the_run(stack_factory: Any, http: aiohttp.ClientS
     assert status["tokens_out"] == 3
     assert status["pool_id"] == "mock-a"
     assert status["error"] is None
+
+
+async def test_decode_metrics_report_the_queue_behind(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+    stack = stack_factory(pools=[mock_pool(slots=1, args=["--token-delay-ms", "50"])])
+    await stack.start()
+    client = Client(stack, http)
+    running = await client.admit(max_tokens=200)
+    waiting = [await client.admit(max_tokens=1) for _ in range(2)]
+    depths = []
+    async for event in client.follow(running):
+        if event.event == "metrics" and event.data["phase"] == "decode":
+            depths.append(event.data["queue_depth"])
+            assert 0.0 <= event.data["on_time_probability"] <= 1.0
+            if event.data["queue_depth"] == 2:
+                break
+    assert depths[-1] == 2, depths
+    for task_id in [running, *waiting]:
+        assert await client.cancel(task_id) == 204
