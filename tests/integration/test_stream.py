@@ -90,7 +90,9 @@ async def test_status_reflects_the_run(stack_factory: Any, http: aiohttp.ClientS
     assert status["error"] is None
 
 
-async def test_decode_metrics_report_the_queue_behind(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+async def test_decode_metrics_report_the_queue_behind(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
     stack = stack_factory(pools=[mock_pool(slots=1, args=["--token-delay-ms", "50"])])
     await stack.start()
     client = Client(stack, http)
