@@ -30,6 +30,8 @@ from typing import Any, Final, Literal, cast
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 
+from llorch import lua
+
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
 TERMINAL_EVENTS: Final = frozenset({"end", "error"})
@@ -37,113 +39,6 @@ READ_PAGE: Final = 512
 """Most events one log read returns."""
 
 US: Final = "\x1f"
-
-# ARGV: retention_s, n_fields, field pairs..., then (name, data, terminal_state) triples, then
-# channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
-_APPEND: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
-if not t[1] then return -2 end
-if t[1] == '1' then return -1 end
-local seq = tonumber(t[2])
-local first = seq + 1
-local nf = tonumber(ARGV[2])
-if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * nf)) end
-local last = #ARGV - 2
-local msg = {ARGV[#ARGV], first}
-local i = 3 + 2 * nf
-local ended = false
-while i <= last and not ended do
-  seq = seq + 1
-  redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
-  msg[#msg + 1] = ARGV[i]
-  msg[#msg + 1] = ARGV[i + 1]
-  ended = ARGV[i + 2] ~= ''
-  if ended then
-    redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2])
-    redis.call('EXPIRE', KEYS[1], ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[1])
-  end
-  i = i + 3
-end
-redis.call('HSET', KEYS[1], 'seq', seq)
-if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\\31')) end
-return seq
-"""
-
-# Claim the queued task for dispatch unless it ended meanwhile ({}) or its `started` event has not
-# landed yet (-1); returns the record (KEYS: task).
-_MARK_RUNNING: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
-if t[1] ~= '0' then return {} end
-if t[2] == '-1' then return -1 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return redis.call('HGETALL', KEYS[1])
-"""
-
-# Terminal error written by a non-engine writer (cancel, sweeper): the payload's tokens_out comes from
-# the record inside the script, so it can never disagree with the tokens already in the log.
-# Returns {previous_state, pool_manager} or {'', ''} when unknown; previous_state is the terminal state
-# when the task had already ended (nothing written then).
-_TERMINATE: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'state', 'tokens_out', 'manager')
-if not t[1] then return {'', ''} end
-if t[1] == '1' then return {t[3], t[5] or ''} end
-local payload = cjson.decode(ARGV[3])
-payload['tokens_out'] = tonumber(t[4] or '0')
-local data = cjson.encode(payload)
-local seq = tonumber(t[2]) + 1
-redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', 'error', 'd', data)
-redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[2], 'seq', seq, 'error', data)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[4], table.concat({ARGV[5], seq, 'error', data}, '\\31'))
-return {t[3], t[5] or ''}
-"""
-
-_CREATE: Final = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', '-1', 'tokens_out', '0', unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-# KEYS: q interactive, q batch, qseq. ARGV: task_id, priority, capacity, class capacity.
-# Returns {position, depth_interactive, depth_batch}; position -1 when full.
-_ENQUEUE: Final = """
-local ni = redis.call('ZCARD', KEYS[1])
-local nb = redis.call('ZCARD', KEYS[2])
-local cap = tonumber(ARGV[3])
-local mine = ni
-if ARGV[2] == 'batch' then mine = nb end
-if ni + nb >= cap or mine >= tonumber(ARGV[4]) then return {-1, ni, nb} end
-local seq = redis.call('INCR', KEYS[3])
-if ARGV[2] == 'batch' then
-  redis.call('ZADD', KEYS[2], seq, ARGV[1])
-  return {ni + nb, ni, nb + 1}
-end
-redis.call('ZADD', KEYS[1], seq, ARGV[1])
-return {ni, ni + 1, nb}
-"""
-
-# KEYS: q interactive, q batch, lease. ARGV: lease expiry (epoch ms), at most n. Strict priority, FIFO
-# per class. Returns flat {task_id, score, priority, ...}.
-_CLAIM: Final = """
-local out = {}
-for _ = 1, tonumber(ARGV[2]) do
-  local r = redis.call('ZPOPMIN', KEYS[1])
-  local prio = 'interactive'
-  if #r == 0 then
-    r = redis.call('ZPOPMIN', KEYS[2])
-    prio = 'batch'
-  end
-  if #r == 0 then break end
-  redis.call('ZADD', KEYS[3], ARGV[1], r[1])
-  out[#out + 1] = r[1]
-  out[#out + 1] = r[2]
-  out[#out + 1] = prio
-end
-return out
-"""
 
 
 def now_ms() -> int:
@@ -162,6 +57,30 @@ class Claim:
     task_id: str
     score: float
     priority: Priority
+    admitted_ms: float
+    deadline_at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """A replica set's queue: total capacity, per-class caps, and the full-queue policy."""
+
+    capacity: int
+    interactive_capacity: int
+    batch_capacity: int
+    policy: str  # reject | drop-lru
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    position: int  # -1: refused
+    depth_interactive: int
+    depth_batch: int
+    evicted: str  # the batch task displaced under drop-lru, or ''
+
+    @property
+    def depth(self) -> int:
+        return self.depth_interactive + self.depth_batch
 
 
 class Keys:
@@ -185,6 +104,12 @@ class Keys:
     def lease(self, rs: str) -> str:
         return f"{self.prefix}lease:{{{rs}}}"
 
+    def queue_admitted(self, rs: str) -> str:
+        return f"{self.prefix}qage:{{{rs}}}"
+
+    def queue_deadlines(self, rs: str) -> str:
+        return f"{self.prefix}qdl:{{{rs}}}"
+
     def replica_sets(self) -> str:
         return f"{self.prefix}replicasets"
 
@@ -198,12 +123,14 @@ class Store:
     def __init__(self, client: aioredis.Redis, prefix: str = "llorch:") -> None:
         self.client = client
         self.keys = Keys(prefix)
-        self._append = client.register_script(_APPEND)
-        self._terminate = client.register_script(_TERMINATE)
-        self._create = client.register_script(_CREATE)
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._claim = client.register_script(_CLAIM)
-        self._mark_running = client.register_script(_MARK_RUNNING)
+        self._append = client.register_script(lua.APPEND)
+        self._terminate = client.register_script(lua.TERMINATE)
+        self._create = client.register_script(lua.CREATE)
+        self._enqueue = client.register_script(lua.ENQUEUE)
+        self._claim = client.register_script(lua.CLAIM)
+        self._requeue = client.register_script(lua.REQUEUE)
+        self._dequeue = client.register_script(lua.DEQUEUE)
+        self._mark_running = client.register_script(lua.MARK_RUNNING)
         self._known_sets: set[str] = set()
 
     @classmethod
@@ -341,45 +268,61 @@ class Store:
 
     # -- queues and leases ---------------------------------------------------------------------------
 
+    def _queue_keys(self, rs: str) -> list[str]:
+        k = self.keys
+        return [
+            k.queue(rs, "interactive"),
+            k.queue(rs, "batch"),
+            k.queue_seq(rs),
+            k.queue_admitted(rs),
+            k.queue_deadlines(rs),
+            k.lease(rs),
+        ]
+
     async def enqueue(
-        self, rs: str, task_id: str, priority: Priority, capacity: int, class_capacity: int
-    ) -> tuple[int, int, int]:
-        """Atomic capacity check + enqueue. Returns (position or -1 when full, depth_i, depth_b)."""
+        self, rs: str, task_id: str, priority: Priority, limits: QueueLimits, deadline_at_ms: int
+    ) -> Enqueued:
+        """Capacity check, drop-lru eviction and enqueue in one step (see lua.ENQUEUE)."""
         if rs not in self._known_sets:
             await self.client.sadd(self.keys.replica_sets(), rs)
             self._known_sets.add(rs)
-        pos, ni, nb = await self._enqueue(
-            keys=[self.keys.queue(rs, "interactive"), self.keys.queue(rs, "batch"), self.keys.queue_seq(rs)],
-            args=[task_id, priority, capacity, class_capacity],
+        class_cap = limits.batch_capacity if priority == "batch" else limits.interactive_capacity
+        pos, ni, nb, evicted = await self._enqueue(
+            keys=self._queue_keys(rs),
+            args=[task_id, priority, limits.capacity, class_cap, limits.policy, now_ms(), deadline_at_ms],
         )
-        return int(pos), int(ni), int(nb)
+        return Enqueued(int(pos), int(ni), int(nb), str(evicted))
 
-    async def claim(self, rs: str, lease_ms: int, limit: int = 1) -> list[Claim]:
-        """Pop up to ``limit`` tasks (strict priority, FIFO per class) and lease them, in one step."""
+    async def claim(self, rs: str, lease_ms: int, limit: int = 1, max_batch_wait_ms: int = 0) -> list[Claim]:
+        """Pop up to ``limit`` tasks in dispatch order and lease them, in one step."""
+        now = now_ms()
         reply = cast(
             list[str],
             await self._claim(
-                keys=[self.keys.queue(rs, "interactive"), self.keys.queue(rs, "batch"), self.keys.lease(rs)],
-                args=[now_ms() + lease_ms, limit],
+                keys=self._queue_keys(rs), args=[now + lease_ms, limit, max_batch_wait_ms, now]
             ),
         )
         return [
-            Claim(str(reply[i]), float(reply[i + 1]), "batch" if reply[i + 2] == "batch" else "interactive")
-            for i in range(0, len(reply), 3)
+            Claim(
+                reply[i],
+                float(reply[i + 1]),
+                "batch" if reply[i + 2] == "batch" else "interactive",
+                float(reply[i + 3]),
+                float(reply[i + 4]),
+            )
+            for i in range(0, len(reply), 5)
         ]
 
     async def requeue_head(self, rs: str, claim: Claim) -> None:
-        """Put a claimed task back where it was (its original admission sequence) and drop its lease."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.keys.queue(rs, claim.priority), {claim.task_id: claim.score})
-            pipe.zrem(self.keys.lease(rs), claim.task_id)
-            await pipe.execute()
+        """Put a claimed task back where it was (its admission sequence) and drop its lease."""
+        await self._requeue(
+            keys=self._queue_keys(rs),
+            args=[claim.task_id, claim.priority, claim.score, claim.admitted_ms, claim.deadline_at_ms],
+        )
 
-    async def dequeue(self, rs: str, task_id: str) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for priority in PRIORITIES:
-                pipe.zrem(self.keys.queue(rs, priority), task_id)
-            await pipe.execute()
+    async def dequeue(self, rs: str, task_id: str) -> bool:
+        """Remove a queued task; True if it was still queued."""
+        return bool(await self._dequeue(keys=self._queue_keys(rs), args=[task_id]))
 
     async def queue_position(self, rs: str, task_id: str, priority: Priority) -> int | None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -396,6 +339,21 @@ class Store:
                 pipe.zcard(self.keys.queue(rs, priority))
             ni, nb = await pipe.execute()
         return int(ni), int(nb)
+
+    async def queued(self, rs: str) -> tuple[list[str], list[str], list[tuple[str, float]]]:
+        """(interactive ids, batch ids, (id, admitted_ms) of batch) in queue order, for estimates."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.queue(rs, "interactive"), 0, -1)
+            pipe.zrange(self.keys.queue(rs, "batch"), 0, -1)
+            pipe.zrange(self.keys.queue_admitted(rs), 0, -1, withscores=True)
+            interactive, batch, admitted = await pipe.execute()
+        return list(interactive), list(batch), [(str(t), float(s)) for t, s in admitted]
+
+    async def overdue_queued(self, rs: str) -> list[str]:
+        """Queued tasks whose deadline has passed."""
+        return cast(
+            list[str], await self.client.zrangebyscore(self.keys.queue_deadlines(rs), "-inf", now_ms())
+        )
 
     async def renew_leases(self, leases: Mapping[str, Sequence[str]], lease_ms: int) -> None:
         """Extend the leases of running tasks, ``{rs: [task_id, ...]}`` (only existing leases)."""

@@ -20,6 +20,7 @@ from .admission import Admission
 from .dispatcher import Dispatcher
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
+from .queuewatch import QueueWatch
 from .registry import PoolRegistry
 from .service import SchedulerService
 
@@ -43,7 +44,8 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     )
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
-            admission = Admission(cfg, store, registry, estimator, metrics)
+            watch = QueueWatch(cfg, store, registry, estimator, metrics)
+            admission = Admission(cfg, store, registry, estimator, metrics, watch)
             dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token)
             service = SchedulerService(
                 store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token
@@ -53,7 +55,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
                 scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
 
             async with (
-                background(dispatcher.run(), _gauges(service)),
+                background(dispatcher.run(), _gauges(service), watch.run()),
                 grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops
             ):
                 log.info(

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
-from llorch.metrics import QUEUE_REPLICA
 from llorch.store import Priority, Store, now_ms
 from llorch.v1 import scheduler_pb2
 
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
+from .queueing import QueueFront
+from .queuewatch import QueueWatch
 from .registry import PoolRegistry, SetInfo, set_of
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,15 @@ class Admission:
         registry: PoolRegistry,
         estimator: Estimator,
         metrics: SchedulerMetrics,
+        watch: QueueWatch,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
         self.estimator = estimator
         self.metrics = metrics
+        self.watch = watch
+        self.front = QueueFront(cfg, store, estimator, metrics)
         served = {p.model for p in cfg.pools}
         self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
 
@@ -86,9 +90,12 @@ class Admission:
                 {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "determinism": determinism}
             ),
         }
+        tokens = req.expected_tokens or max_tokens
+        self.front.throttle(info, priority)
+        self._check_deadline(info, priority, tokens, deadline_ms)
         if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
             raise _task_exists(task_id)
-        return await self._enqueue(task_id, info, priority, max_tokens, deadline_ms)
+        return await self._enqueue(task_id, info, priority, tokens, deadline_ms)
 
     def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
         members = self.registry.pools_for_model(req.model_ref)
@@ -162,20 +169,14 @@ class Admission:
             raise invalid("deadline_ms", f"deadline_ms must be at most {self.cfg.scheduler.max_deadline_ms}")
 
     async def _enqueue(
-        self, task_id: str, info: SetInfo, priority: Priority, max_tokens: int, deadline_ms: int
+        self, task_id: str, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int
     ) -> Admitted:
         rs = info.rs
-        slots_total, slots_free = self.registry.slots(rs)
-        position, depth_i, depth_b = await self.store.enqueue(
-            rs, task_id, priority, info.queue_capacity, info.queue_capacity
-        )
-        if position < 0:
-            await self.store.delete_task(task_id)
-            raise self._rejected(info, slots_total, depth_i + depth_b, max_tokens)
-        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, slots_free, max_tokens)
-        on_time = self.estimator.on_time_probability(
-            predicted, self.estimator.service_ms(rs, max_tokens), deadline_ms
-        )
+        slots_total, _ = self.registry.slots(rs)
+        result = await self.front.enqueue(task_id, info, priority, now_ms() + deadline_ms, slots_total)
+        position = result.position
+        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens)
+        on_time = self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
         started = {
             "task_id": task_id,
             "queue_position": position,
@@ -185,13 +186,10 @@ class Admission:
         }
         # The dispatcher may claim the task before this lands; mark_running then puts it back.
         await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
-        depth = depth_i + depth_b
+        self.watch.admitted(task_id, rs, tokens, deadline_ms, position)
         backoff = 0
-        if depth >= self.cfg.queue.soft_watermark * info.queue_capacity:
-            backoff = self.estimator.backoff_ms(rs, slots_total, depth, max_tokens)
-        self.metrics.tasks_enqueued.labels(
-            info.engine, info.engine_version, rs, QUEUE_REPLICA, priority
-        ).inc()
+        if result.depth >= self.cfg.queue.soft_watermark * self.front.limits(info).capacity:
+            backoff = self.estimator.backoff_ms(rs, slots_total)
         log.info(
             "task admitted",
             extra={
@@ -204,21 +202,19 @@ class Admission:
         )
         return Admitted(task_id, rs, position, predicted, backoff, on_time)
 
-    def _rejected(self, info: SetInfo, slots_total: int, depth: int, max_tokens: int) -> OrchestratorError:
-        backoff = self.estimator.backoff_ms(info.rs, slots_total, depth, max_tokens)
-        self.metrics.tasks_rejected.labels(info.engine, Code.ADMISSION_REJECT.value).inc()
-        self.metrics.backpressure.labels(info.engine, "reject").inc()
-        log.info(
-            "queue full",
-            extra={"event": "admission_rejected", "code": "ADMISSION_REJECT", "engine": info.engine},
-        )
-        return OrchestratorError(
-            Code.ADMISSION_REJECT,
-            f"the queue for this model is full ({depth} queued); retry after {backoff} ms",
-            engine=info.engine,
-            policy_label="reject",
-            retry_after_ms=backoff,
-        )
+    def _check_deadline(self, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int) -> None:
+        """SPEC §5.1 check 11: refuse a task whose predicted start already misses its deadline."""
+        slots_total, _ = self.registry.slots(info.rs)
+        ahead = self.watch.depth_ahead(info.rs, priority)
+        predicted = self.estimator.predicted_start_ms(info.rs, ahead, slots_total, tokens)
+        if predicted > deadline_ms:
+            self.metrics.tasks_rejected.labels(info.engine, Code.DEADLINE_UNMET.value).inc()
+            raise OrchestratorError(
+                Code.DEADLINE_UNMET,
+                f"the predicted start ({predicted} ms) is past deadline_ms ({deadline_ms}); "
+                "raise the deadline or retry when the queue is shorter",
+                predicted_start_ms=predicted,
+            )
 
 
 def _task_exists(task_id: str) -> OrchestratorError:

@@ -72,7 +72,9 @@ class Dispatcher:
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently."""
         while candidates := self.registry.candidates(rs):
-            claims = await self.store.claim(rs, LEASE_MS, limit=sum(c.slots_free for c in candidates))
+            claims = await self.store.claim(
+                rs, LEASE_MS, sum(c.slots_free for c in candidates), self.cfg.queue.max_batch_wait_ms or 0
+            )
             if not claims:
                 return
             placed: list[tuple[Claim, Candidate]] = []
@@ -148,6 +150,7 @@ class Dispatcher:
     ) -> None:
         task_id = claim.task_id
         finished = False
+        self.estimator.started(rs, task_id, request.max_tokens)
         try:
             stream = target.manager.stub.Generate(request, metadata=metadata(self.token))
             async for update in stream:
@@ -156,14 +159,15 @@ class Dispatcher:
                     finished = True
                 elif update.phase == poolmgr_pb2.GenerateUpdate.FINISHED:
                     finished = True
-                    if not update.code:
-                        self.estimator.observe(rs, update.tokens_out, int(update.decode_ms))
+                    ok = not update.code
+                    self.estimator.finished(rs, task_id, update.tokens_out, int(update.decode_ms), ok)
         except grpc.aio.AioRpcError as exc:
             log.warning(
                 "pool manager stream lost",
                 extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name},
             )
         finally:
+            self.estimator.finished(rs, task_id, 0, 0, ok=False)  # no-op when already recorded
             self.registry.release(target.replica.replica_id, task_id)
             if not finished:
                 await self._fail(

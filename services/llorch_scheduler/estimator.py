@@ -1,20 +1,33 @@
-"""Queue estimates: a small online model per replica set (SPEC §5.2).
+"""Queue estimates (SPEC §5.2): an online model of each replica set's service.
 
-Service time per task = tokens * EWMA(ms per output token), with the config prior until the set has
-finished a task. The tasks ahead are list-scheduled onto the set's slots. A richer model (variance,
-log-normal on-time probability) belongs to the admission issue; this one is deliberately plain.
+Per set it keeps EWMAs (``scheduler.ewma_alpha``) of milliseconds per output token, with their
+variance, starting from ``scheduler.prior_ms_per_token``. A task's service time is its tokens
+(``expected_tokens`` or ``max_tokens``) times that rate. The tasks ahead of a queued task are
+list-scheduled onto the set's slots: each busy slot frees when its running task's expected service has
+elapsed, each task ahead takes the set's mean task service, and the start of this task is when its slot
+frees. ``on_time_probability`` treats the service time as log-normal with the EWMA's coefficient of
+variation. Batch aging is not modelled: an aged batch task's position is reported as if unaged.
+How good the estimates are is measured by ``make bench`` (P6), not asserted by tests.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import time
 from dataclasses import dataclass, field
+
+MIN_CV = 0.15
+"""Floor of the service time's coefficient of variation: never claim more certainty than this."""
 
 
 @dataclass
-class SetRates:
+class SetModel:
     ms_per_token: float
+    var_ms_per_token: float = 0.0
+    task_ms: float = 0.0
     samples: int = 0
+    running: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (started, expected ms)
 
 
 @dataclass
@@ -23,44 +36,78 @@ class Estimator:
     prior_ms_per_token: float
     backoff_min_ms: int
     backoff_max_ms: int
-    rates: dict[str, SetRates] = field(default_factory=dict)
+    sets: dict[str, SetModel] = field(default_factory=dict)
 
-    def _rate(self, rs: str) -> SetRates:
-        return self.rates.setdefault(rs, SetRates(self.prior_ms_per_token))
+    def _model(self, rs: str) -> SetModel:
+        model = self.sets.get(rs)
+        if model is None:
+            model = self.sets[rs] = SetModel(self.prior_ms_per_token)
+        return model
 
-    def observe(self, rs: str, tokens_out: int, decode_ms: int) -> None:
-        if tokens_out <= 0:
+    # -- learning ------------------------------------------------------------------------------------
+
+    def started(self, rs: str, task_id: str, tokens: int) -> None:
+        self._model(rs).running[task_id] = (time.monotonic(), self.service_ms(rs, tokens))
+
+    def finished(self, rs: str, task_id: str, tokens_out: int, decode_ms: int, ok: bool) -> None:
+        model = self._model(rs)
+        model.running.pop(task_id, None)
+        if not ok or tokens_out <= 0:
             return
-        rate = self._rate(rs)
         sample = decode_ms / tokens_out
-        rate.ms_per_token = (
-            sample if rate.samples == 0 else self.alpha * sample + (1 - self.alpha) * rate.ms_per_token
-        )
-        rate.samples += 1
+        if model.samples == 0:
+            model.ms_per_token, model.task_ms = sample, float(decode_ms)
+        else:
+            diff = sample - model.ms_per_token
+            model.ms_per_token += self.alpha * diff
+            model.var_ms_per_token = (1 - self.alpha) * (model.var_ms_per_token + self.alpha * diff * diff)
+            model.task_ms += self.alpha * (decode_ms - model.task_ms)
+        model.samples += 1
+
+    # -- estimates -----------------------------------------------------------------------------------
 
     def service_ms(self, rs: str, tokens: int) -> float:
-        return tokens * self._rate(rs).ms_per_token
+        return tokens * self._model(rs).ms_per_token
 
-    def predicted_start_ms(
-        self, rs: str, position: int, slots_total: int, slots_free: int, tokens: int
-    ) -> int:
-        """0 when a slot is free for this position; else whole service rounds ahead of it."""
-        if position < slots_free:
-            return 0
-        rounds = (position - slots_free) // max(1, slots_total) + 1
-        return int(rounds * self.service_ms(rs, tokens))
+    def _mean_task_ms(self, rs: str, tokens_hint: int) -> float:
+        model = self._model(rs)
+        return model.task_ms if model.samples else self.service_ms(rs, tokens_hint)
 
-    def on_time_probability(self, predicted_start_ms: int, service_ms: float, deadline_ms: int) -> float:
-        """P(start + service ≤ deadline) under a ±50 % spread around the point estimate."""
-        finish = predicted_start_ms + service_ms
-        if finish <= 0:
-            return 1.0
-        ratio = deadline_ms / finish
-        probability = 0.5 * (1 + math.erf(math.log(max(ratio, 1e-9)) / (0.5 * math.sqrt(2))))
-        return round(min(1.0, max(0.0, probability)), 3)
+    def starts_ms(self, rs: str, ahead_and_self: int, slots_total: int, tokens_hint: int) -> list[int]:
+        """Predicted start (ms from now) of the first ``ahead_and_self`` queued tasks, in queue order."""
+        model = self._model(rs)
+        now = time.monotonic()
+        busy = [max(0.0, expected - (now - started) * 1000) for started, expected in model.running.values()]
+        free_at = sorted(busy)[: max(1, slots_total)]
+        free_at += [0.0] * (max(1, slots_total) - len(free_at))
+        heapq.heapify(free_at)
+        mean = self._mean_task_ms(rs, tokens_hint)
+        starts = []
+        for _ in range(ahead_and_self):
+            start = heapq.heappop(free_at)
+            starts.append(int(start))
+            heapq.heappush(free_at, start + mean)
+        return starts
 
-    def backoff_ms(self, rs: str, slots_total: int, queued: int, tokens: int) -> int:
-        """When a queue place should free up: one service round per slot-full of queued tasks."""
-        rounds = queued / max(1, slots_total)
-        estimate = int(max(1.0, rounds) * self.service_ms(rs, tokens) / max(1, slots_total))
-        return min(self.backoff_max_ms, max(self.backoff_min_ms, estimate))
+    def predicted_start_ms(self, rs: str, position: int, slots_total: int, tokens_hint: int) -> int:
+        return self.starts_ms(rs, position + 1, slots_total, tokens_hint)[-1]
+
+    def on_time_probability(self, rs: str, start_ms: int, tokens: int, deadline_ms: int) -> float:
+        """P(start + service ≤ deadline), service log-normal around tokens times the EWMA rate."""
+        budget = deadline_ms - start_ms
+        if budget <= 0:
+            return 0.0
+        model = self._model(rs)
+        mean = max(1e-6, self.service_ms(rs, tokens))
+        cv = max(MIN_CV, math.sqrt(model.var_ms_per_token) / max(1e-6, model.ms_per_token))
+        sigma2 = math.log(1 + cv * cv)
+        mu = math.log(mean) - sigma2 / 2
+        z = (math.log(budget) - mu) / math.sqrt(sigma2)
+        return round(0.5 * (1 + math.erf(z / math.sqrt(2))), 3)
+
+    def backoff_ms(self, rs: str, slots_total: int) -> int:
+        """When a place in the queue should free up: the next slot to free, clamped (SPEC §5.1)."""
+        first = self.starts_ms(rs, 1, slots_total, 1)[0]
+        if first == 0:
+            first = int(self._mean_task_ms(rs, 1))
+        return min(self.backoff_max_ms, max(self.backoff_min_ms, first))

@@ -130,10 +130,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             position = await self.store.queue_position(status.replica_set_id, request.task_id, priority)
             if position is not None:
                 status.queue_position = position
-                total, free = self.registry.slots(status.replica_set_id)
+                total, _ = self.registry.slots(status.replica_set_id)
                 body = json.loads(record["request"])
                 status.predicted_start_ms = self.admission.estimator.predicted_start_ms(
-                    status.replica_set_id, position, total, free, int(body["max_tokens"])
+                    status.replica_set_id, position, total, int(body["max_tokens"])
                 )
         return status
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llorch.store import Store
+from llorch.store import QueueLimits, Store
 
 
 @pytest.fixture
@@ -41,11 +41,17 @@ async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
     assert await store.read_events("a", 1) == events[2:]
 
 
+def _limits(
+    capacity: int, policy: str = "reject", ci: int | None = None, cb: int | None = None
+) -> QueueLimits:
+    return QueueLimits(capacity, ci or capacity, cb or capacity, policy)
+
+
 async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store: Store) -> None:
     order = [("b1", "batch"), ("i1", "interactive"), ("b2", "batch"), ("i2", "interactive")]
-    positions = [(await store.enqueue("rs", t, p, 4, 4))[0] for t, p in order]  # type: ignore[arg-type]
+    positions = [(await store.enqueue("rs", t, p, _limits(4), 10**13)).position for t, p in order]  # type: ignore[arg-type]
     assert positions == [0, 0, 2, 1]
-    assert (await store.enqueue("rs", "x", "interactive", 4, 4))[0] == -1
+    assert (await store.enqueue("rs", "x", "interactive", _limits(4), 10**13)).position == -1
     assert await store.queue_depths("rs") == (2, 2)
     claimed = []
     while claims := await store.claim("rs", 10_000, limit=3):
@@ -54,19 +60,51 @@ async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store
     assert sorted(await store.leased("rs")) == ["b1", "b2", "i1", "i2"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+async def test_requeue_restores_the_place_and_dequeue_removes(store: Store) -> None:
+    for t in ("a", "b", "c"):
+        await store.enqueue("rs", t, "interactive", _limits(8), 10**13)
+    [first] = await store.claim("rs", 10_000)
+    await store.requeue_head("rs", first)
+    assert await store.leased("rs") == []
+    assert await store.dequeue("rs", "b") and not await store.dequeue("rs", "b")
+    assert [c.task_id for c in await store.claim("rs", 10_000, limit=5)] == ["a", "c"]
+
+
+async def test_overdue_queued_tasks_are_listed(store: Store) -> None:
+    await store.enqueue("rs", "late", "interactive", _limits(8), 1)
+    await store.enqueue("rs", "fine", "interactive", _limits(8), 10**13)
+    assert await store.overdue_queued("rs") == ["late"]
+
+
+async def test_aged_batch_task_goes_before_newer_interactive(store: Store) -> None:
+    await store.enqueue("rs", "old-batch", "batch", _limits(8), 10**13)
+    await store.client.zadd(store.keys.queue_admitted("rs"), {"old-batch": 1})  # admitted long ago
+    await store.enqueue("rs", "new-interactive", "interactive", _limits(8), 10**13)
+    strict = await store.claim("rs", 10_000, limit=1, max_batch_wait_ms=0)
+    assert [c.task_id for c in strict] == ["new-interactive"]
+    await store.requeue_head("rs", strict[0])
+    aged = await store.claim("rs", 10_000, limit=2, max_batch_wait_ms=1000)
+    assert [c.task_id for c in aged] == ["old-batch", "new-interactive"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.lists(st.tuples(st.sampled_from(["interactive", "batch"]), st.booleans()), max_size=30),
-    st.integers(min_value=1, max_value=10),
+    st.lists(st.tuples(st.sampled_from(["interactive", "batch", "claim"]), st.booleans()), max_size=40),
+    st.integers(min_value=1, max_value=8),
+    st.sampled_from(["reject", "drop-lru"]),
+    st.integers(min_value=1, max_value=8),
 )
 async def test_queue_matches_a_reference_model(
-    store: Store, ops: list[tuple[str, bool]], capacity: int
+    store: Store, ops: list[tuple[str, bool]], capacity: int, policy: str, batch_cap: int
 ) -> None:
-    """Enqueue/claim in any order: never over capacity, FIFO per class, interactive strictly first."""
+    """Any sequence of enqueues and claims under either policy, against a plain-Python model: FIFO per
+    class, interactive strictly first, capacity and class caps never exceeded, drop-lru evicts the
+    oldest batch task and never an interactive one, and a refusal leaves the queue as it was."""
     await store.client.flushdb()
+    limits = QueueLimits(capacity, capacity, min(batch_cap, capacity), policy)
     model: dict[str, list[str]] = {"interactive": [], "batch": []}
-    for n, (priority, is_claim) in enumerate(ops):
-        if is_claim:
+    for n, (op, _) in enumerate(ops):
+        if op == "claim":
             claims = await store.claim("rs", 10_000)
             expected = (model["interactive"] or model["batch"] or [None])[0]
             assert (claims[0].task_id if claims else None) == expected
@@ -74,17 +112,29 @@ async def test_queue_matches_a_reference_model(
                 (model["interactive"] if model["interactive"] else model["batch"]).pop(0)
             continue
         task_id = f"t{n}"
-        pos, _, _ = await store.enqueue("rs", task_id, priority, capacity, capacity)  # type: ignore[arg-type]
+        before = await store.queue_depths("rs")
+        result = await store.enqueue("rs", task_id, op, limits, 10**13)  # type: ignore[arg-type]
+        cap = limits.batch_capacity if op == "batch" else limits.interactive_capacity
+        class_full = len(model[op]) >= cap
         full = len(model["interactive"]) + len(model["batch"]) >= capacity
-        assert (pos == -1) == full
-        if not full:
-            model[priority].append(task_id)
-            ahead = (
-                len(model["interactive"]) - 1
-                if priority == "interactive"
-                else (len(model["interactive"]) + len(model["batch"]) - 1)
-            )
-            assert pos == ahead
+        victim = (
+            model["batch"][0] if full and not class_full and policy == "drop-lru" and model["batch"] else ""
+        )
+        if class_full or (full and not victim):
+            assert result.position == -1 and result.evicted == ""
+            assert await store.queue_depths("rs") == before
+            continue
+        assert result.evicted == victim
+        if victim:
+            model["batch"].pop(0)
+        model[op].append(task_id)
+        ahead = (
+            len(model["interactive"]) - 1
+            if op == "interactive"
+            else len(model["interactive"]) + len(model["batch"]) - 1
+        )
+        assert result.position == ahead
+        assert sum(await store.queue_depths("rs")) <= capacity
     assert await store.queue_depths("rs") == (len(model["interactive"]), len(model["batch"]))
 
 

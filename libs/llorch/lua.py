@@ -1,0 +1,158 @@
+"""The store's Lua scripts: every multi-step change to Redis is one of these (see store.py)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ARGV: retention_s, n_fields, field pairs..., then (name, data, terminal_state) triples, then
+# channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
+APPEND: Final = """
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
+if not t[1] then return -2 end
+if t[1] == '1' then return -1 end
+local seq = tonumber(t[2])
+local first = seq + 1
+local nf = tonumber(ARGV[2])
+if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * nf)) end
+local last = #ARGV - 2
+local msg = {ARGV[#ARGV], first}
+local i = 3 + 2 * nf
+local ended = false
+while i <= last and not ended do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
+  msg[#msg + 1] = ARGV[i]
+  msg[#msg + 1] = ARGV[i + 1]
+  ended = ARGV[i + 2] ~= ''
+  if ended then
+    redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2])
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    redis.call('EXPIRE', KEYS[2], ARGV[1])
+  end
+  i = i + 3
+end
+redis.call('HSET', KEYS[1], 'seq', seq)
+if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\\31')) end
+return seq
+"""
+
+# Claim the queued task for dispatch unless it ended meanwhile ({}) or its `started` event has not
+# landed yet (-1); returns the record (KEYS: task).
+MARK_RUNNING: Final = """
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
+if t[1] ~= '0' then return {} end
+if t[2] == '-1' then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Terminal error written by a non-engine writer (cancel, sweeper): the payload's tokens_out comes from
+# the record inside the script, so it can never disagree with the tokens already in the log.
+# Returns {previous_state, pool_manager} or {'', ''} when unknown; previous_state is the terminal state
+# when the task had already ended (nothing written then).
+TERMINATE: Final = """
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'state', 'tokens_out', 'manager')
+if not t[1] then return {'', ''} end
+if t[1] == '1' then return {t[3], t[5] or ''} end
+local payload = cjson.decode(ARGV[3])
+payload['tokens_out'] = tonumber(t[4] or '0')
+local data = cjson.encode(payload)
+local seq = tonumber(t[2]) + 1
+redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', 'error', 'd', data)
+redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[2], 'seq', seq, 'error', data)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[4], table.concat({ARGV[5], seq, 'error', data}, '\\31'))
+return {t[3], t[5] or ''}
+"""
+
+CREATE: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', '-1', 'tokens_out', '0', unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# The queue of one replica set. KEYS (all tagged {rs}): q:interactive, q:batch, qseq, qage (admitted
+# epoch ms), qdl (deadline epoch ms), lease. Scores of q:* are the set's admission sequence.
+
+# ARGV: task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms.
+# Returns {position, depth_interactive, depth_batch, evicted_task_id or ''}; position -1 when refused:
+# the class cap is full, or the queue is full and the policy (reject, or drop-lru with no queued batch
+# task) leaves nothing to displace. Under drop-lru the oldest queued batch task is evicted; it is parked
+# in the lease set already expired, so if the caller dies before ending it the lease sweeper does.
+ENQUEUE: Final = """
+local ni = redis.call('ZCARD', KEYS[1])
+local nb = redis.call('ZCARD', KEYS[2])
+local batch = ARGV[2] == 'batch'
+local mine = ni
+if batch then mine = nb end
+if mine >= tonumber(ARGV[4]) then return {-1, ni, nb, ''} end
+local evicted = ''
+if ni + nb >= tonumber(ARGV[3]) then
+  if ARGV[5] ~= 'drop-lru' or nb == 0 then return {-1, ni, nb, ''} end
+  evicted = redis.call('ZPOPMIN', KEYS[2])[1]
+  redis.call('ZREM', KEYS[4], evicted)
+  redis.call('ZREM', KEYS[5], evicted)
+  redis.call('ZADD', KEYS[6], ARGV[6], evicted)
+  nb = nb - 1
+end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
+if batch then
+  redis.call('ZADD', KEYS[2], seq, ARGV[1])
+  return {ni + nb, ni, nb + 1, evicted}
+end
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+return {ni, ni + 1, nb, evicted}
+"""
+
+# ARGV: lease expiry (epoch ms), at most n, max_batch_wait_ms (0: no aging), now_ms.
+# Strict priority, FIFO per class; with aging, a batch head older than the wait is ordered as
+# interactive by its admission sequence. Returns flat {task_id, score, priority, admitted, deadline, ...}.
+CLAIM: Final = """
+local out = {}
+local wait = tonumber(ARGV[3])
+for _ = 1, tonumber(ARGV[2]) do
+  local hi = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local hb = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #hi == 0 and #hb == 0 then break end
+  local take = hi
+  local prio = 'interactive'
+  if #hi == 0 then
+    take, prio = hb, 'batch'
+  elseif #hb > 0 and wait > 0 and tonumber(hb[2]) < tonumber(hi[2]) then
+    local admitted = tonumber(redis.call('ZSCORE', KEYS[4], hb[1]) or ARGV[4])
+    if admitted <= tonumber(ARGV[4]) - wait then take, prio = hb, 'batch' end
+  end
+  if prio == 'batch' then redis.call('ZREM', KEYS[2], take[1]) else redis.call('ZREM', KEYS[1], take[1]) end
+  out[#out + 1] = take[1]
+  out[#out + 1] = take[2]
+  out[#out + 1] = prio
+  out[#out + 1] = redis.call('ZSCORE', KEYS[4], take[1]) or ARGV[4]
+  out[#out + 1] = redis.call('ZSCORE', KEYS[5], take[1]) or '+inf'
+  redis.call('ZREM', KEYS[4], take[1])
+  redis.call('ZREM', KEYS[5], take[1])
+  redis.call('ZADD', KEYS[6], ARGV[1], take[1])
+end
+return out
+"""
+
+# ARGV: task_id, priority, score, admitted_ms, deadline_ms: put a claimed task back where it was.
+REQUEUE: Final = """
+if ARGV[2] == 'batch' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+return 1
+"""
+
+# ARGV: task_id. Remove a queued task (cancel, deadline); returns 1 if it was queued.
+DEQUEUE: Final = """
+local n = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return n
+"""
