@@ -156,3 +156,15 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 return n
 """
+
+# A queued `metrics` frame, written only while the task is still queued (KEYS: task, events; ARGV: data,
+# channel, task_id): a frame computed just before a dispatch must not land after the dispatch event.
+QUEUED_FRAME: Final = """
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'state')
+if t[1] ~= '0' or t[3] ~= 'queued' then return -1 end
+local seq = tonumber(t[2]) + 1
+redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', 'metrics', 'd', ARGV[1])
+redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('PUBLISH', ARGV[2], table.concat({ARGV[3], seq, 'metrics', ARGV[1]}, '\\31'))
+return seq
+"""

@@ -129,6 +129,7 @@ class Store:
         self._enqueue = client.register_script(lua.ENQUEUE)
         self._claim = client.register_script(lua.CLAIM)
         self._requeue = client.register_script(lua.REQUEUE)
+        self._queued_frame = client.register_script(lua.QUEUED_FRAME)
         self._dequeue = client.register_script(lua.DEQUEUE)
         self._mark_running = client.register_script(lua.MARK_RUNNING)
         self._known_sets: set[str] = set()
@@ -194,6 +195,17 @@ class Store:
                     client=pipe,
                 )
             return [int(r) for r in await pipe.execute()]
+
+    async def append_queued_frames(self, frames: Sequence[tuple[str, str]]) -> None:
+        """Queued `metrics` frames ``(task_id, data)``, each only if its task is still queued."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id, data in frames:
+                await self._queued_frame(
+                    keys=[self.keys.task(task_id), self.keys.events(task_id)],
+                    args=[data, self.keys.channel(), task_id],
+                    client=pipe,
+                )
+            await pipe.execute()
 
     def _append_args(
         self,

@@ -186,7 +186,7 @@ class Admission:
         }
         # The dispatcher may claim the task before this lands; mark_running then puts it back.
         await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
-        self.watch.admitted(task_id, rs, tokens, deadline_ms, position)
+        self.watch.admitted(task_id, rs, priority, tokens, deadline_ms, position)
         backoff = 0
         if result.depth >= self.cfg.queue.soft_watermark * self.front.limits(info).capacity:
             backoff = self.estimator.backoff_ms(rs, slots_total)

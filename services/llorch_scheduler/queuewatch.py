@@ -53,10 +53,12 @@ class QueueWatch:
         self.waiting: dict[str, Waiting] = {}
         self._depths: dict[str, tuple[int, int]] = {}
 
-    def admitted(self, task_id: str, rs: str, tokens: int, deadline_ms: int, position: int) -> None:
+    def admitted(
+        self, task_id: str, rs: str, priority: Priority, tokens: int, deadline_ms: int, position: int
+    ) -> None:
         self.waiting[task_id] = Waiting(rs, tokens, now_ms() + deadline_ms, position)
-        ni, nb = self._depths.get(rs, (0, 0))
-        self._depths[rs] = (ni, nb + 1)  # a rough bump until the next scan; only the sum is used
+        ni, nb = self._depths.get(rs, (0, 0))  # kept current between scans: the next scan corrects it
+        self._depths[rs] = (ni + 1, nb) if priority == "interactive" else (ni, nb + 1)
 
     def depth_ahead(self, rs: str, priority: Priority) -> int:
         """Tasks that would be dispatched before a new one of ``priority`` (as of the last scan)."""
@@ -80,7 +82,7 @@ class QueueWatch:
         order = interactive + batch
         total, _ = self.registry.slots(rs)
         starts = self.estimator.starts_ms(rs, len(order), total, self.cfg.scheduler.default_max_tokens)
-        frames: list[tuple[str, list[tuple[str, str, str]], dict[str, str]]] = []
+        frames: list[tuple[str, str]] = []
         for position, (task_id, start) in enumerate(zip(order, starts, strict=True)):
             waiting = self.waiting.get(task_id)
             if waiting is None or waiting.position == position:
@@ -94,9 +96,9 @@ class QueueWatch:
                 "queue_depth": len(order),
                 "on_time_probability": self.estimator.on_time_probability(rs, start, waiting.tokens, budget),
             }
-            frames.append((task_id, [("metrics", json.dumps(payload, separators=(",", ":")), "")], {}))
+            frames.append((task_id, json.dumps(payload, separators=(",", ":"))))
         if frames:
-            await self.store.append_many(frames, self.cfg.sse.retention_s)
+            await self.store.append_queued_frames(frames)
         queued = set(order)
         for task_id in [t for t, w in self.waiting.items() if w.rs == rs and t not in queued]:
             del self.waiting[task_id]

@@ -161,3 +161,12 @@ async def test_every_append_is_published_in_the_feed_format(store: Store) -> Non
                     feed._dispatch(message["data"])
                     delivered += await sub.next(5) or []
     assert delivered == await store.read_events("p", -1)
+
+
+async def test_queued_frames_land_only_while_queued(store: Store) -> None:
+    assert await store.create_task("q", {"state": "queued"}, 60)
+    await store.append("q", [("started", "{}", "")])
+    await store.append_queued_frames([("q", '{"phase":"queued","queue_position":0}')])
+    assert await store.mark_running("q", {"state": "running"})
+    await store.append_queued_frames([("q", '{"phase":"queued","queue_position":0}')])
+    assert [e.name for e in await store.read_events("q", -1)] == ["started", "metrics"]
