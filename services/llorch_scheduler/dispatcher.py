@@ -29,6 +29,7 @@ from .registry import Candidate, PoolRegistry
 log = logging.getLogger(__name__)
 
 LEASE_MS = 15_000
+_CANCEL_REASONS = {Code.DECODE_TIMEOUT.value: "watchdog", Code.DEADLINE_UNMET.value: "deadline"}
 SWEEP_INTERVAL_S = 2.0
 
 
@@ -161,6 +162,7 @@ class Dispatcher:
                     finished = True
                     ok = not update.code
                     self.estimator.finished(rs, task_id, update.tokens_out, int(update.decode_ms), ok)
+                    self._count_ending(target, update.code)
         except grpc.aio.AioRpcError as exc:
             log.warning(
                 "pool manager stream lost",
@@ -179,6 +181,15 @@ class Dispatcher:
                 )
             await self.store.release_lease(rs, task_id)
             self.wake()
+
+    def _count_ending(self, target: Candidate, code: str) -> None:
+        """The pool manager's terminal code feeds tasks_canceled_total for watchdog and deadline endings."""
+        reason = _CANCEL_REASONS.get(code)
+        if reason is not None:
+            pool = target.pool
+            self.admission.metrics.tasks_canceled.labels(
+                pool.engine, pool.engine_version, pool.pool_id, target.replica.replica_id, reason
+            ).inc()
 
     async def _refused(self, rs: str, claim: Claim) -> None:
         attempts = self._attempts.get(claim.task_id, 0) + 1

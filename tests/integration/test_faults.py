@@ -112,6 +112,12 @@ async def test_hung_engine_hits_the_idle_watchdog(stack_factory: Any, http: aioh
     error = _error(await client.events(await client.admit(max_tokens=10)))
     assert error["code"] == "DECODE_TIMEOUT" and error["tokens_out"] == 2
 
+    async def counted() -> bool:
+        async with http.get(f"{stack.url}/metrics") as r:
+            return 'reason="watchdog"} 1.0' in await r.text()
+
+    await wait_until(counted, 30, "tasks_canceled_total{reason=watchdog} to count the timeout")
+
 
 async def test_queue_full_gives_429_with_retry_after(stack_factory: Any, http: aiohttp.ClientSession) -> None:
     stack = stack_factory(pools=[mock_pool(capacity=2, args=["--token-delay-ms", "50"])])
