@@ -114,7 +114,11 @@ async def test_hung_engine_hits_the_idle_watchdog(stack_factory: Any, http: aioh
 
     async def counted() -> bool:
         async with http.get(f"{stack.url}/metrics") as r:
-            return 'reason="watchdog"} 1.0' in await r.text()
+            lines = (await r.text()).splitlines()
+        return any(
+            line.startswith("tasks_canceled_total{") and 'reason="watchdog"' in line and line.endswith(" 1.0")
+            for line in lines
+        )
 
     await wait_until(counted, 30, "tasks_canceled_total{reason=watchdog} to count the timeout")
 
