@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     internal = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
-    auth = Authenticator(load_tokens(cfg), cfg.api.probes_require_auth)
+    backoff = (cfg.scheduler.backoff_min_ms, cfg.scheduler.backoff_max_ms)
+    auth = Authenticator(load_tokens(cfg), cfg.api.probes_require_auth, backoff)
     host, _, port = cfg.api.bind.rpartition(":")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("gateway bound beyond loopback", extra={"event": "bind_public", "address": cfg.api.bind})

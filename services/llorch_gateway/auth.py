@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError
+from llorch.throttle import TokenBucket
 
 from .edge import Handler
 
@@ -26,6 +27,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class ApiToken:
     name: str
     value: bytes
+    rps: float | None = None
 
 
 def read_token_file(path: Path) -> str:
@@ -57,7 +59,7 @@ def load_tokens(cfg: LlorchConfig) -> list[ApiToken]:
         else:
             assert entry.token_file is not None
             value = read_token_file(Path(entry.token_file))
-        tokens.append(ApiToken(entry.name, value.encode()))
+        tokens.append(ApiToken(entry.name, value.encode(), entry.rps))
     if tokens:
         return tokens
     from_env = os.environ.get("LLORCH_API_TOKEN")
@@ -69,9 +71,18 @@ def load_tokens(cfg: LlorchConfig) -> list[ApiToken]:
 
 
 class Authenticator:
-    def __init__(self, tokens: list[ApiToken], probes_require_auth: bool) -> None:
+    """Auth, then the caller's `rps` throttle (SPEC §5.1 checks 1 and 2), for every /v1 route.
+
+    Buckets live in this gateway's memory: with several gateways each enforces the limit on its own.
+    """
+
+    def __init__(
+        self, tokens: list[ApiToken], probes_require_auth: bool, backoff_ms: tuple[int, int]
+    ) -> None:
         self.tokens = tokens
         self.probes_require_auth = probes_require_auth
+        self.backoff_ms = backoff_ms
+        self._buckets = {t.name: TokenBucket(t.rps) for t in tokens if t.rps}
 
     def client(self, request: web.Request) -> str:
         """The matching token's name; raises 401/403 otherwise."""
@@ -101,8 +112,25 @@ class Authenticator:
             raise OrchestratorError(Code.FORBIDDEN, "the API token is not valid")
         return matched
 
+    def throttle(self, client: str) -> None:
+        """The caller's `rps` token bucket: 429 ADMISSION_REJECT (rate-limit) when it is empty."""
+        bucket = self._buckets.get(client)
+        wait_ms = bucket.take() if bucket is not None else 0
+        if bucket is None or not wait_ms:
+            return
+        low, high = self.backoff_ms
+        backoff = min(high, max(low, wait_ms))
+        raise OrchestratorError(
+            Code.ADMISSION_REJECT,
+            f"this API token is limited to {bucket.rps:g} requests/s; retry after {backoff} ms",
+            policy_label="rate-limit",
+            retry_after_ms=backoff,
+            engine="none",
+        )
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/") or (self.probes_require_auth and request.path in OPEN_PATHS):
-            request["client"] = self.client(request)
+            request["client"] = client = self.client(request)
+            self.throttle(client)
         return await handler(request)

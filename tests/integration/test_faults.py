@@ -156,3 +156,18 @@ async def test_running_task_past_its_deadline_ends_with_deadline_unmet(
     assert error["tokens_out"] == sum(1 for e in events if e.event == "token") >= 1
     follow_up = await client.admit(max_tokens=2)
     assert (await client.events(follow_up))[-1].event == "end"
+
+
+async def test_api_token_rps_throttle(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+    stack = stack_factory(
+        pools=[mock_pool()],
+        extra={"api": {"tokens": [{"name": "agents", "token_env": "LLORCH_API_TOKEN", "rps": 0.01}]}},
+    )
+    await stack.start()
+    client = Client(stack, http)
+    answers = [await client.submit(max_tokens=1) for _ in range(2)]  # burst 1, refill every 100 s
+    assert answers[0][0] == 202
+    status, body, headers = answers[-1]
+    assert status == 429
+    assert body["code"] == "ADMISSION_REJECT" and body["policy_label"] == "rate-limit"
+    assert int(headers["Retry-After"]) >= 1 and int(headers["X-Backoff-Ms"]) == body["retry_after_ms"]

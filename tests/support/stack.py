@@ -88,8 +88,9 @@ class Stack:
             "catalog": {"models": models or [{"id": "mock-tiny", "path": str(MOCK_MODEL)}]},
             "pools": pools,
             "telemetry": {"log_level": "info"},
-            **(extra or {}),
         }
+        for key, value in (extra or {}).items():  # one level deep: extra api keys keep the bind
+            config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
         self.config_path = workdir / "llorch.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {"LLORCH_API_TOKEN": self.token, "LLORCH_INTERNAL_TOKEN": secrets.token_urlsafe(24)}
