@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
 from llorch.store import Priority, Store, now_ms
+from llorch.throttle import TokenWindow
 from llorch.v1 import scheduler_pb2
 
 from .estimator import Estimator
@@ -57,6 +59,7 @@ class Admission:
         self.metrics = metrics
         self.watch = watch
         self.front = QueueFront(cfg, store, estimator, metrics)
+        self.windows = {t.name: TokenWindow(t.tokens_per_min) for t in cfg.api.tokens if t.tokens_per_min}
         served = {p.model for p in cfg.pools}
         self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
 
@@ -92,10 +95,42 @@ class Admission:
         }
         tokens = req.expected_tokens or max_tokens
         self.front.throttle(info, priority)
-        self._check_deadline(info, priority, tokens, deadline_ms)
-        if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
-            raise _task_exists(task_id)
-        return await self._enqueue(task_id, info, priority, tokens, deadline_ms)
+        window = self.windows.get(req.client)
+        self._reserve_tokens(window, task_id, info, _prompt_est(prompt, req.inputs), max_tokens)
+        try:
+            self._check_deadline(info, priority, tokens, deadline_ms)
+            if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
+                raise _task_exists(task_id)
+            return await self._enqueue(task_id, info, priority, tokens, deadline_ms)
+        except OrchestratorError:
+            if window is not None:
+                window.release(task_id)
+            raise
+
+    def _reserve_tokens(
+        self, window: TokenWindow | None, task_id: str, info: SetInfo, prompt_est: int, max_tokens: int
+    ) -> None:
+        """The caller's `tokens_per_min` (SPEC §2.5, §5.1 check 9)."""
+        if window is None:
+            return
+        wait_ms = window.reserve(task_id, prompt_est, max_tokens)
+        if wait_ms:
+            sched = self.cfg.scheduler
+            backoff = min(sched.backoff_max_ms, max(sched.backoff_min_ms, wait_ms))
+            self.metrics.tasks_rejected.labels(info.engine, Code.ADMISSION_REJECT.value).inc()
+            self.metrics.backpressure.labels(info.engine, "rate-limit").inc()
+            raise OrchestratorError(
+                Code.ADMISSION_REJECT,
+                f"this API token may use {window.limit} tokens per minute; retry after {backoff} ms",
+                engine=info.engine,
+                policy_label="rate-limit",
+                retry_after_ms=backoff,
+            )
+
+    def settle(self, task_id: str, tokens_out: int) -> None:
+        """Correct a tokens_per_min reservation to what the task really produced."""
+        for window in self.windows.values():
+            window.settle(task_id, tokens_out)
 
     def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
         members = self.registry.pools_for_model(req.model_ref)
@@ -156,7 +191,7 @@ class Admission:
         if max_tokens > info.max_tokens_limit:
             raise invalid("max_tokens", f"max_tokens must be between 1 and {info.max_tokens_limit}")
         effective_ctx = req.ctx or info.ctx
-        prompt_est = math.ceil((len(prompt.encode()) + sum(len(i.encode()) for i in req.inputs[1:])) / 4)
+        prompt_est = _prompt_est(prompt, req.inputs)
         if prompt_est + max_tokens > effective_ctx:
             raise invalid(
                 "max_tokens",
@@ -219,3 +254,8 @@ class Admission:
 
 def _task_exists(task_id: str) -> OrchestratorError:
     return OrchestratorError(Code.TASK_EXISTS, f"task {task_id} is still known; choose another task_id")
+
+
+def _prompt_est(prompt: str, inputs: Sequence[str]) -> int:
+    """SPEC §2.2: ceil(UTF-8 bytes of the prompt and the other inputs / 4)."""
+    return math.ceil((len(prompt.encode()) + sum(len(i.encode()) for i in inputs[1:])) / 4)

@@ -163,6 +163,7 @@ class Dispatcher:
                     ok = not update.code
                     self.estimator.finished(rs, task_id, update.tokens_out, int(update.decode_ms), ok)
                     self._count_ending(target, update.code)
+                    self.admission.settle(task_id, update.tokens_out)
         except grpc.aio.AioRpcError as exc:
             log.warning(
                 "pool manager stream lost",

@@ -127,12 +127,8 @@ async def test_full_queue_under_reject_answers_429_admission_reject(
     client = Client(stack, http)
     running = await _busy(client)
     queued = [await client.admit(max_tokens=5) for _ in range(2)]
-    _assert_backpressure(
-        await client.submit(max_tokens=5, task_id="rej-1"), "ADMISSION_REJECT", "reject"
-    )
-    _assert_backpressure(
-        await client.submit(max_tokens=5, priority="batch"), "ADMISSION_REJECT", "reject"
-    )
+    _assert_backpressure(await client.submit(max_tokens=5, task_id="rej-1"), "ADMISSION_REJECT", "reject")
+    _assert_backpressure(await client.submit(max_tokens=5, priority="batch"), "ADMISSION_REJECT", "reject")
     assert await _unknown(http, stack, "rej-1"), "a refused task must leave no record"
     assert [await _state(client, t) for t in queued] == ["queued", "queued"]
 
@@ -325,26 +321,23 @@ async def test_queued_metrics_frames_follow_the_position(
     assert [r[1]["queue_position"] for r in replies] == [0, 1, 2]
     first, second, last = (r[1]["task_id"] for r in replies)
 
-    # Each frame of the last task's stream frees the next place ahead of it.
-    next_cancel = {"started": first, 1: second, 0: running}
+    # Cancel the tasks ahead one by one; each queued frame of the last task triggers the next cancel.
+    assert await client.cancel(first) == 204
+    on_frame = {1: second, 0: running}
     events: list[SseEvent] = []
     async for event in client.follow(last):
         events.append(event)
-        key = event.data.get("queue_position") if event.event == "metrics" else event.event
-        if event.event == "metrics" and event.data["phase"] != "queued":
-            continue
-        target = next_cancel.pop(key, None)  # type: ignore[arg-type]
-        if target is not None:
-            assert await client.cancel(target) == 204
+        if event.event == "metrics" and event.data["phase"] == "queued":
+            target = on_frame.pop(event.data["queue_position"], None)
+            if target is not None:
+                assert await client.cancel(target) == 204
 
     names = [e.event for e in events]
     assert names[0] == "started" and names[-1] == "end", names
     assert events[0].data["queue_position"] == replies[2][1]["queue_position"] == 2
     dispatch = next(i for i, e in enumerate(events) if _is_dispatch(e))
     queued = [e.data for e in events if e.event == "metrics" and e.data["phase"] == "queued"]
-    assert all(
-        e.event == "metrics" and e.data["phase"] == "queued" for e in events[1:dispatch]
-    ), names
+    assert all(e.event == "metrics" and e.data["phase"] == "queued" for e in events[1:dispatch]), names
     assert [f["queue_position"] for f in queued] == [1, 0], queued
     for frame in queued:
         assert frame["queue_depth"] == frame["queue_position"] + 1, frame
@@ -390,8 +383,9 @@ async def test_per_class_rate_limit_refuses_a_batch_burst_only(
     stack = stack_factory(pools=[pool])
     await stack.start()
     client = Client(stack, http)
+    ids = [f"burst-{n}" for n in range(6)]
     burst = await asyncio.gather(
-        *(client.submit(max_tokens=1, priority="batch", task_id=f"burst-{n}") for n in range(6))
+        *(client.submit(max_tokens=1, priority="batch", task_id=task_id) for task_id in ids)
     )
     accepted = [r for r in burst if r[0] == 202]
     refused = [r for r in burst if r[0] != 202]
@@ -407,8 +401,7 @@ async def test_per_class_rate_limit_refuses_a_batch_burst_only(
     )
     assert [r[0] for r in interactive] == [202] * 6, interactive
 
-    retry_id = refused[0][1]  # the same task_id is accepted once the bucket refills
-    task_id = next(f"burst-{n}" for n, r in enumerate(burst) if r[1] is retry_id)
+    task_id = next(t for t, r in zip(ids, burst, strict=True) if r[0] == 429)
     answers: list[int] = []
 
     async def admitted() -> bool:
@@ -416,5 +409,5 @@ async def test_per_class_rate_limit_refuses_a_batch_burst_only(
         answers.append(status)
         return status != 429
 
-    await wait_until(admitted, WAIT_S, "a batch task to pass the rate limit")
+    await wait_until(admitted, WAIT_S, "the refused task_id to pass the rate limit once it refills")
     assert answers[-1] == 202, answers

@@ -171,3 +171,18 @@ async def test_api_token_rps_throttle(stack_factory: Any, http: aiohttp.ClientSe
     assert status == 429
     assert body["code"] == "ADMISSION_REJECT" and body["policy_label"] == "rate-limit"
     assert int(headers["Retry-After"]) >= 1 and int(headers["X-Backoff-Ms"]) == body["retry_after_ms"]
+
+
+async def test_api_token_tokens_per_min(stack_factory: Any, http: aiohttp.ClientSession) -> None:
+    stack = stack_factory(
+        pools=[mock_pool()],
+        extra={
+            "api": {"tokens": [{"name": "agents", "token_env": "LLORCH_API_TOKEN", "tokens_per_min": 100}]}
+        },
+    )
+    await stack.start()
+    client = Client(stack, http)
+    first = await client.admit(max_tokens=60, prompt="hello")  # reserves 2 + 60
+    status, body, headers = await client.submit(max_tokens=60, prompt="hello")
+    assert status == 429 and body["policy_label"] == "rate-limit" and int(headers["Retry-After"]) >= 1
+    assert (await client.events(first))[-1].event == "end"
