@@ -75,8 +75,7 @@ class QueueWatch:
 
     async def scan(self, rs: str) -> None:
         for task_id in await self.store.overdue_queued(rs):
-            if await self.store.dequeue(rs, task_id):
-                await self._expire(rs, task_id)
+            await self._expire(rs, task_id)
         interactive, batch, _ = await self.store.queued(rs)
         self._depths[rs] = (len(interactive), len(batch))
         order = interactive + batch
@@ -109,7 +108,10 @@ class QueueWatch:
             "retriable": False,
             "message": "the task's deadline passed while it was queued",
         }
+        # Terminal first, then out of the queue: a crash in between leaves an ended task that the
+        # dispatcher skips, never a live task that nothing will end.
         previous, _ = await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
+        await self.store.dequeue(rs, task_id)
         if previous == "queued":
             info = self.registry.set_info(rs)
             engine, version = (info.engine, info.engine_version) if info else ("none", "")
