@@ -1,5 +1,6 @@
-"""The system under test: one Redis, one stack whose single pool is a many-slot mock engine, and the
-same number of standalone mock engines with the same command line for the direct baseline."""
+"""The system under test: one Redis, one stack whose single pool is a many-slot mock engine, and (unless
+``direct=False``) the same number of standalone mock engines with the same command line for the direct
+baseline."""
 
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ class Layout:
 class BenchEnv:
     """Start with ``async with``; everything started is stopped on exit, also after a failure."""
 
-    def __init__(self, workdir: Path, layout: Layout) -> None:
+    def __init__(self, workdir: Path, layout: Layout, direct: bool = True) -> None:
         self.workdir = workdir
         self.layout = layout
+        self.with_direct = direct
         self.redis: RedisServer | None = None
         self.stack: Stack | None = None
         self.direct: list[Proc] = []
@@ -79,7 +81,7 @@ class BenchEnv:
         await self.stack.start(ready=False)
         pool = PoolConfig.model_validate(self.layout.pool())
         binary = resolve_binary(pool.effective_engine_bin)
-        for index in range(self.layout.replicas):
+        for index in range(self.layout.replicas if self.with_direct else 0):
             port = free_port()
             argv = engine_command(pool, binary, MOCK_MODEL, port)
             self.direct.append(Proc(argv, self.workdir / f"direct-{index}.log"))
@@ -97,6 +99,14 @@ class BenchEnv:
             self.stack.stop()
         if self.redis is not None:
             self.redis.stop()
+
+    def pids(self) -> dict[str, int]:
+        """The stack's processes and Redis by name, to account their CPU time."""
+        pids = {name: proc.pid for name, proc in self.the_stack.procs.items()}
+        server = getattr(self.redis, "_server", None)
+        if server is not None and server.proc is not None:
+            pids["redis"] = server.proc.pid
+        return pids
 
     @property
     def the_stack(self) -> Stack:

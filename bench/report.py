@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .tables import p4_details, p4_rows, p6_details, p6_rows
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -110,12 +112,18 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 "info",
             ]
         )
+    if "P4" in by_id:
+        table += p4_rows(by_id["P4"])
+    if "P6" in by_id:
+        table += p6_rows(by_id["P6"])
     return table
 
 
 def absolute_rows(results: dict[str, Any]) -> list[list[str]]:
     out = []
     for bench in results["benchmarks"]:
+        if bench["id"] not in ("P1", "P2", "P3"):
+            continue  # no direct side: their figures are in their own notes
         for case in bench["cases"]:
             label = ", ".join(f"{k} {case[k]}" for k in ("streams", "concurrency") if k in case)
             kind = "TTFT" if bench["id"] == "P2" else "inter-token gap"
@@ -158,14 +166,25 @@ def markdown(results: dict[str, Any]) -> str:
         f"Load average (1 min) {m.get('loadavg_1m_at_start', 'n/a')} at start, "
         f"{m['loadavg_1m_at_end']} at end. Added = stack minus direct, pooled over "
         f"{plan['rounds']} alternating stack/direct rounds ({plan['p3_rounds']} for P3) "
-        "[min … max of the per-round figures]."
+        "[min … max of the per-round figures] (P1-P3). P4 and P6 have no direct side: their figures "
+        "are absolute, for this machine."
     )
     main = _table(["id", "what", "target", "measured", "verdict"], rows(results))
+    by_id = {b["id"]: b for b in results["benchmarks"]}
     absolute = _table(
         ["id", "figure (ms unless noted)", "stack p50 / p99", "direct p50 / p99", "samples"],
         absolute_rows(results),
     )
-    return f"{head}\n\n{main}\n\nAbsolute numbers:\n\n{absolute}\n"
+    notes = [f(by_id[key]) for key, f in (("P4", p4_details), ("P6", p6_details)) if key in by_id]
+    earlier = sorted(
+        {f"{b['id']} from the run of {b['from_run']}" for b in by_id.values() if "from_run" in b}
+    )
+    if earlier:
+        head += f" Merged from an earlier run: {', '.join(earlier)}."
+    text = f"{head}\n\n{main}\n"
+    if len(absolute.splitlines()) > 2:
+        text += f"\nAbsolute numbers:\n\n{absolute}\n"
+    return text + "".join(f"\n{note}\n" for note in notes)
 
 
 def write(results: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""``make bench``: start the system under test once, run P1, P2 and P3, write and print the results."""
+"""``make bench``: run P1, P2 and P3 on one system under test, then P4 and P6 on stacks of their own
+(each starts and stops what it needs); write and print the results."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -17,7 +19,11 @@ import uvloop
 from . import report
 from .cases import AB, Plan, Sides, bounded, p1_inter_token, p2_ttft, p3_throughput
 from .env import MODEL_REF, BenchEnv, Layout
+from .p4 import P4Plan, p4_admission
+from .p6 import P6Plan, p6_estimates
 from .traffic import DirectTarget, StackTarget, wave
+
+ALL = ("P1", "P2", "P3", "P4", "P6")
 
 QUICK = Plan(
     rounds=1,
@@ -31,14 +37,21 @@ QUICK = Plan(
     sat_streams=16,
     sat_tokens=100,
 )
+QUICK_P4 = P4Plan(clients=(4, 16), capacity=500, rejects=200, healthz_requests=500, time_limit_s=20)
+QUICK_P6 = P6Plan(duration_s=10, warmup_tasks=4, drain_timeout_s=20)
 
 
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--only", default="P1,P2,P3", help="comma-separated benchmark ids")
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated benchmark ids")
     parser.add_argument("--rounds", type=int, default=None, help="stack/direct rounds per benchmark")
     parser.add_argument("--quick", action="store_true", help="a small smoke run of the harness")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of benchmarks not run this time from the existing latest.json",
+    )
     return parser.parse_args()
 
 
@@ -52,8 +65,18 @@ async def _warm_up(session: aiohttp.ClientSession, env: BenchEnv, sides: Sides) 
     await env.wait_idle()
 
 
-async def bench(workdir: Path, plan: Plan, only: set[str]) -> dict[str, Any]:
-    layout = Layout()
+async def _timed(bench_id: str, step: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    print(f"{bench_id} …", file=sys.stderr, flush=True)
+    result: dict[str, Any] = await bounded(step)
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    print(f"{bench_id} done in {result['duration_s']} s", file=sys.stderr, flush=True)
+    return result
+
+
+async def _relay(workdir: Path, plan: Plan, only: set[str], layout: Layout) -> list[dict[str, Any]]:
+    """P1-P3 on one stack, alternating with the direct engines."""
+    benchmarks: list[dict[str, Any]] = []
     async with BenchEnv(workdir, layout) as env:
         stack = env.the_stack
         sides = Sides(StackTarget(stack.url, stack.headers, MODEL_REF), DirectTarget(env.direct_urls))
@@ -63,16 +86,21 @@ async def bench(workdir: Path, plan: Plan, only: set[str]) -> dict[str, Any]:
             await _warm_up(session, env, sides)
             ab = AB(env, sides, plan.rounds)
             steps = {"P1": p1_inter_token, "P2": p2_ttft, "P3": p3_throughput}
-            benchmarks = []
             for bench_id, step in steps.items():
-                if bench_id not in only:
-                    continue
-                started = time.monotonic()
-                print(f"{bench_id} …", file=sys.stderr, flush=True)
-                result = await bounded(step(ab, session, plan))
-                result["duration_s"] = round(time.monotonic() - started, 1)
-                print(f"{bench_id} done in {result['duration_s']} s", file=sys.stderr, flush=True)
-                benchmarks.append(result)
+                if bench_id in only:
+                    benchmarks.append(await _timed(bench_id, step(ab, session, plan)))
+    return benchmarks
+
+
+async def bench(workdir: Path, plan: Plan, only: set[str], quick: bool) -> dict[str, Any]:
+    layout = Layout()
+    benchmarks: list[dict[str, Any]] = []
+    if only & {"P1", "P2", "P3"}:
+        benchmarks += await _relay(workdir / "relay", plan, only, layout)
+    if "P4" in only:
+        benchmarks.append(await _timed("P4", p4_admission(workdir, QUICK_P4 if quick else P4Plan())))
+    if "P6" in only:
+        benchmarks.append(await _timed("P6", p6_estimates(workdir, QUICK_P6 if quick else P6Plan())))
     return {
         "machine": report.machine(),
         "layout": layout.as_json(),
@@ -81,6 +109,20 @@ async def bench(workdir: Path, plan: Plan, only: set[str]) -> dict[str, Any]:
         "streams spread round-robin",
         "benchmarks": benchmarks,
     }
+
+
+def _merge(results: dict[str, Any]) -> None:
+    """Add the previous run's rows for the benchmarks not run now, marked with that run's date."""
+    path = report.RESULTS / "latest.json"
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    ran = {b["id"] for b in results["benchmarks"]}
+    for old in previous.get("benchmarks", []):
+        if old["id"] not in ran:
+            old.setdefault("from_run", previous.get("machine", {}).get("date"))
+            results["benchmarks"].append(old)
+    results["benchmarks"].sort(key=lambda b: ALL.index(b["id"]) if b["id"] in ALL else len(ALL))
 
 
 def main() -> None:
@@ -93,12 +135,14 @@ def main() -> None:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:
-        results = uvloop.run(bench(workdir, plan, only))
+        results = uvloop.run(bench(workdir, plan, only, args.quick))
     except BaseException:
         print(f"benchmark failed; process logs are under {workdir}", file=sys.stderr)
         raise
     results["total_duration_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_1m_at_start"] = round(load_before, 2)
+    if args.merge:
+        _merge(results)
     print(report.write(results))
     print(f"total {results['total_duration_s']} s", file=sys.stderr)
     if not args.keep:

@@ -1,0 +1,127 @@
+"""The results table's rows and the notes under it for P4 and P6, which have no direct baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import p6
+
+
+def _ms2(dist: dict[str, Any]) -> str:
+    p50, p99 = dist.get("p50_ms"), dist.get("p99_ms")
+    if p50 is None or p99 is None:
+        return "n/a"
+    return f"{p50:.2f} / {p99:.2f} ms"
+
+
+def p4_rows(bench: dict[str, Any]) -> list[list[str]]:
+    """The results table's rows: one per client count."""
+    goal = bench["target"]
+    target = f"≥ {goal['answers_per_s_min']:,.0f}/s, p99 ≤ {goal['p99_ms_max']:g} ms"
+    out = []
+    for case in bench["cases"]:
+        measured = (
+            f"{case['clients']} clients: {case['answers_per_s']:,.0f} answers/s "
+            f"(202 {case['admit_per_s']:,.0f}/s, 429 {case['reject_per_s'] or 0:,.0f}/s); "
+            f"p50 / p99: 202 {_ms2(case['accepted'])}, 429 {_ms2(case['rejected'])}"
+        )
+        if not case["queue_full"]:
+            measured += f"; queue not full after {case['accepted']['n']} admitted"
+        if case["other_answers"]:
+            measured += f"; {case['other_answers']} other answers ({case['first_error']})"
+        out.append([bench["id"], bench["what"], target, measured, "pass" if case["pass"] else "**fail**"])
+    return out
+
+
+def p4_details(bench: dict[str, Any]) -> str:
+    """Markdown under the table: the HTTP floor, the rate by queue depth and where the CPU went."""
+    lines = [
+        f"P4 ({bench['params']['pool']}, capacity {bench['params']['capacity']:,}, one fresh stack per "
+        "client count): 202s in admission order cut into slices of queue depth, and CPU cores busy "
+        "per process while POSTing. `GET /healthz` on the same gateway with the same clients is the "
+        "floor of an HTTP round trip there.",
+        "",
+        "| clients | healthz p50 / p99 (rate) | 202 by queue depth: rate, p50 / p99 | CPU cores busy |",
+        "|---|---|---|---|",
+    ]
+    for case in bench["cases"]:
+        h = case["healthz"]
+        depth = "; ".join(
+            f"{b['depth_from']:,}-{b['depth_to']:,}: {b['per_s']:,.0f}/s, "
+            f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f}"
+            for b in case["admit_by_depth"]
+        )
+        cpu = ", ".join(f"{name} {share:.2f}" for name, share in case["cpu_cores_busy"].items())
+        lines.append(f"| {case['clients']} | {_ms2(h)} ({h['per_s']:,.0f}/s) | {depth} | {cpu} |")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def p6_rows(bench: dict[str, Any]) -> list[list[str]]:
+    """The results table's rows: start-time error, then the on-time Brier score."""
+    s, o = bench["start_error"], bench["on_time"]
+    refused = sum(bench["refused"].values())
+    counts = f"{bench['admitted']} admitted, {refused} refused (not scored)"
+    start = (
+        f"median abs. error {s['median_abs_error_ms']:.1f} ms = {_pct(s['rel_median_abs_error'])} of the "
+        f"mean actual start {s['mean_actual_start_ms']:.1f} ms (mean abs. error {s['mean_abs_error_ms']:.1f} "
+        f"ms = {_pct(s['rel_mean_abs_error'])}); {s['n']} tasks, {counts}"
+    )
+    brier = (
+        f"Brier {o['brier']:.3f} over {o['n']} tasks, {_pct(o['on_time_rate'])} on time "
+        f"(a constant forecast of that rate: {o['brier_of_constant_base_rate']:.3f})"
+    )
+    rel_ok = s["rel_median_abs_error"] is not None and s["rel_median_abs_error"] <= p6.TARGET_REL_ERROR
+    brier_ok = o["brier"] is not None and o["brier"] <= p6.TARGET_BRIER
+    return [
+        [
+            bench["id"],
+            "estimate quality: predicted_start_ms",
+            "median abs. error ≤ 20 % of the mean actual start",
+            start,
+            "pass" if rel_ok else "**fail**",
+        ],
+        [
+            bench["id"],
+            "estimate quality: on_time_probability",
+            "Brier ≤ 0.1",
+            brier,
+            "pass" if brier_ok else "**fail**",
+        ],
+    ]
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
+
+
+def p6_details(bench: dict[str, Any]) -> str:
+    """Markdown under the table: load, refusals, start error by class and calibration."""
+    p = bench["params"]
+    head = (
+        f"P6 ({p['pool']}): Poisson arrivals at {p['arrivals_per_s']:.2f}/s ({p['load']:.0%} of the nominal "
+        f"{p['nominal_capacity_per_s']:.2f}/s) for {p['duration_s']:g} s, utilisation "
+        f"{bench['utilisation']:.0%}; {bench['submitted']} submitted, refused: {_counts(bench['refused'])}; "
+        f"admitted but ended without `end`: {_counts(bench['ended_without_end'])}. Actual start = 202 → "
+        "dispatch `metrics` at the client; on time = `end` before 202 + `deadline_ms`."
+    )
+    lines = [
+        head,
+        "",
+        "| class | n | median / mean / p90 abs. error (ms) | mean actual start (ms) |",
+        "|---|---|---|---|",
+    ]
+    for name, s in bench["start_error_by_priority"].items():
+        lines.append(
+            f"| {name} | {s['n']} | {s['median_abs_error_ms']} / {s['mean_abs_error_ms']} / "
+            f"{s['p90_abs_error_ms']} | {s['mean_actual_start_ms']} |"
+        )
+    lines += ["", "| on_time_probability bin | tasks | mean p | on-time rate |", "|---|---|---|---|"]
+    for b in bench["on_time"]["calibration"]:
+        lines.append(
+            f"| {b['p_from']:.1f}-{b['p_to']:.1f} | {b['n']} | {b['mean_p']} | {b['on_time_rate']} |"
+        )
+    return "\n".join(lines)
