@@ -40,6 +40,7 @@ return seq
 # landed yet (-1); returns the record (KEYS: task).
 MARK_RUNNING: Final = """
 local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
+if not t[1] then return -1 end
 if t[1] ~= '0' then return {} end
 if t[2] == '-1' then return -1 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
@@ -66,10 +67,19 @@ redis.call('PUBLISH', ARGV[4], table.concat({ARGV[5], seq, 'error', data}, '\\31
 return {t[3], t[5] or ''}
 """
 
+# KEYS: task, events. ARGV: ttl_s, started data ('' for none), channel, task_id, field pairs...
+# Creates the record (and its `started` event, seq 0) unless the id is still known: 0 then.
 CREATE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', '-1', 'tokens_out', '0', unpack(ARGV, 2))
+local seq = -1
+if ARGV[2] ~= '' then seq = 0 end
+redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', seq, 'tokens_out', '0', unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if seq == 0 then
+  redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', ARGV[3], table.concat({ARGV[4], 0, 'started', ARGV[2]}, '\\31'))
+end
 return 1
 """
 

@@ -155,13 +155,18 @@ class Store:
 
     # -- task records and events -------------------------------------------------------------------
 
-    async def create_task(self, task_id: str, fields: Mapping[str, str], ttl_s: int) -> bool:
-        """Create the record unless the id is still known; False means TASK_EXISTS."""
+    async def create_task(
+        self, task_id: str, fields: Mapping[str, str], ttl_s: int, started: str = ""
+    ) -> bool:
+        """Create the record, with its `started` event when given, unless the id is still known
+        (False: TASK_EXISTS)."""
         flat = [v for kv in fields.items() for v in kv]
-        return bool(await self._create(keys=[self.keys.task(task_id)], args=[ttl_s, *flat]))
-
-    async def delete_task(self, task_id: str) -> None:
-        await self.client.delete(self.keys.task(task_id), self.keys.events(task_id))
+        return bool(
+            await self._create(
+                keys=[self.keys.task(task_id), self.keys.events(task_id)],
+                args=[ttl_s, started, self.keys.channel(), task_id, *flat],
+            )
+        )
 
     async def append(
         self,

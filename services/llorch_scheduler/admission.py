@@ -67,12 +67,9 @@ class Admission:
         task_id = req.task_id or new_task_id()
         if not is_valid_id(task_id):
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-        try:
-            info = self._resolve(req)
-        except OrchestratorError:
-            if await self.store.task_exists(task_id):  # SPEC §5.1: check 4 answers before check 5
-                raise _task_exists(task_id) from None
-            raise
+        if req.task_id and await self.store.task_exists(task_id):  # a minted UUID4 cannot collide
+            raise _task_exists(task_id)
+        info = self._resolve(req)
         priority: Priority = "batch" if req.priority == "batch" else "interactive"
         max_tokens = req.max_tokens or self.cfg.scheduler.default_max_tokens
         deadline_ms = req.deadline_ms or self.cfg.scheduler.default_deadline_ms
@@ -99,9 +96,7 @@ class Admission:
         self._reserve_tokens(window, task_id, info, _prompt_est(prompt, req.inputs), max_tokens)
         try:
             self._check_deadline(info, priority, tokens, deadline_ms)
-            if not await self.store.create_task(task_id, fields, _PENDING_TTL_S):
-                raise _task_exists(task_id)
-            return await self._enqueue(task_id, info, priority, tokens, deadline_ms)
+            return await self._enqueue(task_id, fields, info, priority, tokens, deadline_ms)
         except OrchestratorError:
             if window is not None:
                 window.release(task_id)
@@ -204,8 +199,18 @@ class Admission:
             raise invalid("deadline_ms", f"deadline_ms must be at most {self.cfg.scheduler.max_deadline_ms}")
 
     async def _enqueue(
-        self, task_id: str, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int
+        self,
+        task_id: str,
+        fields: dict[str, str],
+        info: SetInfo,
+        priority: Priority,
+        tokens: int,
+        deadline_ms: int,
     ) -> Admitted:
+        """Enqueue first (a full queue costs one round trip), then create the record with `started`.
+
+        The dispatcher may claim the task before its record exists; mark_running then puts it back.
+        """
         rs = info.rs
         slots_total, _ = self.registry.slots(rs)
         result = await self.front.enqueue(task_id, info, priority, now_ms() + deadline_ms, slots_total)
@@ -219,8 +224,10 @@ class Admission:
             "on_time_probability": on_time,
             "priority": priority,
         }
-        # The dispatcher may claim the task before this lands; mark_running then puts it back.
-        await self.store.append(task_id, [("started", json.dumps(started, separators=(",", ":")), "")])
+        data = json.dumps(started, separators=(",", ":"))
+        if not await self.store.create_task(task_id, fields, _PENDING_TTL_S, data):
+            await self.store.dequeue(rs, task_id)
+            raise _task_exists(task_id)
         self.watch.admitted(task_id, rs, priority, tokens, deadline_ms, position)
         backoff = 0
         if result.depth >= self.cfg.queue.soft_watermark * self.front.limits(info).capacity:

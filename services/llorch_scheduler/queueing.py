@@ -69,7 +69,6 @@ class QueueFront:
         if result.evicted:
             await self._evict(info, result.evicted, slots_total)
         if result.position < 0:
-            await self.store.delete_task(task_id)
             raise self._full(info, limits, result, slots_total)
         self.metrics.tasks_enqueued.labels(
             info.engine, info.engine_version, info.rs, QUEUE_REPLICA, priority
