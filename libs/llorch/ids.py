@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -34,6 +35,7 @@ def default_seed(task_id: str) -> int:
     return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big") & SEED_MAX
 
 
+@functools.lru_cache(maxsize=4096)  # on the admission and dispatch paths; the inputs rarely change
 def replica_set_id(
     engine: str, model_digest: str, ctx: int, engine_version: str, sampler_profile_version: str
 ) -> str:
