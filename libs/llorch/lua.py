@@ -47,13 +47,24 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HGETALL', KEYS[1])
 """
 
+# ARGV[6] = '1': the task may not have its record yet (a drop-lru victim whose admission is still
+# under way); leave a tombstone that the admission's CREATE turns into `started` + this `error`.
 # Terminal error written by a non-engine writer (cancel, sweeper): the payload's tokens_out comes from
 # the record inside the script, so it can never disagree with the tokens already in the log.
 # Returns {previous_state, pool_manager} or {'', ''} when unknown; previous_state is the terminal state
 # when the task had already ended (nothing written then).
 TERMINATE: Final = """
 local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'state', 'tokens_out', 'manager')
-if not t[1] then return {'', ''} end
+if not t[1] then
+  if ARGV[6] == '1' then
+    local payload = cjson.decode(ARGV[3])
+    payload['tokens_out'] = 0
+    local data = cjson.encode(payload)
+    redis.call('HSET', KEYS[1], 'terminal', '1', 'tombstone', '1', 'state', ARGV[2], 'error', data)
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+  end
+  return {'', ''}
+end
 if t[1] == '1' then return {t[3], t[5] or ''} end
 local payload = cjson.decode(ARGV[3])
 payload['tokens_out'] = tonumber(t[4] or '0')
@@ -68,8 +79,21 @@ return {t[3], t[5] or ''}
 """
 
 # KEYS: task, events. ARGV: ttl_s, started data ('' for none), channel, task_id, field pairs...
-# Creates the record (and its `started` event, seq 0) unless the id is still known: 0 then.
+# Creates the record (and its `started` event, seq 0) unless the id is still known: 0 then. On a
+# tombstone (evicted before its record existed) it writes `started` and the stored error: 2.
 CREATE: Final = """
+if redis.call('HGET', KEYS[1], 'tombstone') == '1' then
+  local err = redis.call('HGET', KEYS[1], 'error')
+  local ttl = redis.call('TTL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'seq', 1, 'tokens_out', '0', unpack(ARGV, 5))
+  redis.call('HSET', KEYS[1], 'terminal', '1', 'state', 'failed')
+  redis.call('HDEL', KEYS[1], 'tombstone')
+  redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', ARGV[2])
+  redis.call('XADD', KEYS[2], '0-2', 'e', 'error', 'd', err)
+  redis.call('EXPIRE', KEYS[2], math.max(ttl, 1))
+  redis.call('PUBLISH', ARGV[3], table.concat({ARGV[4], 0, 'started', ARGV[2], 'error', err}, '\\31'))
+  return 2
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local seq = -1
 if ARGV[2] ~= '' then seq = 0 end
@@ -90,21 +114,24 @@ return 1
 # Returns {position, depth_interactive, depth_batch, evicted_task_id or ''}; position -1 when refused:
 # the class cap is full, or the queue is full and the policy (reject, or drop-lru with no queued batch
 # task) leaves nothing to displace. Under drop-lru the oldest queued batch task is evicted; it is parked
-# in the lease set already expired, so if the caller dies before ending it the lease sweeper does.
+# in the lease set for 10 s, so if the caller dies before ending it the lease sweeper does.
 ENQUEUE: Final = """
 local ni = redis.call('ZCARD', KEYS[1])
 local nb = redis.call('ZCARD', KEYS[2])
 local batch = ARGV[2] == 'batch'
 local mine = ni
 if batch then mine = nb end
-if mine >= tonumber(ARGV[4]) then return {-1, ni, nb, ''} end
+-- A class cap below the capacity is a hard limit (it never evicts); one equal to it is the
+-- capacity itself, where drop-lru applies.
+local cap, ccap = tonumber(ARGV[3]), tonumber(ARGV[4])
+if mine >= ccap and ccap < cap then return {-1, ni, nb, ''} end
 local evicted = ''
-if ni + nb >= tonumber(ARGV[3]) then
+if ni + nb >= cap then
   if ARGV[5] ~= 'drop-lru' or nb == 0 then return {-1, ni, nb, ''} end
   evicted = redis.call('ZPOPMIN', KEYS[2])[1]
   redis.call('ZREM', KEYS[4], evicted)
   redis.call('ZREM', KEYS[5], evicted)
-  redis.call('ZADD', KEYS[6], ARGV[6], evicted)
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[6]) + 10000, evicted)
   nb = nb - 1
 end
 local seq = redis.call('INCR', KEYS[3])

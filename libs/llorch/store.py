@@ -157,11 +157,11 @@ class Store:
 
     async def create_task(
         self, task_id: str, fields: Mapping[str, str], ttl_s: int, started: str = ""
-    ) -> bool:
-        """Create the record, with its `started` event when given, unless the id is still known
-        (False: TASK_EXISTS)."""
+    ) -> int:
+        """Create the record, with its `started` event when given: 1; the id is still known: 0;
+        the task was evicted before its record existed (see lua.CREATE): 2, and it has ended."""
         flat = [v for kv in fields.items() for v in kv]
-        return bool(
+        return int(
             await self._create(
                 keys=[self.keys.task(task_id), self.keys.events(task_id)],
                 args=[ttl_s, started, self.keys.channel(), task_id, *flat],
@@ -238,11 +238,17 @@ class Store:
         return dict(zip(values[::2], values[1::2], strict=True))
 
     async def terminate(
-        self, task_id: str, state: str, payload: Mapping[str, object], retention_s: int
+        self,
+        task_id: str,
+        state: str,
+        payload: Mapping[str, object],
+        retention_s: int,
+        tombstone: bool = False,
     ) -> tuple[str, str]:
         """Write a terminal ``error`` event unless the task already ended.
 
-        Returns ``(previous_state, manager)``; ``('', '')`` for an unknown task.
+        Returns ``(previous_state, manager)``; ``('', '')`` for an unknown task (which, with
+        ``tombstone``, is remembered as ended for its pending creation).
         """
         prev, manager = await self._terminate(
             keys=[self.keys.task(task_id), self.keys.events(task_id)],
@@ -252,6 +258,7 @@ class Store:
                 json.dumps(payload, separators=(",", ":")),
                 self.keys.channel(),
                 task_id,
+                "1" if tombstone else "0",
             ],
         )
         return str(prev), str(manager)

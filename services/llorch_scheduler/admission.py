@@ -225,10 +225,12 @@ class Admission:
             "priority": priority,
         }
         data = json.dumps(started, separators=(",", ":"))
-        if not await self.store.create_task(task_id, fields, _PENDING_TTL_S, data):
+        created = await self.store.create_task(task_id, fields, _PENDING_TTL_S, data)
+        if not created:
             await self.store.dequeue(rs, task_id)
             raise _task_exists(task_id)
-        self.watch.admitted(task_id, rs, priority, tokens, deadline_ms, position)
+        if created == 1:  # 2: displaced by a concurrent admission already; its stream says so
+            self.watch.admitted(task_id, rs, priority, tokens, deadline_ms, position)
         backoff = 0
         if result.depth >= self.cfg.queue.soft_watermark * self.front.limits(info).capacity:
             backoff = self.estimator.backoff_ms(rs, slots_total)

@@ -86,7 +86,8 @@ class QueueFront:
             "engine": info.engine,
             "message": "evicted from a full queue by a newer task (drop-lru); resubmit later",
         }
-        await self.store.terminate(victim, "failed", payload, self.cfg.sse.retention_s)
+        # The victim's own admission may not have created its record yet: tombstone=True.
+        await self.store.terminate(victim, "failed", payload, self.cfg.sse.retention_s, tombstone=True)
         await self.store.release_lease(info.rs, victim)
         self._count_rejection(info, Code.QUEUE_FULL_DROP_LRU, "drop-lru")
         log.info(

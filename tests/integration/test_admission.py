@@ -190,6 +190,48 @@ async def test_drop_lru_evicts_the_oldest_batch_task_and_never_an_interactive_on
         assert (await client.events(task_id))[-1].event == "end", task_id
 
 
+async def test_drop_lru_a_batch_task_displaces_the_oldest_in_an_all_batch_queue(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    stack = stack_factory(pools=[mock_pool(args=SLOW, queue=_drop_lru(2))])
+    await stack.start()
+    client = Client(stack, http)
+    await _busy(client)
+    oldest = await client.admit(max_tokens=3, priority="batch")
+    newer = await client.admit(max_tokens=3, priority="batch")
+    reply = await client.submit(max_tokens=3, priority="batch")
+    assert reply[0] == 202, reply
+    _assert_queued_error(await client.events(oldest), "QUEUE_FULL_DROP_LRU")
+    assert await _state(client, newer) == "queued"
+
+
+async def test_concurrent_evictions_end_every_displaced_task(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    stack = stack_factory(pools=[mock_pool(args=SLOW, queue=_drop_lru(2))])
+    await stack.start()
+    client = Client(stack, http)
+    await _busy(client)
+    await client.admit(max_tokens=3, priority="interactive")  # so each batch task displaces the last
+    admitted: list[str] = []
+    for _ in range(10):
+        burst = await asyncio.gather(*(client.submit(max_tokens=3, priority="batch") for _ in range(12)))
+        assert [r[0] for r in burst] == [202] * 12, burst
+        admitted += [r[1]["task_id"] for r in burst]
+    still_queued: list[str] = []
+    orphans: list[dict[str, Any]] = []
+    for task_id in admitted:
+        status = await client.status(task_id)
+        if status["state"] != "queued":
+            _assert_queued_error(await client.events(task_id), "QUEUE_FULL_DROP_LRU")
+        elif "queue_position" in status:
+            still_queued.append(task_id)
+        else:
+            orphans.append(status)  # `queued` but in no queue: it can never end
+    assert not orphans, f"{len(orphans)} of {len(admitted)} displaced tasks never ended: {orphans[:2]}"
+    assert len(still_queued) == 1, still_queued
+
+
 @pytest.mark.parametrize(
     ("queue", "code", "label"),
     [
@@ -334,7 +376,10 @@ async def test_queued_metrics_frames_follow_the_position(
 
     names = [e.event for e in events]
     assert names[0] == "started" and names[-1] == "end", names
-    assert events[0].data["queue_position"] == replies[2][1]["queue_position"] == 2
+    started, admitted = events[0].data, replies[2][1]
+    assert started["task_id"] == last and started["priority"] == "interactive", started
+    for key in ("queue_position", "predicted_start_ms", "on_time_probability"):
+        assert started[key] == admitted[key], (key, started, admitted)
     dispatch = next(i for i, e in enumerate(events) if _is_dispatch(e))
     queued = [e.data for e in events if e.event == "metrics" and e.data["phase"] == "queued"]
     assert all(e.event == "metrics" and e.data["phase"] == "queued" for e in events[1:dispatch]), names

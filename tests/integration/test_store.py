@@ -99,7 +99,8 @@ async def test_queue_matches_a_reference_model(
 ) -> None:
     """Any sequence of enqueues and claims under either policy, against a plain-Python model: FIFO per
     class, interactive strictly first, capacity and class caps never exceeded, drop-lru evicts the
-    oldest batch task and never an interactive one, and a refusal leaves the queue as it was."""
+    oldest batch task and never an interactive one, a class cap below the capacity never evicts, and a
+    refusal leaves the queue as it was."""
     await store.client.flushdb()
     limits = QueueLimits(capacity, capacity, min(batch_cap, capacity), policy)
     model: dict[str, list[str]] = {"interactive": [], "batch": []}
@@ -117,13 +118,12 @@ async def test_queue_matches_a_reference_model(
         cap = limits.batch_capacity if op == "batch" else limits.interactive_capacity
         class_full = len(model[op]) >= cap
         full = len(model["interactive"]) + len(model["batch"]) >= capacity
-        victim = (
-            model["batch"][0] if full and not class_full and policy == "drop-lru" and model["batch"] else ""
-        )
-        if class_full or (full and not victim):
+        drop = policy == "drop-lru" and bool(model["batch"])
+        if (class_full and cap < capacity) or (full and not drop):
             assert result.position == -1 and result.evicted == ""
             assert await store.queue_depths("rs") == before
             continue
+        victim = model["batch"][0] if full else ""
         assert result.evicted == victim
         if victim:
             model["batch"].pop(0)
