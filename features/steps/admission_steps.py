@@ -3,26 +3,13 @@ deadlines. Queue order is read from task states and stream events, never from ti
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from behave import given, then, when
 
+from tests.support.bdd import client, run
 from tests.support.stack import Client, SseEvent, Stack, mock_pool
-
-T = TypeVar("T")
-STEP_TIMEOUT_S = 120.0
-
-
-def run(context: Any, awaitable: Awaitable[T]) -> T:
-    """Run one step's async work on the scenario's loop, bounded by a deadline."""
-    return context.loop.run_until_complete(asyncio.wait_for(awaitable, STEP_TIMEOUT_S))
-
-
-def client(context: Any) -> Client:
-    return Client(context.stack, context.http)
 
 
 def named(context: Any) -> dict[str, str]:

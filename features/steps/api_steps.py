@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from behave import given, then, when
 
+from tests.support.bdd import client, run
 from tests.support.procs import wait_until
-from tests.support.stack import Client, SseEvent, Stack, mock_pool
-
-T = TypeVar("T")
-STEP_TIMEOUT_S = 120.0
-
-
-def run(context: Any, awaitable: Awaitable[T]) -> T:
-    """Run one step's async work on the scenario's loop, bounded by a deadline."""
-    return context.loop.run_until_complete(asyncio.wait_for(awaitable, STEP_TIMEOUT_S))
-
-
-def client(context: Any) -> Client:
-    return Client(context.stack, context.http)
+from tests.support.stack import SseEvent, Stack, mock_pool
 
 
 def start_stack(context: Any, **pool: Any) -> None:
