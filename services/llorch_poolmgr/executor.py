@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
 from llorch.store import now_ms
-from llorch.v1 import poolmgr_pb2
+from llorch.v1 import poolmgr_pb2, types_pb2
 
 from .eventlog import EventLog, TaskWriter
 from .metrics import PoolMetrics
@@ -75,6 +75,7 @@ class Executor:
         self.replicas = replicas
         self.metrics = metrics
         self.running: dict[str, asyncio.Task[Outcome]] = {}
+        self.finished: list[types_pb2.TaskFinished] = []  # drained into the next report
         self._progress: dict[str, Progress] = {}
         self.queue_depths: dict[str, int] = {}  # replica set -> queued tasks, for decode metrics
         self.leases: dict[str, str] = {}  # task_id -> replica set id
@@ -88,12 +89,26 @@ class Executor:
         self.running[request.task_id] = task
         self.leases[request.task_id] = request.replica_set_id
 
-        def done(_: asyncio.Task[Outcome]) -> None:
+        def done(task: asyncio.Task[Outcome]) -> None:
             replica.running.discard(request.task_id)
             self.running.pop(request.task_id, None)
             self._progress.pop(request.task_id, None)
             self.leases.pop(request.task_id, None)
             replica.on_change()
+            if task.cancelled():  # aborted before it began: the cancel wrote the terminal event
+                outcome = Outcome(Code.CANCELED.value, 0, 0)
+            elif task.exception() is not None:  # a bug: left unreported, its lease lapses and the
+                log.error("task run failed", exc_info=task.exception())  # sweeper ends it, typed
+                return
+            else:
+                outcome = task.result()
+            finished = types_pb2.TaskFinished(
+                task_id=request.task_id,
+                code=outcome.code,
+                tokens_out=outcome.tokens_out,
+                decode_ms=outcome.decode_ms,
+            )
+            self.finished.append(finished)
 
         task.add_done_callback(done)
         replica.on_change()

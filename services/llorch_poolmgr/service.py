@@ -12,12 +12,11 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from llorch.config import PoolConfig
-from llorch.errors import Code
-from llorch.rpc import bind_correlation, metadata, unary
+from llorch.rpc import metadata, unary
 from llorch.store import Store
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-from .executor import Executor, Outcome
+from .executor import Executor
 from .metrics import PoolMetrics
 from .supervisor import Replica
 
@@ -100,28 +99,11 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         self.pools = pools
         self.executor = executor
 
-    async def Generate(
-        self, request: poolmgr_pb2.GenerateRequest, context: Context
-    ) -> AsyncIterator[poolmgr_pb2.GenerateUpdate]:
-        bind_correlation(context)
-        task = self.executor.try_start(request)
-        if task is None:
-            yield poolmgr_pb2.GenerateUpdate(phase=poolmgr_pb2.GenerateUpdate.REFUSED)
-            return
-        yield poolmgr_pb2.GenerateUpdate(phase=poolmgr_pb2.GenerateUpdate.ACCEPTED)
-        # Shielded: if the scheduler goes away the task runs on; its tokens go to Redis regardless.
-        try:
-            outcome = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # this RPC was cancelled, not the task
-            outcome = Outcome(Code.CANCELED.value, 0, 0)  # aborted before it began
-        yield poolmgr_pb2.GenerateUpdate(
-            phase=poolmgr_pb2.GenerateUpdate.FINISHED,
-            code=outcome.code,
-            tokens_out=outcome.tokens_out,
-            decode_ms=outcome.decode_ms,
-        )
+    @unary
+    async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
+        """Take a slot and run the task (it outlives this call); its end is reported on the
+        registration stream."""
+        return poolmgr_pb2.StartReply(accepted=self.executor.try_start(request) is not None)
 
     @unary
     async def Abort(self, request: poolmgr_pb2.AbortRequest, context: Context) -> poolmgr_pb2.AbortResponse:
@@ -163,12 +145,14 @@ async def _reports(
 ) -> AsyncIterator[scheduler_pb2.PoolManagerReport]:
     while True:
         pools.changed.clear()
+        finished, executor.finished = executor.finished, []
         yield scheduler_pb2.PoolManagerReport(
             manager_id=manager_id,
             address=address,
             metrics_address=metrics_address,
             pools=pools.states(),
             running_task_ids=sorted(executor.running),
+            finished=finished,
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(pools.changed.wait(), HEARTBEAT_S)

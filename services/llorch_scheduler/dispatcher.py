@@ -1,9 +1,12 @@
 """Dispatch: claim queued tasks (with a lease) onto Ready replicas with a free slot; sweep dead leases.
 
-One loop, woken by admissions, finished tasks and pool reports. Each dispatched task is followed by
-one `Generate` stream to its pool manager: it says when the slot is taken and freed. A broken stream
-(pool manager gone) ends the task with WORKER_RESET; the lease sweeper covers what a scheduler
-restart forgot. Every path ends the task through the store's append-unless-terminal step.
+A dispatch is one unary `Start` call; the task's end comes back batched on its pool manager's
+registration stream (`finished`), which frees the slot. A pool manager whose stream breaks and does
+not return within a grace period has its tasks ended with WORKER_RESET; the lease sweeper covers what
+a scheduler restart forgot.
+
+One loop, woken by admissions, finished tasks and pool reports. Every path ends a task through the
+store's append-unless-terminal step.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from dataclasses import dataclass
 
 import grpc.aio
 from redis.exceptions import RedisError
 
 from llorch.config import LlorchConfig
 from llorch.errors import RETRIABLE, Code
-from llorch.rpc import metadata
+from llorch.rpc import DEFAULT_DEADLINE_S, metadata
 from llorch.store import Claim, Store, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
@@ -29,8 +34,20 @@ from .registry import Candidate, PoolRegistry
 log = logging.getLogger(__name__)
 
 LEASE_MS = 15_000
+RECONCILE_AFTER_S = 10.0
+"""A task dispatched longer ago than this that its manager does not report running has ended."""
+LOST_GRACE_S = 3.0
+"""How long a pool manager whose stream broke has to come back before its tasks end."""
 _CANCEL_REASONS = {Code.DECODE_TIMEOUT.value: "watchdog", Code.DEADLINE_UNMET.value: "deadline"}
 SWEEP_INTERVAL_S = 2.0
+
+
+@dataclass
+class InFlight:
+    rs: str
+    claim: Claim
+    target: Candidate
+    dispatched_at: float
 
 
 class Dispatcher:
@@ -50,7 +67,7 @@ class Dispatcher:
         self.estimator = estimator
         self.token = internal_token
         self._wake = asyncio.Event()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, InFlight] = {}
         self._attempts: dict[str, int] = {}
 
     def wake(self) -> None:
@@ -66,9 +83,7 @@ class Dispatcher:
                     await self._fill(rs)
         finally:
             sweeper.cancel()
-            for task in list(self._inflight.values()):
-                task.cancel()
-            await asyncio.gather(sweeper, *self._inflight.values(), return_exceptions=True)
+            await asyncio.gather(sweeper, return_exceptions=True)
 
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently."""
@@ -111,9 +126,22 @@ class Dispatcher:
             await self.store.release_lease(rs, task_id)  # canceled (or expired) while queued
             return True
         request = self._generate_request(rs, task_id, record, target, claim)
-        task = asyncio.create_task(self._follow(rs, claim, target, request))
-        self._inflight[task_id] = task
-        task.add_done_callback(lambda _: self._inflight.pop(task_id, None))
+        self._inflight[task_id] = InFlight(rs, claim, target, time.monotonic())
+        self.estimator.started(rs, task_id, request.max_tokens)
+        try:
+            reply = await target.manager.stub.Start(
+                request, metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "start failed", extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name}
+            )
+            await self._lost(task_id)
+            return True
+        if not reply.accepted:
+            self._forget(task_id)
+            await self._refused(rs, claim)
+            self.wake()
         return True
 
     def _generate_request(
@@ -146,42 +174,63 @@ class Dispatcher:
             session_id=record.get("session_id", ""),
         )
 
-    async def _follow(
-        self, rs: str, claim: Claim, target: Candidate, request: poolmgr_pb2.GenerateRequest
-    ) -> None:
-        task_id = claim.task_id
-        finished = False
-        self.estimator.started(rs, task_id, request.max_tokens)
-        try:
-            stream = target.manager.stub.Generate(request, metadata=metadata(self.token))
-            async for update in stream:
-                if update.phase == poolmgr_pb2.GenerateUpdate.REFUSED:
-                    await self._refused(rs, claim)
-                    finished = True
-                elif update.phase == poolmgr_pb2.GenerateUpdate.FINISHED:
-                    finished = True
-                    ok = not update.code
-                    self.estimator.finished(rs, task_id, update.tokens_out, int(update.decode_ms), ok)
-                    self._count_ending(target, update.code)
-                    self.admission.settle(task_id, update.tokens_out)
-        except grpc.aio.AioRpcError as exc:
-            log.warning(
-                "pool manager stream lost",
-                extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name},
-            )
-        finally:
-            self.estimator.finished(rs, task_id, 0, 0, ok=False)  # no-op when already recorded
-            self.registry.release(target.replica.replica_id, task_id)
-            if not finished:
-                await self._fail(
-                    task_id,
-                    Code.WORKER_RESET,
-                    "the pool manager running this task was lost",
-                    target.pool.engine,
-                    target.pool.pool_id,
-                )
-            await self.store.release_lease(rs, task_id)
-            self.wake()
+    def _forget(self, task_id: str) -> InFlight | None:
+        """Stop counting a task against its slot."""
+        flight = self._inflight.pop(task_id, None)
+        if flight is not None:
+            self.registry.release(flight.target.replica.replica_id, task_id)
+            self.estimator.finished(flight.rs, task_id, 0, 0, ok=False)
+        return flight
+
+    async def finished(self, done: types_pb2.TaskFinished) -> None:
+        """A pool manager reported a task's end: its terminal event is in the log; free the slot."""
+        flight = self._inflight.pop(done.task_id, None)
+        if flight is None:
+            return
+        self.registry.release(flight.target.replica.replica_id, done.task_id)
+        self.estimator.finished(flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code)
+        self._count_ending(flight.target, done.code)
+        self.admission.settle(done.task_id, done.tokens_out)
+        await self.store.release_lease(flight.rs, done.task_id)
+        self.wake()
+
+    async def _lost(self, task_id: str) -> None:
+        flight = self._forget(task_id)
+        if flight is None:
+            return
+        pool = flight.target.pool
+        await self._fail(
+            task_id,
+            Code.WORKER_RESET,
+            "the pool manager running this task was lost",
+            pool.engine,
+            pool.pool_id,
+        )
+        await self.store.release_lease(flight.rs, task_id)
+        self.wake()
+
+    def reconcile(self, manager_id: str, running: set[str]) -> None:
+        """Free the slots of tasks a manager no longer runs but whose end never reached us (a report
+        lost with its stream). Their leases are left to lapse: the sweeper ends any that did not end."""
+        now = time.monotonic()
+        for task_id, flight in list(self._inflight.items()):
+            if (
+                flight.target.manager.manager_id == manager_id
+                and task_id not in running
+                and now - flight.dispatched_at > RECONCILE_AFTER_S
+            ):
+                self._forget(task_id)
+                self.wake()
+
+    async def manager_lost(self, manager_id: str) -> None:
+        """A pool manager's stream broke: unless it is back within the grace period, its tasks end."""
+        await asyncio.sleep(LOST_GRACE_S)
+        manager = self.registry.managers.get(manager_id)
+        if manager is not None and manager.connected:
+            return
+        for task_id, flight in list(self._inflight.items()):
+            if flight.target.manager.manager_id == manager_id:
+                await self._lost(task_id)
 
     def _count_ending(self, target: Candidate, code: str) -> None:
         """The pool manager's terminal code feeds tasks_canceled_total for watchdog and deadline endings."""
@@ -233,7 +282,5 @@ class Dispatcher:
                 task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding"
             )
             await self.store.release_lease(rs, task_id)
-            follower = self._inflight.get(task_id)
-            if follower is not None:
-                follower.cancel()  # frees the slot we counted for it
+            self._forget(task_id)
             log.warning("lease expired", extra={"event": "lease_expired", "task_id": task_id})

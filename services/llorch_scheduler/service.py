@@ -167,18 +167,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             async for report in request_iterator:
                 manager_id = report.manager_id
+                running = frozenset(report.running_task_ids)
                 self.registry.update(
-                    report.manager_id,
-                    report.address,
-                    report.metrics_address,
-                    list(report.pools),
-                    frozenset(report.running_task_ids),
+                    report.manager_id, report.address, report.metrics_address, list(report.pools), running
                 )
+                for done in report.finished:
+                    await self.dispatcher.finished(done)
+                self.dispatcher.reconcile(report.manager_id, set(running))
                 self.dispatcher.wake()
                 yield scheduler_pb2.SchedulerDirective(ack=True)
         finally:
             if manager_id:
                 self.registry.disconnect(manager_id)
+                self._spawn(self.dispatcher.manager_lost(manager_id))
 
     async def refresh_queue_gauges(self) -> None:
         """Set `queue_depth` for every known set (series exist at 0 from the first report on)."""
