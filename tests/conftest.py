@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 import redis
 
+from tests.support.mockengine import StartMock, mock_engines
 from tests.support.redis_server import RedisServer
 from tests.support.stack import Stack
 
@@ -48,3 +49,10 @@ def stack_factory(tmp_path: Path, redis_url: str) -> Iterator[Any]:
     yield build
     for stack in stacks:
         stack.stop()
+
+
+@pytest.fixture
+async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
+    """Start mock engines as real processes; all are stopped at teardown."""
+    async with mock_engines(tmp_path) as start:
+        yield start

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,14 +13,8 @@ from llorch.adapters.base import EngineHealth, Finished, GenerateRequest, Token
 from llorch.adapters.llamacpp import LlamaCppAdapter
 from llorch.errors import Code, OrchestratorError
 from llorch_mockengine.generation import completion_text
-from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock, mock_engines
+from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock
 from tests.support.procs import free_port, wait_until
-
-
-@pytest.fixture
-async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
-    async with mock_engines(tmp_path) as start:
-        yield start
 
 
 @pytest.fixture

@@ -16,17 +16,11 @@ import aiohttp
 import pytest
 
 from llorch_mockengine.generation import WORDS, completion_text
-from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock, mock_engines
+from tests.support.mockengine import FIXTURE_MODEL, Mock, StartMock
 from tests.support.procs import Proc, free_port, python_module, wait_until
 
 TOKEN_KEYS = ["index", "content", "tokens", "stop", "id_slot", "tokens_predicted", "tokens_evaluated"]
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
-
-
-@pytest.fixture
-async def start_mock(tmp_path: Path) -> AsyncIterator[StartMock]:
-    async with mock_engines(tmp_path) as start:
-        yield start
 
 
 @pytest.fixture
