@@ -13,8 +13,9 @@ from typing import Any
 
 import aiohttp
 
+from llorch.adapters.launch import engine_command
 from llorch.config import PoolConfig
-from llorch_poolmgr.supervisor import engine_command, resolve_binary
+from llorch_poolmgr.supervisor import resolve_binary
 from tests.support.procs import Proc, free_port, http_ok, wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.stack import MOCK_MODEL, Stack, mock_pool
@@ -83,7 +84,7 @@ class BenchEnv:
         binary = resolve_binary(pool.effective_engine_bin)
         for index in range(self.layout.replicas if self.with_direct else 0):
             port = free_port()
-            argv = engine_command(pool, binary, MOCK_MODEL, port)
+            argv = list(engine_command(pool, binary, MOCK_MODEL, port, free_port).argv)
             self.direct.append(Proc(argv, self.workdir / f"direct-{index}.log"))
             self.direct_urls.append(f"http://127.0.0.1:{port}")
         await self.stack.wait_ready(timeout_s=90)

@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
         if name == "pool-manager":
             cmd.add_argument("--index", type=int, default=0, help="n: gRPC on base_port+n, metrics on 9111+n")
             cmd.add_argument("--pools", default=None, help="comma-separated pool ids (default: all)")
+            cmd.add_argument(
+                "--assign",
+                action="append",
+                default=[],
+                metavar="POOL=GPU",
+                help="the GPU chosen for a `devices: auto` pool (-1: none fits); repeatable",
+            )
+    gpus = sub.add_parser("gpus", help="print the GPU inventory the configured probe sees, as JSON")
+    gpus.add_argument("--config", default=None, help="YAML config (default: NVML)")
     sub.add_parser("mock-engine", help="run the mock engine (llama-server protocol)", add_help=False)
     config = sub.add_parser("config", help="validate a config or print its JSON Schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -87,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "config":
         code = config_cmd.validate(args.file) if args.config_command == "validate" else config_cmd.schema()
         raise SystemExit(code)
+    if args.command == "gpus":
+        from .gpus_cmd import gpus as print_gpus
+
+        raise SystemExit(print_gpus(Path(args.config) if args.config else None))
     if args.command == "up":
         from .up import up
 
@@ -104,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from llorch_poolmgr.__main__ import serve as pool_manager
 
         pools = args.pools.split(",") if args.pools else None
+        assign = {pool: int(gpu) for pool, _, gpu in (a.partition("=") for a in args.assign)}
 
         async def serve_pm(c: LlorchConfig, stop: asyncio.Event) -> None:
-            await pool_manager(c, stop, args.index, pools)
+            await pool_manager(c, stop, args.index, pools, assign)
 
         run_service("pool-manager", cfg, serve_pm)
 

@@ -1,5 +1,6 @@
 """`llorch up`: the whole stack on one machine — embedded Redis (when redis.url is null), the
-scheduler, one pool manager and the gateway, each its own process. Ctrl-C (or SIGTERM) stops them
+scheduler, one pool manager per device mask (plus one for CPU pools, see
+llorch_poolmgr.topology) and the gateway, each its own process. Ctrl-C (or SIGTERM) stops them
 in reverse order; every child also has PR_SET_PDEATHSIG, so none outlives `llorch up`.
 """
 
@@ -16,9 +17,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from llorch import gpu
 from llorch.config import ConfigError, LlorchConfig, load_config, resolve_config_path
 from llorch.rpc import load_internal_token
 from llorch_gateway.auth import ensure_token_file
+from llorch_poolmgr.topology import manager_args, plan_managers
 
 from .embedded_redis import EmbeddedRedis
 
@@ -108,11 +111,15 @@ def up(config: Path | None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    children = [
-        _spawn(["scheduler", *config_arg], env),
-        _spawn(["pool-manager", *config_arg, "--index", "0"], env),
-        _spawn(["gateway", *config_arg], env),
-    ]
+    probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
+    plans = plan_managers(cfg, probe.devices())
+    probe.close()
+    children = [_spawn(["scheduler", *config_arg], env)]
+    for plan in plans:
+        args = [*manager_args(plan), *config_arg]
+        print(f"pool manager {plan.index} ({plan.name}): {', '.join(plan.pools)}", flush=True)
+        children.append(_spawn(args, env))
+    children.append(_spawn(["gateway", *config_arg], env))
     url = f"http://{cfg.api.bind}"
     try:
         if not _wait_ready(url, children):

@@ -121,6 +121,22 @@ class Api:
                 return _json(_pool_health(view))
         raise OrchestratorError(Code.NOT_FOUND, f"pool {pool_id} is unknown")
 
+    async def resume(self, request: web.Request) -> web.Response:
+        pool_id = request.match_info["pool_id"]
+        reply = await self.d.scheduler.pool_control(pool_id, "resume")
+        return _json({"pool_id": pool_id, "state": reply.state}, 202)
+
+    async def replica_sets(self, request: web.Request) -> web.Response:
+        reply = await self.d.scheduler.replica_sets()
+        return web.Response(text=reply.json, content_type="application/json")
+
+    async def capabilities(self, request: web.Request) -> web.Response:
+        caps = json.loads((await self.d.scheduler.capabilities()).json)
+        limits = self.d.auth.limits(request.get("client", ""))
+        for engine in caps["engines"]:
+            engine["rate_limits"] = limits
+        return _json(caps)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
@@ -152,6 +168,7 @@ class Api:
 def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
     pool = view.state
     slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
+    gpus = [t for t in pool.telemetry if t.vram_total_bytes]
     last_error = (
         {"code": pool.last_error.code, "message": pool.last_error.message, "at_ms": pool.last_error.at_ms}
         if pool.has_error
@@ -174,15 +191,21 @@ def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
         ],
         "last_error": last_error,
         "restarts": pool.restarts,
-        "circuit": "closed",
+        "circuit": pool.circuit or "closed",
         "metrics": {
             "slots_total": slots_total,
             "slots_free": view.slots_free,
             "tasks_running": view.tasks_running,
-            "vram_used_bytes": None,
-            "vram_total_bytes": None,
-            "gpu_utilization": None,
-            "kv_cache_usage_ratio": None,
+            "vram_used_bytes": sum(t.vram_used_bytes for t in gpus) if gpus else None,
+            "vram_total_bytes": sum(t.vram_total_bytes for t in gpus) if gpus else None,
+            "gpu_utilization": (
+                max(utils)
+                if (utils := [t.gpu_utilization for t in gpus if t.HasField("gpu_utilization")])
+                else None
+            ),
+            "kv_cache_usage_ratio": (
+                pool.kv_cache_usage_ratio if pool.HasField("kv_cache_usage_ratio") else None
+            ),
         },
     }
 
@@ -200,6 +223,9 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_post("/v1/tasks/{task_id}/cancel", api.cancel)
     app.router.add_get("/v1/pools", api.pools)
     app.router.add_get("/v1/pools/{pool_id}/health", api.pool_health)
+    app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)
+    app.router.add_get("/v1/replicasets", api.replica_sets)
+    app.router.add_get("/v1/capabilities", api.capabilities)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

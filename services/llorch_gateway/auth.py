@@ -28,6 +28,7 @@ class ApiToken:
     name: str
     value: bytes
     rps: float | None = None
+    tokens_per_min: int | None = None
 
 
 def read_token_file(path: Path) -> str:
@@ -59,7 +60,7 @@ def load_tokens(cfg: LlorchConfig) -> list[ApiToken]:
         else:
             assert entry.token_file is not None
             value = read_token_file(Path(entry.token_file))
-        tokens.append(ApiToken(entry.name, value.encode(), entry.rps))
+        tokens.append(ApiToken(entry.name, value.encode(), entry.rps, entry.tokens_per_min))
     if tokens:
         return tokens
     from_env = os.environ.get("LLORCH_API_TOKEN")
@@ -83,6 +84,14 @@ class Authenticator:
         self.probes_require_auth = probes_require_auth
         self.backoff_ms = backoff_ms
         self._buckets = {t.name: TokenBucket(t.rps) for t in tokens if t.rps}
+
+    def limits(self, client: str) -> dict[str, float | int | None]:
+        """The caller's token limits as Capabilities shows them (null: unlimited)."""
+        token = next((t for t in self.tokens if t.name == client), None)
+        return {
+            "requests_per_s": token.rps if token else None,
+            "tokens_per_min": token.tokens_per_min if token else None,
+        }
 
     def client(self, request: web.Request) -> str:
         """The matching token's name; raises 401/403 otherwise."""

@@ -53,3 +53,23 @@ class SchedulerClient:
             scheduler_pb2.ListPoolsRequest(), metadata=metadata(self.token), timeout=timeout_s
         )
         return await self._call(call, "the scheduler")
+
+    async def replica_sets(self) -> scheduler_pb2.JsonReply:
+        call = self.stub.ListReplicaSets(
+            scheduler_pb2.ListReplicaSetsRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        )
+        return await self._call(call, "the scheduler")
+
+    async def capabilities(self) -> scheduler_pb2.JsonReply:
+        call = self.stub.Capabilities(
+            scheduler_pb2.CapabilitiesRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        )
+        return await self._call(call, "the scheduler")
+
+    async def pool_control(self, pool_id: str, action: str) -> scheduler_pb2.PoolControlResponse:
+        call = self.stub.PoolControl(
+            scheduler_pb2.PoolControlRequest(pool_id=pool_id, action=action),
+            metadata=metadata(self.token),
+            timeout=DEFAULT_DEADLINE_S,
+        )
+        return await self._call(call, "the scheduler")

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc.aio
 from prometheus_client import CollectorRegistry
 
+from llorch import gpu
 from llorch.config import LlorchConfig, PoolConfig
 from llorch.digest import model_digest
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
@@ -19,9 +20,11 @@ from llorch.v1 import poolmgr_pb2_grpc
 
 from .eventlog import EventLog
 from .executor import Executor
+from .faults import PoolError
 from .metrics import PoolMetrics
 from .service import PoolManagerService, Pools, register_forever, renew_leases_forever
 from .supervisor import Replica
+from .topology import resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +38,54 @@ def addresses(cfg: LlorchConfig, index: int) -> tuple[str, str]:
     )
 
 
-async def build_pools(cfg: LlorchConfig, pool_cfgs: list[PoolConfig], metrics: PoolMetrics) -> Pools:
+async def build_pools(
+    cfg: LlorchConfig,
+    pool_cfgs: list[PoolConfig],
+    metrics: PoolMetrics,
+    probe: gpu.GpuProbe,
+    assign: dict[str, int],
+) -> Pools:
     models = {m.id: Path(m.path) for m in cfg.catalog.models}
     entries: list[tuple[PoolConfig, str, list[Replica]]] = []
     errors: dict[str, tuple[str, str, int]] = {}
     holder: list[Pools] = []
+    inventory = probe.devices()
 
     def changed() -> None:
         if holder:
             holder[0].changed.set()
 
+    def unservable(pool: PoolConfig, code: PoolError, message: str) -> None:
+        errors[pool.id] = (code.value, message, int(time.time() * 1000))
+        entries.append((pool, "", []))
+
     for pool in pool_cfgs:
         path = models.get(pool.model)
         if path is None or not path.exists():
             reason = "not in the catalog" if path is None else f"file {path} does not exist"
-            errors[pool.id] = ("MODEL_NOT_FOUND", f"model {pool.model}: {reason}", int(time.time() * 1000))
-            entries.append((pool, "", []))
+            unservable(pool, PoolError.MODEL_NOT_FOUND, f"model {pool.model}: {reason}")
+            continue
+        devices = resolve_devices(cfg, pool, assign, inventory)
+        if isinstance(devices, str):
+            why = f" ({probe.reason})" if probe.reason else ""
+            unservable(pool, PoolError.INSUFFICIENT_VRAM, devices + why)
             continue
         digest = await model_digest(path, cfg.state_dir / "digests.json")
-        replicas = [Replica(pool, k, path, cfg.state_dir / "logs", changed) for k in range(pool.replicas)]
+        replicas = [
+            Replica(pool, k, path, devices, cfg.state_dir / "logs", probe, metrics, changed)
+            for k in range(pool.replicas)
+        ]
         entries.append((pool, digest, replicas))
-    holder.append(Pools(entries, metrics, errors))
+    holder.append(Pools(entries, metrics, probe, errors))
     return holder[0]
 
 
 async def serve(
-    cfg: LlorchConfig, stop: asyncio.Event, index: int = 0, pool_ids: list[str] | None = None
+    cfg: LlorchConfig,
+    stop: asyncio.Event,
+    index: int = 0,
+    pool_ids: list[str] | None = None,
+    assign: dict[str, int] | None = None,
 ) -> None:
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     address, metrics_address = addresses(cfg, index)
@@ -68,7 +93,10 @@ async def serve(
     selected = [p for p in cfg.pools if pool_ids is None or p.id in pool_ids]
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
     with metrics_endpoint(metrics_address, metrics.registry):
-        pools = await build_pools(cfg, selected, metrics)
+        probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
+        if probe.reason:
+            log.info("no GPU telemetry", extra={"event": "gpu_probe", "reason": probe.reason})
+        pools = await build_pools(cfg, selected, metrics, probe, assign or {})
         async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store:
             events = EventLog(store, cfg.sse.retention_s)
             executor = Executor(events, pools.replicas, metrics)
@@ -91,3 +119,4 @@ async def serve(
                 )
                 await stop.wait()
             await events.aclose()
+        probe.close()

@@ -50,9 +50,11 @@ class Progress:
     last_event_at: float
     started_at: float = 0.0
     metrics_at: float = 0.0
+    replica_id: str = ""
     tokens: int = 0
     first_token_ms: int = 0
     expired: Code | None = None
+    retry: bool = False
 
     def overdue(self, now: float) -> Code | None:
         if now >= self.deadline_at:
@@ -67,6 +69,8 @@ class Outcome:
     code: str
     tokens_out: int
     decode_ms: int
+    first_token_ms: int = 0
+    retry: bool = False
 
 
 class Executor:
@@ -107,6 +111,8 @@ class Executor:
                 code=outcome.code,
                 tokens_out=outcome.tokens_out,
                 decode_ms=outcome.decode_ms,
+                first_token_ms=outcome.first_token_ms,
+                retry=outcome.retry,
             )
             self.finished.append(finished)
 
@@ -134,6 +140,9 @@ class Executor:
                 if code is not None and progress.expired is None and task is not None:
                     progress.expired = code
                     task.cancel()
+                    replica = self.replicas.get(progress.replica_id)
+                    if code == Code.DECODE_TIMEOUT and replica is not None:
+                        replica.suspect()
 
     async def _refresh_queue_depths(self) -> None:
         for rs in set(self.leases.values()):
@@ -178,6 +187,7 @@ class Executor:
             deadline_at=now + max(0, req.deadline_at_ms - now_ms()) / 1000,
             last_event_at=now,
             started_at=now,
+            replica_id=replica.replica_id,
         )
         self._progress[req.task_id] = progress
         code = ""
@@ -198,9 +208,10 @@ class Executor:
             await writer.close()
             if progress.tokens:
                 self.metrics.tokens_out.labels(*labels).inc(progress.tokens)
-        if code and code != Code.CANCELED.value:
+        if code and code != Code.CANCELED.value and not progress.retry:
             self.metrics.tasks_failed.labels(pool.engine, pool.id, code).inc()
-        return Outcome(code, progress.tokens, int((time.monotonic() - started) * 1000))
+        decode_ms = int((time.monotonic() - started) * 1000)
+        return Outcome(code, progress.tokens, decode_ms, progress.first_token_ms, progress.retry)
 
     async def _stream(
         self,
@@ -215,8 +226,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         if adapter is None:
             exc = OrchestratorError(Code.WORKER_RESET, "the engine restarted before the task began")
-            self._error(writer, replica, exc, 0)
-            return exc.code.value
+            return self._failed(req, writer, replica, exc, progress)
         stream = adapter.stream(self._request(req))
         try:
             async for item in stream:
@@ -236,10 +246,25 @@ class Executor:
                     return ""
             raise OrchestratorError(Code.WORKER_RESET, "the engine stream ended without a final chunk")
         except OrchestratorError as exc:
-            self._error(writer, replica, exc, progress.tokens)
-            return exc.code.value
+            return self._failed(req, writer, replica, exc, progress)
         finally:
             await stream.aclose()  # closes the engine connection at once when we stop early
+
+    def _failed(
+        self,
+        req: poolmgr_pb2.GenerateRequest,
+        writer: TaskWriter,
+        replica: Replica,
+        exc: OrchestratorError,
+        progress: Progress,
+    ) -> str:
+        """End the task with the error, except a first-attempt WORKER_RESET before any token: that one
+        goes back to the scheduler, which places it once more (on another replica when it can)."""
+        if exc.code == Code.WORKER_RESET and progress.tokens == 0 and req.attempt == 0:
+            progress.retry = True
+        else:
+            self._error(writer, replica, exc, progress.tokens)
+        return exc.code.value
 
     @staticmethod
     def _request(req: poolmgr_pb2.GenerateRequest) -> GenerateRequest:

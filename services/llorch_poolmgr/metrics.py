@@ -45,6 +45,15 @@ class PoolMetrics:
         self.engine_restarts = Counter(
             "engine_restarts_total", "Engine restarts", ["pool_id", "reason"], registry=registry
         )
+        self.preload_outcomes = Counter(
+            "preload_outcomes_total", "Preload outcomes", ["pool_id", "outcome"], registry=registry
+        )
+        self.driver_resets = Counter(
+            "driver_resets_total", "Driver or CUDA faults", ["pool_id", "device"], registry=registry
+        )
+        self.circuit_open = Gauge(
+            "pool_circuit_open", "1 while a replica's circuit breaker is open", ["pool_id"], registry=registry
+        )
         self.tasks_failed = Counter(
             "tasks_failed_total", "Tasks ended by an error", ["engine", "pool_id", "code"], registry=registry
         )

@@ -11,6 +11,7 @@ from typing import Any
 import grpc.aio
 from redis.exceptions import RedisError
 
+from llorch import gpu
 from llorch.config import PoolConfig
 from llorch.rpc import metadata, unary
 from llorch.store import Store
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 HEARTBEAT_S = 2.0
+_STATE_ORDER = ("Ready", "SelfTest", "Preloading", "Backoff", "Unavailable", "Stopped")
+_LIVE = frozenset({"Preloading", "SelfTest", "Ready", "Backoff"})
 LEASE_RENEW_S = 5.0
 LEASE_MS = 15_000
 
@@ -35,10 +38,12 @@ class Pools:
         self,
         pools: list[tuple[PoolConfig, str, list[Replica]]],
         metrics: PoolMetrics,
+        probe: gpu.GpuProbe,
         errors: dict[str, tuple[str, str, int]] | None = None,
     ) -> None:
         self.pools = pools  # (config, model digest, replicas)
         self.metrics = metrics
+        self.probe = probe
         self.errors = errors or {}  # pool_id -> (code, message, at_ms) for pools that cannot start
         self.changed = asyncio.Event()
 
@@ -51,13 +56,10 @@ class Pools:
 
     def _state(self, cfg: PoolConfig, digest: str, replicas: list[Replica]) -> types_pb2.PoolState:
         ready = [r for r in replicas if r.state == "Ready"]
-        state = (
-            "Ready" if ready else ("Backoff" if any(r.state == "Backoff" for r in replicas) else "Starting")
-        )
-        if not replicas:
-            state = "Unavailable"  # the model could not be resolved; see last_error
+        states = {r.state for r in replicas}
+        state = next((s for s in _STATE_ORDER if s in states), "Unavailable")  # no replicas: see last_error
         self.metrics.pool_ready.labels(cfg.id).set(1 if ready else 0)
-        devices = [str(d) for d in cfg.devices] if isinstance(cfg.devices, list) else [cfg.devices]
+        devices = replicas[0].device_labels if replicas else _config_devices(cfg)
         pool = types_pb2.PoolState(
             pool_id=cfg.id,
             engine=cfg.engine,
@@ -73,17 +75,29 @@ class Pools:
             full_policy=cfg.queue.full_policy,
             max_tokens_limit=cfg.effective_max_tokens_limit,
             workloads=list(cfg.workloads),
-            live=any(r.pid and r.state != "Stopped" for r in replicas),
+            live=any(r.pid and r.state in _LIVE for r in replicas),
+            circuit="open" if any(r.circuit == "open" for r in replicas) else "closed",
+            cost_per_1k_tokens=cfg.cost_per_1k_tokens,
+            slots=cfg.slots,
         )
         for r in replicas:
-            pool.replicas.add(
+            replica = pool.replicas.add(
                 replica_id=r.replica_id,
                 state=r.state,
                 pid=r.pid,
                 port=r.port,
                 slots_total=r.slots_total,
                 slots_busy=len(r.running),
+                circuit=r.circuit,
             )
+            if r.telemetry.kv_cache_usage_ratio is not None:
+                replica.kv_cache_usage_ratio = r.telemetry.kv_cache_usage_ratio
+        ratios = [
+            r.telemetry.kv_cache_usage_ratio for r in ready if r.telemetry.kv_cache_usage_ratio is not None
+        ]
+        if ratios:
+            pool.kv_cache_usage_ratio = sum(ratios) / len(ratios)
+        pool.telemetry.extend(self._telemetry(devices, replicas))
         errors = [r.last_error for r in replicas if r.last_error is not None]
         if cfg.id in self.errors:
             errors.append(self.errors[cfg.id])
@@ -92,6 +106,32 @@ class Pools:
             pool.has_error = True
             pool.last_error.CopyFrom(types_pb2.PoolErrorInfo(code=code, message=message, at_ms=at_ms))
         return pool
+
+    def _telemetry(self, devices: list[str], replicas: list[Replica]) -> list[types_pb2.DeviceTelemetry]:
+        out: list[types_pb2.DeviceTelemetry] = []
+        for device in devices:
+            seen = types_pb2.DeviceTelemetry(device=device)
+            used = [r.telemetry.vram_used_bytes.get(device) for r in replicas]
+            seen.vram_used_bytes = sum(u for u in used if u is not None)
+            utils = [u for r in replicas if (u := r.telemetry.gpu_utilization.get(device)) is not None]
+            dev = self.probe.device(int(device)) if device.isdigit() else None
+            if dev is not None:
+                seen.name = dev.name
+                seen.vram_total_bytes = dev.total_bytes
+                seen.vram_free_bytes = dev.free_bytes
+                if dev.utilization is not None:
+                    utils.append(dev.utilization)
+            else:  # no probe for it: what the engines report (the mock's telemetry knobs)
+                totals = [r.telemetry.vram_total_bytes.get(device, 0) for r in replicas]
+                seen.vram_total_bytes = max(totals, default=0)
+            if utils:
+                seen.gpu_utilization = max(utils)
+            out.append(seen)
+        return out
+
+
+def _config_devices(cfg: PoolConfig) -> list[str]:
+    return [str(d) for d in cfg.devices] if isinstance(cfg.devices, list) else [cfg.devices]
 
 
 class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
@@ -114,6 +154,18 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         self, request: poolmgr_pb2.HealthRequest, context: Context
     ) -> poolmgr_pb2.HealthResponse:
         return poolmgr_pb2.HealthResponse(pools=self.pools.states())
+
+    @unary
+    async def Resume(
+        self, request: poolmgr_pb2.ResumeRequest, context: Context
+    ) -> poolmgr_pb2.ResumeResponse:
+        for cfg, _digest, replicas in self.pools.pools:
+            if cfg.id == request.pool_id:
+                for replica in replicas:
+                    replica.resume()
+                state = next(p.state for p in self.pools.states() if p.pool_id == cfg.id)
+                return poolmgr_pb2.ResumeResponse(found=True, state=state)
+        return poolmgr_pb2.ResumeResponse(found=False)
 
 
 async def register_forever(

@@ -29,6 +29,7 @@ from llorch.v1 import poolmgr_pb2, types_pb2
 
 from .admission import Admission
 from .estimator import Estimator
+from .inventory import SloWindow
 from .registry import Candidate, PoolRegistry
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._inflight: dict[str, InFlight] = {}
         self._attempts: dict[str, int] = {}
+        self._retried: dict[str, str] = {}  # task_id -> the replica that reset under it
+        self.slo = SloWindow()
 
     def wake(self) -> None:
         self._wake.set()
@@ -99,8 +102,10 @@ class Dispatcher:
                 if not best:  # a replica left while we claimed
                     await self.store.requeue_head(rs, claim)
                     continue
-                self.registry.occupy(best[0].replica.replica_id, best[0].pool.pool_id, claim.task_id)
-                placed.append((claim, best[0]))
+                avoid = self._retried.get(claim.task_id)
+                target = next((c for c in best if c.replica.replica_id != avoid), best[0])
+                self.registry.occupy(target.replica.replica_id, target.pool.pool_id, claim.task_id)
+                placed.append((claim, target))
             settled = await asyncio.gather(*(self._dispatch(rs, claim, target) for claim, target in placed))
             if not all(settled):
                 return  # one was put back until its admission finishes; that admission wakes us
@@ -172,6 +177,7 @@ class Dispatcher:
             queue_time_ms=max(0, now_ms() - admitted),
             deadline_at_ms=admitted + int(record["deadline_ms"]),
             session_id=record.get("session_id", ""),
+            attempt=1 if task_id in self._retried else 0,
         )
 
     def _forget(self, task_id: str) -> InFlight | None:
@@ -188,13 +194,29 @@ class Dispatcher:
         if flight is None:
             return
         self.registry.release(flight.target.replica.replica_id, done.task_id)
+        if done.retry and done.task_id not in self._retried:
+            await self._retry(flight, done.task_id)
+            return
+        self._retried.pop(done.task_id, None)
+        self.slo.record(flight.rs, done)
         self.estimator.finished(flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code)
         self._count_ending(flight.target, done.code)
         self.admission.settle(done.task_id, done.tokens_out)
         await self.store.release_lease(flight.rs, done.task_id)
         self.wake()
 
+    async def _retry(self, flight: InFlight, task_id: str) -> None:
+        """The engine reset before the task's first token: place it once more, at the head of its
+        class, preferring another replica (SPEC §5.6: WORKER_RESET may be retried once)."""
+        self.estimator.finished(flight.rs, task_id, 0, 0, ok=False)
+        self._retried[task_id] = flight.target.replica.replica_id
+        log.info("task retried", extra={"event": "task_retry", "task_id": task_id})
+        await self.store.append(task_id, [], fields={"state": "queued"})
+        await self.store.requeue_head(flight.rs, flight.claim)
+        self.wake()
+
     async def _lost(self, task_id: str) -> None:
+        self._retried.pop(task_id, None)
         flight = self._forget(task_id)
         if flight is None:
             return

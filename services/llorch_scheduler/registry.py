@@ -15,6 +15,8 @@ import grpc.aio
 from llorch.ids import replica_set_id
 from llorch.v1 import poolmgr_pb2_grpc, types_pb2
 
+from .placement import Option, rank
+
 log = logging.getLogger(__name__)
 
 
@@ -144,18 +146,20 @@ class PoolRegistry:
     def replica_sets(self) -> list[str]:
         return sorted({set_of(p) for _, p in self.pools() if p.engine_version})
 
-    def candidates(self, rs: str) -> list[Candidate]:
-        """Ready replicas of the set with a free slot, best first (most free slots, lowest ids)."""
-        found: list[Candidate] = []
+    def candidates(self, rs: str, warm_replica: str | None = None) -> list[Candidate]:
+        """Ready replicas of the set with a free slot, best first (see placement.rank)."""
+        found: dict[str, Candidate] = {}
+        options: list[Option] = []
         for manager, pool in self.pools():
             if not self.is_ready(manager, pool) or set_of(pool) != rs:
                 continue
+            vram_free = min((t.vram_free_bytes for t in pool.telemetry), default=0)
             for replica in pool.replicas:
                 free = replica.slots_total - self.busy(replica)
                 if replica.state == "Ready" and free > 0:
-                    found.append(Candidate(manager, pool, replica, free))
-        found.sort(key=lambda c: (-c.slots_free, c.pool.pool_id, c.replica.replica_id))
-        return found
+                    found[replica.replica_id] = Candidate(manager, pool, replica, free)
+                    options.append(Option(pool.pool_id, replica.replica_id, free, vram_free))
+        return [found[o.replica_id] for o in rank(options, warm_replica)]
 
     def slots(self, rs: str) -> tuple[int, int]:
         """(total, free) slots over the set's Ready replicas."""

@@ -16,6 +16,7 @@ from llorch.rpc import metadata, unary
 from llorch.store import Priority, Store
 from llorch.v1 import poolmgr_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+from . import inventory
 from .admission import Admission
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
@@ -159,6 +160,44 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             sorted({m.metrics_address for m in self.registry.managers.values() if m.connected})
         )
         return reply
+
+    @unary
+    async def ListReplicaSets(
+        self, request: scheduler_pb2.ListReplicaSetsRequest, context: Context
+    ) -> scheduler_pb2.JsonReply:
+        sets = await inventory.replica_sets(self.registry, self.store, self.dispatcher.slo)
+        return scheduler_pb2.JsonReply(json=json.dumps(sets, separators=(",", ":")))
+
+    @unary
+    async def Capabilities(
+        self, request: scheduler_pb2.CapabilitiesRequest, context: Context
+    ) -> scheduler_pb2.JsonReply:
+        caps = inventory.capabilities(self.registry, sessions=False)
+        return scheduler_pb2.JsonReply(json=json.dumps(caps, separators=(",", ":")))
+
+    @unary
+    async def PoolControl(
+        self, request: scheduler_pb2.PoolControlRequest, context: Context
+    ) -> scheduler_pb2.PoolControlResponse:
+        found = next(((m, p) for m, p in self.registry.pools() if p.pool_id == request.pool_id), None)
+        if found is None:
+            raise OrchestratorError(Code.NOT_FOUND, f"pool {request.pool_id} is unknown")
+        manager, _pool = found
+        if not manager.connected:
+            raise OrchestratorError(
+                Code.POOL_UNAVAILABLE, f"the pool manager of {request.pool_id} is not connected"
+            )
+        try:
+            reply = await manager.stub.Resume(
+                poolmgr_pb2.ResumeRequest(pool_id=request.pool_id), metadata=metadata(self.token), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise OrchestratorError(
+                Code.POOL_UNAVAILABLE,
+                f"the pool manager of {request.pool_id} did not answer ({exc.code().name})",
+            ) from None
+        log.info("pool resumed", extra={"event": "pool_resume", "pool_id": request.pool_id})
+        return scheduler_pb2.PoolControlResponse(state=reply.state)
 
     async def RegisterPoolManager(
         self, request_iterator: AsyncIterator[scheduler_pb2.PoolManagerReport], context: Context

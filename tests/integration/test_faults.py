@@ -88,7 +88,7 @@ async def test_engine_crash_mid_stream_is_typed_and_the_replica_restarts(
         return bool(health["ready"] and health["restarts"] >= 1 and health["replicas"][0]["pid"] != first_pid)
 
     await wait_until(restarted, 60, "the replica to restart")
-    assert (await _health(http, stack))["last_error"]["code"] == "WORKER_RESET"
+    assert (await _health(http, stack))["last_error"]["code"] == "ENGINE_CRASHED"
     short = await client.admit(max_tokens=2)
     assert (await client.events(short))[-1].event == "end"
 

@@ -16,25 +16,38 @@ from typing import Any
 import aiohttp
 import yaml
 
+from llorch import gpu
+from llorch.config import load_config
+from llorch_poolmgr.topology import manager_args, plan_managers
+
 from .procs import Proc, free_port, python_module, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MOCK_MODEL = ROOT / "tests" / "fixtures" / "mock-model.bin"
 
 
-def _port_pair(offset: int) -> int:
-    """A port p with p and p+offset both free (pool managers use base+n, metrics base+10+n)."""
+def _free_ports(offsets: Sequence[int]) -> int:
+    """A port p with p+o free for every o (pool manager n uses base+n, its metrics base+10+n)."""
     for _ in range(200):
         port = free_port()
-        if port + offset > 65535:
+        if port + max(offsets) > 65535:
             continue
-        with socket.socket() as probe:
-            try:
+        probes: list[socket.socket] = []
+        try:
+            for offset in offsets:
+                probe = socket.socket()
+                probes.append(probe)
                 probe.bind(("127.0.0.1", port + offset))
-            except OSError:
-                continue
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
         return port
-    raise RuntimeError("no free port pair")
+    raise RuntimeError("no free port range")
+
+
+MANAGERS = 4  # room for this many pool managers per stack
 
 
 def mock_pool(
@@ -80,8 +93,8 @@ class Stack:
             "api": {"bind": f"127.0.0.1:{self.api_port}", "max_body_bytes": 65536},
             "grpc": {
                 "scheduler": f"127.0.0.1:{free_port()}",
-                "pool_manager_base_port": free_port(),
-                "metrics_base_port": _port_pair(10),
+                "pool_manager_base_port": _free_ports(range(MANAGERS)),
+                "metrics_base_port": _free_ports([0, *range(10, 10 + MANAGERS)]),
             },
             "redis": {"url": redis_url},
             "sse": {"heartbeat_s": 1, "retention_s": 60, "queued_metrics_interval_ms": 1000},
@@ -109,9 +122,20 @@ class Stack:
     def start_pool_manager(self) -> Proc:
         return self._spawn("pool-manager", "pool-manager", "--index", "0")
 
-    async def start(self, ready: bool = True) -> None:
+    def start_pool_managers(self) -> None:
+        """One pool manager per device mask plus one for CPU pools, planned as `llorch up` plans them."""
+        cfg = load_config(self.config_path)
+        probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
+        for plan in plan_managers(cfg, probe.devices()):
+            self._spawn(f"pool-manager-{plan.name}", *manager_args(plan))
+        probe.close()
+
+    async def start(self, ready: bool = True, per_device: bool = False) -> None:
         self._spawn("scheduler", "scheduler")
-        self.start_pool_manager()
+        if per_device:
+            self.start_pool_managers()
+        else:
+            self.start_pool_manager()
         self._spawn("gateway", "gateway")
         if ready:
             await self.wait_ready()

@@ -6,13 +6,17 @@ An adapter turns a :class:`GenerateRequest` into the engine's streaming request 
 an engine error object or 5xx → INTERNAL (engine text in the message), a capacity refusal
 (no free slot, 503 busy, out of memory at submit) → REPLICA_EXHAUSTED.
 Cancel is closing the iterator (``aclose()``), which closes the HTTP stream; the engine frees the slot.
+
+Implementations: ``llamacpp`` (llama-server and the mock engine), ``openai`` (vLLM and other
+OpenAI-compatible servers), ``tgi`` and ``triton``; ``launch`` builds each engine's command line and
+picks the adapter for a pool.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,23 @@ class EngineProps:
     model_path: str
 
 
+@dataclass(frozen=True, slots=True)
+class KvInfo:
+    """KV-cache occupancy as the engine reports it.
+
+    ``usage_ratio`` is the used fraction of the whole cache (0..1), or None when the engine does not
+    report one (TGI, llama.cpp builds without ``llamacpp:kv_cache_usage_ratio``); callers then estimate
+    from the tokens they have sent. ``per_slot`` holds one ratio per slot where the engine gives them,
+    else it is empty.
+    """
+
+    usage_ratio: float | None
+    per_slot: tuple[float, ...] = ()
+
+
+KV_UNREPORTED: Final = KvInfo(usage_ratio=None)
+
+
 class EngineAdapter(Protocol):
     async def health(self) -> EngineHealth: ...
 
@@ -69,5 +90,17 @@ class EngineAdapter(Protocol):
     def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]: ...
 
     async def metrics(self) -> dict[str, float]: ...
+
+    async def kv_info(self) -> KvInfo:
+        """The engine's KV-cache occupancy; ``usage_ratio`` None when it is not reported."""
+        ...
+
+    async def erase_kv(self, slot_id: int) -> bool:
+        """Evict one slot's KV cache. True = erased; False = this engine (or build) cannot, a no-op."""
+        ...
+
+    async def busy_slots(self) -> int | None:
+        """Requests the engine is working on or holding; None when it does not report them."""
+        ...
 
     async def aclose(self) -> None: ...

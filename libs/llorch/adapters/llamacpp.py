@@ -1,9 +1,14 @@
-"""The llama.cpp ``llama-server`` adapter (SPEC §8): health, props, streaming ``/completion``, metrics.
+"""The llama.cpp ``llama-server`` adapter (SPEC §8): health, props, streaming ``/completion``, metrics, KV.
 
 Wire format (ENGINES.md): ``POST /completion`` with ``stream: true`` answers ``data: {json}`` lines; token
 chunks carry ``content``, the last chunk has ``stop: true`` with ``stop_type``, ``tokens_predicted`` and
 ``tokens_evaluated``. Errors after the 200 arrive as ``data: {"error": {...}}``; errors before the first
 token arrive as an HTTP status with the same object. Cancel is closing the connection.
+
+KV (SPEC §8): ``llamacpp:kv_cache_usage_ratio`` is on some builds only [?]; the pinned b11434 has none,
+so :meth:`LlamaCppAdapter.kv_info` reports None there. ``POST /slots/{id}?action=erase`` [F] answers 501
+``not_supported_error`` unless llama-server was started with ``--slot-save-path`` (checked against the
+real b11434); :meth:`LlamaCppAdapter.erase_kv` returns False then.
 """
 
 from __future__ import annotations
@@ -11,24 +16,25 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Final
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-from llorch.adapters.base import EngineHealth, EngineProps, Finished, GenerateRequest, Token
+from llorch.adapters._http import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    EngineHttp,
+    error_object,
+    mentions_oom,
+    parse_metrics,
+    sample_values,
+    worker_reset,
+)
+from llorch.adapters._sse import SseReader
+from llorch.adapters.base import EngineHealth, EngineProps, Finished, GenerateRequest, KvInfo, Token
 from llorch.errors import Code, OrchestratorError
 
-DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
-# The stop chunk echoes the prompt and the generation settings, so it can be far longer than aiohttp's
-# default line limit (128 KiB).
-_MAX_LINE_BYTES: Final = 64 * 1024 * 1024
-_DATA: Final = b"data:"
-# llama-server (cpp-httplib) drops keep-alive connections idle for 5 s. aiohttp reuses the oldest idle
-# connection first, so a request can land on one the server is closing: owned sessions stop reusing
-# connections well before that, and a request whose connection broke before any answer is sent once more.
-_KEEPALIVE_S: Final = 2.0
-_OOM_MARKERS: Final = ("out of memory", "out_of_memory", "outofmemory")
+__all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "LlamaCppAdapter"]
+
+_KV_USAGE = "llamacpp:kv_cache_usage_ratio"
 
 
 class LlamaCppAdapter:
@@ -47,13 +53,7 @@ class LlamaCppAdapter:
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._session = session
-        self._owns_session = session is None
-        self._closed = False
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=request_timeout_s, sock_connect=request_timeout_s
-        )
+        self._http = EngineHttp("LlamaCppAdapter", session, request_timeout_s)
 
     async def __aenter__(self) -> LlamaCppAdapter:
         return self
@@ -63,30 +63,14 @@ class LlamaCppAdapter:
     ) -> None:
         await self.aclose()
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError("LlamaCppAdapter is closed")
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
-            self._session = aiohttp.ClientSession(connector=connector)
-        return self._session
-
     async def aclose(self) -> None:
         """Close the session if this adapter created it; idempotent, safe before first use."""
-        self._closed = True
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
+        await self._http.aclose()
 
     async def health(self) -> EngineHealth:
         """200 → ready; any other answer → live but not ready (503 while loading); no answer → not live."""
-        try:
-            async with await self._request("GET", "/health", self._timeout) as resp:
-                await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError):
-            return EngineHealth(live=False, ready=False)
-        return EngineHealth(live=True, ready=status == 200)
+        status = await self._http.probe(f"{self.base_url}/health")
+        return EngineHealth(live=status is not None, ready=status == 200)
 
     async def props(self) -> EngineProps:
         body = json.loads(await self._get("/props"))
@@ -99,21 +83,33 @@ class LlamaCppAdapter:
         )
 
     async def metrics(self) -> dict[str, float]:
-        """``GET /metrics`` as ``{sample name: value}``; labelled samples are keyed ``name{k="v",...}``.
+        """``GET /metrics`` as ``{sample name: value}`` (see :func:`llorch.adapters._http.parse_metrics`)."""
+        return parse_metrics((await self._get("/metrics")).decode())
 
-        Names are prometheus_client's: a counter exposed without ``_total`` (``llamacpp:n_tokens_max``)
-        is keyed with it (``llamacpp:n_tokens_max_total``).
-        """
-        text = (await self._get("/metrics")).decode()
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = sample.name
-                if sample.labels:
-                    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                    key = f"{key}{{{labels}}}"
-                out[key] = float(sample.value)
-        return out
+    async def kv_info(self) -> KvInfo:
+        """``llamacpp:kv_cache_usage_ratio`` when this build exports it, else ``usage_ratio`` None."""
+        values = sample_values(await self.metrics(), _KV_USAGE)
+        return KvInfo(usage_ratio=max(values) if values else None)
+
+    async def erase_kv(self, slot_id: int) -> bool:
+        """``POST /slots/{id}?action=erase``; False when the server does not support slot actions."""
+        what = "llama-server /slots"
+        status, body = await self._http.fetch("POST", f"{self.base_url}/slots/{slot_id}?action=erase", what)
+        if status == 501:
+            return False  # started without --slot-save-path
+        if status != 200:
+            raise _status_error(status, body, at_submit=False)
+        return True
+
+    async def busy_slots(self) -> int | None:
+        """Slots with ``is_processing`` in ``GET /slots``; None when the endpoint is off (501)."""
+        status, body = await self._http.fetch("GET", f"{self.base_url}/slots", "llama-server /slots")
+        if status == 501:
+            return None
+        if status != 200:
+            raise _status_error(status, body, at_submit=False)
+        slots = json.loads(body)
+        return sum(1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing"))
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
         """Yield a :class:`Token` per non-empty ``content``, then one :class:`Finished`.
@@ -136,21 +132,19 @@ class LlamaCppAdapter:
             "ignore_eos": request.ignore_eos,
         }
         try:
-            resp = await self._request("POST", "/completion", self._stream_timeout, payload)
+            resp = await self._http.request("POST", f"{self.base_url}/completion", payload, stream=True)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _reset("cannot reach llama-server to submit", exc) from exc
+            raise worker_reset("cannot reach llama-server to submit", exc) from exc
         finished: Finished | None = None
         try:
             if resp.status != 200:
                 raise _status_error(resp.status, await resp.read(), at_submit=True)
-            readline = resp.content.readline
+            reader = SseReader(resp)
             while True:
-                line = await readline(max_line_length=_MAX_LINE_BYTES)
-                if not line:
-                    raise _reset("llama-server closed the stream before the stop chunk")
-                if not line.startswith(_DATA):
-                    continue  # blank separators, comments
-                event = json.loads(line[5:])
+                data = await reader.next_data()
+                if data is None:
+                    raise worker_reset("llama-server closed the stream before the stop chunk")
+                event = json.loads(data)
                 content = event.get("content")
                 if content:
                     yield Token(content)
@@ -161,7 +155,7 @@ class LlamaCppAdapter:
                 if error is not None:
                     raise _engine_error(error, status=None, at_submit=False)
         except aiohttp.ClientError as exc:
-            raise _reset("llama-server stream broke", exc) from exc
+            raise worker_reset("llama-server stream broke", exc) from exc
         except ValueError as exc:  # json.JSONDecodeError
             raise OrchestratorError(Code.INTERNAL, f"llama-server sent an unparseable chunk: {exc}") from exc
         finally:
@@ -172,34 +166,10 @@ class LlamaCppAdapter:
         yield finished
 
     async def _get(self, path: str) -> bytes:
-        try:
-            async with await self._request("GET", path, self._timeout) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _reset(f"llama-server {path} unreachable", exc) from exc
+        status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"llama-server {path}")
         if status != 200:
             raise _status_error(status, body, at_submit=False)
         return body
-
-    async def _request(
-        self, method: str, path: str, limits: aiohttp.ClientTimeout, payload: object = None
-    ) -> aiohttp.ClientResponse:
-        session = self._http()
-        url = f"{self.base_url}{path}"
-        try:
-            return await session.request(method, url, json=payload, timeout=limits)
-        except aiohttp.ClientConnectorError:
-            raise  # nothing listens: no point in a second try
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # A stale keep-alive connection (see _KEEPALIVE_S); a dead engine fails again at connect.
-            return await session.request(method, url, json=payload, timeout=limits)
-
-
-def _reset(message: str, cause: BaseException | None = None) -> OrchestratorError:
-    # The engine's address stays out of the message: errors reach clients (OC-ADAPT-5002).
-    detail = f" ({type(cause).__name__})" if cause is not None else ""
-    return OrchestratorError(Code.WORKER_RESET, message + detail)
 
 
 def _finished(event: dict[str, object]) -> Finished:
@@ -228,8 +198,7 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
     """SPEC §4 mapping: out of memory or 503 at submit → REPLICA_EXHAUSTED; context overflow →
     INVALID_PARAMS; anything else the engine reports → INTERNAL with the engine's text."""
     message, kind = _error_fields(error)
-    lowered = message.lower()
-    if any(marker in lowered for marker in _OOM_MARKERS) or (at_submit and status == 503):
+    if mentions_oom(message) or (at_submit and status == 503):
         return OrchestratorError(Code.REPLICA_EXHAUSTED, f"llama-server: {message}")
     if kind == "exceed_context_size_error":
         return OrchestratorError(Code.INVALID_PARAMS, f"llama-server: {message}", field="prompt")
@@ -237,11 +206,8 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:
-    try:
-        decoded = json.loads(body)
-        error: object = decoded.get("error", decoded) if isinstance(decoded, dict) else decoded
-    except ValueError:
-        error = body[:500].decode(errors="replace")
+    decoded = error_object(body)
+    error: object = decoded.get("error", decoded) if isinstance(decoded, dict) else decoded
     if status == 503 and not at_submit:
         # A 503 on a control route means "Loading model": the replica is not ready yet.
         message, _ = _error_fields(error)

@@ -1,0 +1,99 @@
+"""Preload checks (ORCH-3002/3003, OC-POOL-3001..3003): fail fast, before any engine starts.
+
+VRAM: every masked device's free memory minus `vram.headroom_mib` must cover its share of
+model bytes x `vram.factor` (x 1.1 per VRAM OOM seen, ORCH-3039) + the KV reserve; a vLLM pool
+needs `--gpu-memory-utilization` x the device's total instead. RAM: MemAvailable must cover
+model bytes x `ram_factor`. The numbers go into the reason, so `last_error` says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from llorch import gpu
+from llorch.config import PoolConfig
+
+from .faults import Failure, PoolError
+
+MIB: Final = 1 << 20
+VLLM_DEFAULT_UTILIZATION: Final = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the replica will hold once loaded: bytes per masked device (empty for CPU pools)."""
+
+    per_device: dict[int, int]
+
+
+def model_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _vllm_utilization(pool: PoolConfig) -> float:
+    args = list(pool.engine_args)
+    for i, arg in enumerate(args):
+        if arg == "--gpu-memory-utilization" and i + 1 < len(args):
+            return float(args[i + 1])
+        if arg.startswith("--gpu-memory-utilization="):
+            return float(arg.partition("=")[2])
+    return VLLM_DEFAULT_UTILIZATION
+
+
+def vram_need(pool: PoolConfig, size: int, bump: float) -> int:
+    kv = (
+        pool.vram.kv_reserve_mib * MIB
+        if pool.vram.kv_reserve_mib is not None
+        else gpu.kv_reserve_estimate(pool.ctx, pool.slots, size)
+    )
+    return int(gpu.vram_need_bytes(size, pool.vram.factor * bump, kv))
+
+
+def check(
+    pool: PoolConfig,
+    devices: list[int] | None,
+    path: Path,
+    probe: gpu.GpuProbe,
+    bump: float = 1.0,
+    mem_available: int | None = None,
+) -> Plan | Failure:
+    """The preload decision for one replica of `pool` on `devices` (None: a CPU pool)."""
+    try:
+        size = model_bytes(path)
+    except OSError as exc:
+        return Failure(PoolError.MODEL_NOT_FOUND, f"model file {path}: {exc.strerror}")
+    ram_factor = pool.ram_factor if pool.ram_factor is not None else (1.2 if devices is None else 0.25)
+    available = gpu.mem_available_bytes() if mem_available is None else mem_available
+    short = gpu.check_ram(size, ram_factor, available)
+    if short is not None:
+        return Failure(PoolError.INSUFFICIENT_RAM, short)
+    if devices is None:
+        return Plan({})
+    found = [probe.device(index) for index in devices]
+    missing = [index for index, dev in zip(devices, found, strict=True) if dev is None]
+    if missing:
+        why = f" ({probe.reason})" if probe.reason else ""
+        return Failure(
+            PoolError.INSUFFICIENT_VRAM, f"GPU {missing[0]} not found by the {probe.kind} probe{why}"
+        )
+    present = [dev for dev in found if dev is not None]
+    headroom = pool.vram.headroom_mib * MIB
+    if pool.engine == "vllm":
+        util = _vllm_utilization(pool)
+        per_device = {dev.index: int(dev.total_bytes * util) for dev in present}
+        for dev in present:
+            short = gpu.check_vram([dev], per_device[dev.index], headroom, None)
+            if short is not None:
+                return Failure(PoolError.INSUFFICIENT_VRAM, short)
+        return Plan(per_device)
+    need = vram_need(pool, size, bump)
+    short = gpu.check_vram(present, need, headroom, pool.tensor_split)
+    if short is not None:
+        return Failure(PoolError.INSUFFICIENT_VRAM, short)
+    shares = pool.tensor_split or [1.0] * len(present)
+    total = sum(shares) if pool.tensor_split else 1.0
+    return Plan({dev.index: int(need * share / total) for dev, share in zip(present, shares, strict=True)})

@@ -1,0 +1,172 @@
+"""What clients can plan with: replica sets with load, queue and SLO, and capabilities (SPEC §2.3, §5.12).
+
+Both are computed at request time from the pool registry (the pool managers' latest reports) and the
+queue depths in Redis. The SLO snapshot covers the last 5 minutes of task ends the pool managers
+reported: `first_token_ms` and `decode_ms` percentiles over successful tasks, and `on_time_ratio`
+= succeeded / (succeeded + ended by DEADLINE_UNMET). Each value is null until there is data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Final
+
+from llorch.errors import Code
+from llorch.store import Store
+from llorch.v1 import types_pb2
+
+from .registry import Manager, PoolRegistry, set_of
+
+API_VERSION: Final = "1.0.0"
+SLO_WINDOW_S: Final = 300.0
+QUEUE_POLICIES: Final = ("reject", "drop-lru")
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    at: float
+    first_token_ms: int
+    decode_ms: int
+    code: str
+
+
+def _percentile(values: list[int], q: float) -> int | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class SloWindow:
+    def __init__(self, window_s: float = SLO_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._ends: dict[str, deque[_End]] = {}
+
+    def record(self, rs: str, done: types_pb2.TaskFinished) -> None:
+        ends = self._ends.setdefault(rs, deque())
+        ends.append(_End(time.monotonic(), int(done.first_token_ms), int(done.decode_ms), done.code))
+
+    def snapshot(self, rs: str) -> dict[str, object]:
+        ends = self._ends.get(rs, deque())
+        cutoff = time.monotonic() - self.window_s
+        while ends and ends[0].at < cutoff:
+            ends.popleft()
+        ok = [e for e in ends if not e.code]
+        late = sum(1 for e in ends if e.code == Code.DEADLINE_UNMET.value)
+        return {
+            "first_token_ms_p50": _percentile([e.first_token_ms for e in ok if e.first_token_ms], 0.5),
+            "first_token_ms_p95": _percentile([e.first_token_ms for e in ok if e.first_token_ms], 0.95),
+            "decode_ms_p50": _percentile([e.decode_ms for e in ok], 0.5),
+            "on_time_ratio": round(len(ok) / (len(ok) + late), 4) if ok or late else None,
+        }
+
+
+async def replica_sets(registry: PoolRegistry, store: Store, slo: SloWindow) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for rs in registry.replica_sets():
+        info = registry.set_info(rs)
+        if info is None:
+            continue
+        members = sorted((p for _, p in registry.pools() if set_of(p) == rs), key=lambda p: p.pool_id)
+        total, free = registry.slots(rs)
+        interactive, batch = await store.queue_depths(rs)
+        first = members[0]
+        out.append(
+            {
+                "id": rs,
+                "engine": info.engine,
+                "engine_version": info.engine_version,
+                "model_id": first.model_ref,
+                "model_digest": first.model_digest,
+                "ctx": info.ctx,
+                "sampler_profile_version": first.sampler_profile_version,
+                "pools": list(info.pool_ids),
+                "ready": total > 0,
+                "devices": sorted({d for p in members for d in p.devices}),
+                "determinism": "strict" if info.single_slot and info.engine != "vllm" else "best_effort",
+                "load": round((total - free) / total, 4) if total else 0.0,
+                "slots_total": total,
+                "slots_free": free,
+                "queue_depth": {"interactive": interactive, "batch": batch},
+                "queue_capacity": info.queue_capacity,
+                "full_policy": info.full_policy,
+                "slo": slo.snapshot(rs),
+            }
+        )
+    return out
+
+
+@dataclass
+class _Device:
+    device: str
+    name: str | None = None
+    vram_total_bytes: int | None = None
+    vram_free_bytes: int | None = None
+    slots_total: int = 0
+    slots_free: int = 0
+
+
+def _ready_slots(registry: PoolRegistry, manager: Manager, pool: types_pb2.PoolState) -> tuple[int, int]:
+    if not registry.is_ready(manager, pool):
+        return 0, 0
+    ready = [r for r in pool.replicas if r.state == "Ready"]
+    return sum(r.slots_total for r in ready), sum(max(0, r.slots_total - registry.busy(r)) for r in ready)
+
+
+def _per_device(registry: PoolRegistry) -> list[_Device]:
+    """Slots of Ready replicas per device (a split pool counts on each of its devices)."""
+    devices: dict[str, _Device] = {}
+    for manager, pool in registry.pools():
+        total, free = _ready_slots(registry, manager, pool)
+        seen = {t.device: t for t in pool.telemetry}
+        for device in pool.devices:
+            entry = devices.setdefault(device, _Device(device))
+            tel = seen.get(device)
+            if tel is not None and tel.name:  # a GPU the probe knows
+                entry.name = tel.name
+                entry.vram_total_bytes = tel.vram_total_bytes
+                entry.vram_free_bytes = tel.vram_free_bytes
+            entry.slots_total += total
+            entry.slots_free += free
+    return [devices[k] for k in sorted(devices, key=lambda d: (not d.isdigit(), d.zfill(4)))]
+
+
+def capabilities(registry: PoolRegistry, sessions: bool) -> dict[str, object]:
+    """Engines with at least one configured pool, and concurrency per device, as of now."""
+    by_engine: dict[str, list[types_pb2.PoolState]] = {}
+    for _, pool in registry.pools():
+        by_engine.setdefault(pool.engine, []).append(pool)
+    engines: list[dict[str, object]] = []
+    for engine in sorted(by_engine):
+        pools = by_engine[engine]
+        strict = any(all(r.slots_total == 1 for r in p.replicas) for p in pools) and engine != "vllm"
+        engines.append(
+            {
+                "engine": engine,
+                "engine_versions": sorted({p.engine_version for p in pools if p.engine_version}),
+                "ctx_max": max(p.ctx for p in pools),
+                "supported_workloads": sorted({w for p in pools for w in p.workloads}),
+                "models": sorted({p.model_ref for p in pools}),
+                "features": {
+                    "determinism": ["strict", "best_effort"] if strict else ["best_effort"],
+                    "queue_policies": list(QUEUE_POLICIES),
+                    "sessions": sessions,
+                    "budgets": sessions,
+                    "openai_compat": False,
+                    "tensor_split": engine == "llamacpp",
+                    "kv_hint": True,
+                },
+            }
+        )
+    slots = [_ready_slots(registry, m, p) for m, p in registry.pools()]
+    return {
+        "api_version": API_VERSION,
+        "engines": engines,
+        "concurrency": {
+            "slots_total": sum(total for total, _ in slots),
+            "slots_free": sum(free for _, free in slots),
+            "per_device": [asdict(d) for d in _per_device(registry)],
+        },
+    }
