@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tests.support.procs import wait_until
 from tests.support.stack import Client
 
 
@@ -71,5 +74,37 @@ async def test_cancel_frees_the_real_engine_slot(
             break
     assert await client.cancel(task_id) == 204
     assert (await client.events(task_id))[-1].data["code"] == "CANCELED"
+    follow_up = await client.admit(model_ref="smollm2-135m", prompt="Hi", max_tokens=4)
+    assert (await client.events(follow_up))[-1].event == "end"
+
+
+async def test_real_engine_passes_self_test_and_comes_back_after_kill_9(
+    stack_factory: Any, http: aiohttp.ClientSession, llama_server_bin: Path, model_gguf: Path
+) -> None:
+    stack = _llamacpp_stack(stack_factory, llama_server_bin, model_gguf)
+    await stack.start()
+    client = Client(stack, http)
+
+    async def health() -> dict[str, Any]:
+        async with http.get(f"{stack.url}/v1/pools/smollm2-cpu/health", headers=stack.headers) as r:
+            return dict(await r.json())
+
+    first = await health()
+    assert first["state"] == "Ready" and first["engine_version"].startswith("b11434")
+    assert first["model_digest"].startswith("sha256:") and len(first["model_digest"]) == 71
+    async with http.get(f"{stack.url}/metrics") as r:
+        text = await r.text()
+    assert 'preload_outcomes_total{outcome="ok",pool_id="smollm2-cpu"} 1.0' in text  # passed its self-test
+    pid = first["replicas"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    async def back() -> bool:
+        now = await health()
+        return bool(now["ready"] and now["replicas"][0]["pid"] not in (None, pid))
+
+    await wait_until(back, 180, "llama-server to be restarted and Ready again")
+    after = await health()
+    assert after["restarts"] == 1 and after["last_error"]["code"] == "ENGINE_CRASHED"
+    assert "SIGKILL" in after["last_error"]["message"]
     follow_up = await client.admit(model_ref="smollm2-135m", prompt="Hi", max_tokens=4)
     assert (await client.events(follow_up))[-1].event == "end"
