@@ -205,3 +205,65 @@ redis.call('HSET', KEYS[1], 'seq', seq)
 redis.call('PUBLISH', ARGV[2], table.concat({ARGV[3], seq, 'metrics', ARGV[1]}, '\\31'))
 return seq
 """
+
+# Sessions (SPEC §5.4). KEYS: sess. Budgets are remaining amounts (b_tokens, b_time ms, b_cost in
+# micro-units, absent = unlimited); each admitted task holds a reservation `r:<task_id>` =
+# "<tokens>|<cost>" until SESSION_SETTLE refunds what it did not use, exactly once.
+# ARGV: model_ref, ttl_ms, max_turns, now_ms, task_id, tokens, cost, then the initial budgets
+# (tokens, time_ms, cost; '' = unlimited) used only when this task creates the session.
+# Returns {'ok', turns, b_tokens, b_time, b_cost} (false for unlimited) or {refusal, detail}.
+SESSION_ADMIT: Final = """
+local s = KEYS[1]
+local created = redis.call('EXISTS', s) == 0
+if created then
+  redis.call('HSET', s, 'model_ref', ARGV[1], 'created_ms', ARGV[4], 'turns', 0, 'max_turns', ARGV[3],
+    'replica_id', '', 'replica_pid', '')
+  if ARGV[8] ~= '' then redis.call('HSET', s, 'b_tokens', ARGV[8]) end
+  if ARGV[9] ~= '' then redis.call('HSET', s, 'b_time', ARGV[9]) end
+  if ARGV[10] ~= '' then redis.call('HSET', s, 'b_cost', ARGV[10]) end
+end
+local v = redis.call('HMGET', s, 'model_ref', 'turns', 'max_turns', 'b_tokens', 'b_time', 'b_cost')
+local refusal = nil
+if v[1] ~= ARGV[1] then refusal = {'model', v[1]}
+elseif tonumber(v[2]) >= tonumber(v[3]) then refusal = {'turns', v[3]}
+elseif v[4] and tonumber(v[4]) < tonumber(ARGV[6]) then refusal = {'tokens', v[4]}
+elseif v[6] and tonumber(v[6]) < tonumber(ARGV[7]) then refusal = {'cost', v[6]}
+elseif v[5] and tonumber(v[5]) <= 0 then refusal = {'time_ms', v[5]} end
+if refusal then
+  if created then redis.call('DEL', s) end
+  return refusal
+end
+local turns = redis.call('HINCRBY', s, 'turns', 1)
+local tokens = v[4] and redis.call('HINCRBY', s, 'b_tokens', -tonumber(ARGV[6])) or false
+local cost = v[6] and redis.call('HINCRBY', s, 'b_cost', -tonumber(ARGV[7])) or false
+redis.call('HSET', s, 'r:' .. ARGV[5], ARGV[6] .. '|' .. ARGV[7])
+redis.call('PEXPIRE', s, ARGV[2])
+return {'ok', turns, tokens, v[5] or false, cost}
+"""
+
+# ARGV: task_id, used tokens, used cost, time_ms, ttl_ms, undo ('1': the admission was refused after
+# the reservation, so the turn is given back too). Use beyond the reservation is not charged; time
+# never goes below 0. Returns 1 when a reservation was settled, 0 when none was left.
+SESSION_SETTLE: Final = """
+local key = 'r:' .. ARGV[1]
+local r = redis.call('HGET', KEYS[1], key)
+if not r then return 0 end
+redis.call('HDEL', KEYS[1], key)
+local sep = string.find(r, '|', 1, true)
+local tokens = tonumber(string.sub(r, 1, sep - 1))
+local cost = tonumber(string.sub(r, sep + 1))
+local v = redis.call('HMGET', KEYS[1], 'b_tokens', 'b_time', 'b_cost')
+if v[1] then redis.call('HINCRBY', KEYS[1], 'b_tokens', tokens - math.min(tokens, tonumber(ARGV[2]))) end
+if v[3] then redis.call('HINCRBY', KEYS[1], 'b_cost', cost - math.min(cost, tonumber(ARGV[3]))) end
+if v[2] then redis.call('HSET', KEYS[1], 'b_time', math.max(0, tonumber(v[2]) - tonumber(ARGV[4]))) end
+if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[1], 'turns', -1) end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+# Set fields of a session that still exists (never recreate an expired one). ARGV: field pairs.
+SESSION_SET: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""

@@ -110,6 +110,9 @@ class Keys:
     def queue_deadlines(self, rs: str) -> str:
         return f"{self.prefix}qdl:{{{rs}}}"
 
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}sess:{{{session_id}}}"
+
     def replica_sets(self) -> str:
         return f"{self.prefix}replicasets"
 
@@ -132,6 +135,9 @@ class Store:
         self._queued_frame = client.register_script(lua.QUEUED_FRAME)
         self._dequeue = client.register_script(lua.DEQUEUE)
         self._mark_running = client.register_script(lua.MARK_RUNNING)
+        self._session_admit = client.register_script(lua.SESSION_ADMIT)
+        self._session_settle = client.register_script(lua.SESSION_SETTLE)
+        self._session_set = client.register_script(lua.SESSION_SET)
         self._known_sets: set[str] = set()
 
     @classmethod
@@ -266,6 +272,10 @@ class Store:
     async def task(self, task_id: str) -> dict[str, str]:
         return cast(dict[str, str], await self.client.hgetall(self.keys.task(task_id)))
 
+    async def task_field(self, task_id: str, name: str) -> str | None:
+        value = await self.client.hget(self.keys.task(task_id), name)
+        return None if value is None else str(value)
+
     async def set_fields(self, task_id: str, fields: Mapping[str, str]) -> None:
         await self.client.hset(self.keys.task(task_id), mapping=cast(Any, dict(fields)))
 
@@ -392,6 +402,68 @@ class Store:
     async def release_lease(self, rs: str, task_id: str) -> None:
         await self.client.zrem(self.keys.lease(rs), task_id)
 
+    # -- sessions ----------------------------------------------------------------------------------
+
+    async def session_admit(
+        self,
+        session_id: str,
+        model_ref: str,
+        task_id: str,
+        reserve: tuple[int, int],
+        initial: tuple[int | None, int | None, int | None],
+        ttl_ms: int,
+        max_turns: int,
+    ) -> SessionBudgets | tuple[str, str]:
+        """Count the turn and reserve (tokens, cost) atomically, creating the session on first use.
+        Returns the budgets after the reservation, or (refusal, detail) with refusal one of
+        model | turns | tokens | cost | time_ms."""
+        initial_args = ["" if value is None else str(value) for value in initial]
+        reply = await self._session_admit(
+            keys=[self.keys.session(session_id)],
+            args=[model_ref, ttl_ms, max_turns, now_ms(), task_id, reserve[0], reserve[1], *initial_args],
+        )
+        if reply[0] != "ok":
+            return str(reply[0]), str(reply[1])
+        return SessionBudgets(int(reply[1]), _opt_int(reply[2]), _opt_int(reply[3]), _opt_int(reply[4]))
+
+    async def session_settle(
+        self,
+        session_id: str,
+        task_id: str,
+        used: tuple[int, int],
+        time_ms: int,
+        ttl_ms: int,
+        undo: bool = False,
+    ) -> bool:
+        return bool(
+            await self._session_settle(
+                keys=[self.keys.session(session_id)],
+                args=[task_id, used[0], used[1], time_ms, ttl_ms, "1" if undo else "0"],
+            )
+        )
+
+    async def session(self, session_id: str) -> tuple[dict[str, str], int]:
+        """(fields, ms to live); ({}, -2) when unknown or expired."""
+        key = self.keys.session(session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.pttl(key)
+            fields, ttl = await pipe.execute()
+        return dict(fields), int(ttl)
+
+    async def session_set(self, session_id: str, fields: Mapping[str, str]) -> None:
+        flat = [v for kv in fields.items() for v in kv]
+        await self._session_set(keys=[self.keys.session(session_id)], args=flat)
+
+    async def session_delete(self, session_id: str) -> dict[str, str]:
+        """Delete the session; returns what it held ({} when unknown)."""
+        key = self.keys.session(session_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.delete(key)
+            fields, _ = await pipe.execute()
+        return dict(fields)
+
     async def expired_leases(self) -> list[tuple[str, str]]:
         """``(rs, task_id)`` of every lease past its expiry."""
         sets = cast(set[str], await self.client.smembers(self.keys.replica_sets()))
@@ -404,6 +476,20 @@ class Store:
 
     async def leased(self, rs: str) -> list[str]:
         return cast(list[str], await self.client.zrange(self.keys.lease(rs), 0, -1))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBudgets:
+    """A session's turn count and remaining budgets after an admission (None: unlimited)."""
+
+    turns: int
+    tokens: int | None
+    time_ms: int | None
+    cost_micro: int | None
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None or value is False else int(str(value))
 
 
 def _event(entry_id: str, body: Mapping[str, str]) -> Event:

@@ -79,6 +79,10 @@ class Api:
             admit.seed = req.seed
         if req.prompt is not None:
             admit.prompt = req.prompt
+        if req.budget is not None:
+            for name in ("tokens", "time_ms", "cost"):
+                if (value := getattr(req.budget, name)) is not None:
+                    setattr(admit.budget, name, value)
         result = await self.d.scheduler.admit(admit)
         payload = {
             "task_id": result.task_id,
@@ -89,7 +93,9 @@ class Api:
             "on_time_probability": result.on_time_probability,
             "stream_url": f"/v1/tasks/{result.task_id}/stream",
         }
-        return _json(payload, 202)
+        response = _json(payload, 202)
+        response.headers.update(_budget_headers(result))
+        return response
 
     async def status(self, request: web.Request) -> web.Response:
         status = await self.d.scheduler.get_task(_path_id(request, "task_id"))
@@ -103,7 +109,29 @@ class Api:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         task_id = _path_id(request, "task_id")
-        return await relay(request, self.d.store, self.d.feed, task_id, self.d.cfg.sse.heartbeat_s)
+        headers = await self._stream_budget_headers(task_id)
+        return await relay(request, self.d.store, self.d.feed, task_id, self.d.cfg.sse.heartbeat_s, headers)
+
+    async def _stream_budget_headers(self, task_id: str) -> dict[str, str]:
+        """X-Budget-* at stream start: the task's session's remaining budgets, where set."""
+        session_id = await self.d.store.task_field(task_id, "session_id")
+        if not session_id:
+            return {}
+        fields, _ = await self.d.store.session(session_id)
+        headers = {}
+        for name, header in _BUDGET_FIELDS:
+            if name in fields:
+                value = int(fields[name])
+                headers[header] = f"{value / 1_000_000:.4f}" if name == "b_cost" else str(value)
+        return headers
+
+    async def session(self, request: web.Request) -> web.Response:
+        reply = await self.d.scheduler.get_session(_path_id(request, "session_id"))
+        return web.Response(text=reply.json, content_type="application/json")
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        await self.d.scheduler.delete_session(_path_id(request, "session_id"))
+        return web.Response(status=204)
 
     async def cancel(self, request: web.Request) -> web.Response:
         await self.d.scheduler.cancel(_path_id(request, "task_id"))
@@ -165,6 +193,24 @@ class Api:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+_BUDGET_FIELDS = (
+    ("b_tokens", "X-Budget-Tokens-Remaining"),
+    ("b_time", "X-Budget-Time-Remaining-Ms"),
+    ("b_cost", "X-Budget-Cost-Remaining"),
+)
+
+
+def _budget_headers(result: scheduler_pb2.AdmitResponse) -> dict[str, str]:
+    headers = {}
+    if result.HasField("budget_tokens"):
+        headers["X-Budget-Tokens-Remaining"] = str(result.budget_tokens)
+    if result.HasField("budget_time_ms"):
+        headers["X-Budget-Time-Remaining-Ms"] = str(result.budget_time_ms)
+    if result.HasField("budget_cost"):
+        headers["X-Budget-Cost-Remaining"] = result.budget_cost
+    return headers
+
+
 def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
     pool = view.state
     slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
@@ -221,6 +267,8 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_get("/v1/tasks/{task_id}", api.status)
     app.router.add_get("/v1/tasks/{task_id}/stream", api.stream)
     app.router.add_post("/v1/tasks/{task_id}/cancel", api.cancel)
+    app.router.add_get("/v1/sessions/{session_id}", api.session)
+    app.router.add_delete("/v1/sessions/{session_id}", api.delete_session)
     app.router.add_get("/v1/pools", api.pools)
     app.router.add_get("/v1/pools/{pool_id}/health", api.pool_health)
     app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)

@@ -54,6 +54,22 @@ class SchedulerClient:
         )
         return await self._call(call, "the scheduler")
 
+    async def get_session(self, session_id: str) -> scheduler_pb2.JsonReply:
+        call = self.stub.GetSession(
+            scheduler_pb2.SessionRequest(session_id=session_id),
+            metadata=metadata(self.token),
+            timeout=DEFAULT_DEADLINE_S,
+        )
+        return await self._call(call, "the scheduler")
+
+    async def delete_session(self, session_id: str) -> scheduler_pb2.DeleteSessionResponse:
+        call = self.stub.DeleteSession(
+            scheduler_pb2.SessionRequest(session_id=session_id),
+            metadata=metadata(self.token),
+            timeout=DEFAULT_DEADLINE_S,
+        )
+        return await self._call(call, "the scheduler")
+
     async def replica_sets(self) -> scheduler_pb2.JsonReply:
         call = self.stub.ListReplicaSets(
             scheduler_pb2.ListReplicaSetsRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S

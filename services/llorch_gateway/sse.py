@@ -35,7 +35,12 @@ def parse_last_event_id(request: web.Request) -> int:
 
 
 async def relay(
-    request: web.Request, store: Store, feed: EventFeed, task_id: str, heartbeat_s: float
+    request: web.Request,
+    store: Store,
+    feed: EventFeed,
+    task_id: str,
+    heartbeat_s: float,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     after = parse_last_event_id(request)
     # Subscribe before the replay so nothing appended in between can be missed.
@@ -48,6 +53,7 @@ async def relay(
                 "Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache",
                 CORRELATION_HEADER: request["correlation_id"],
+                **(headers or {}),
             }
         )
         await response.prepare(request)

@@ -169,7 +169,7 @@ class Executor:
                     "replica_id": replica.replica_id,
                     "engine": pool.engine,
                     "engine_version": replica.engine_version,
-                    "kv_warmth": False,
+                    "kv_warmth": req.kv_warm,
                     "kv_migrated": False,
                     "queue_time_ms": req.queue_time_ms,
                     "seed": req.seed,
@@ -297,15 +297,16 @@ class Executor:
             per_token_s = (now - progress.started_at) / progress.tokens
             need_s = max(0, req.max_tokens - progress.tokens) * per_token_s
             on_time = 1.0 if need_s <= left_s else round(left_s / need_s, 3)
-        return _json(
-            {
-                "phase": "decode",
-                "queue_depth": self.queue_depths.get(req.replica_set_id, 0),
-                "on_time_probability": on_time,
-                "kv_warmth": False,
-                "tokens_out_so_far": progress.tokens,
-            }
-        )
+        payload: dict[str, object] = {
+            "phase": "decode",
+            "queue_depth": self.queue_depths.get(req.replica_set_id, 0),
+            "on_time_probability": on_time,
+            "kv_warmth": req.kv_warm,
+            "tokens_out_so_far": progress.tokens,
+        }
+        if req.budget_json:  # the session's remaining budgets (reservation already taken)
+            payload["budget"] = json.loads(req.budget_json)
+        return _json(payload)
 
     def _end(
         self,

@@ -156,6 +156,20 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         return poolmgr_pb2.HealthResponse(pools=self.pools.states())
 
     @unary
+    async def EraseKV(
+        self, request: poolmgr_pb2.EraseKVRequest, context: Context
+    ) -> poolmgr_pb2.EraseKVResponse:
+        """Evict the KV of the replica's slots when it is idle; a busy replica keeps its cache."""
+        replica = self.pools.replicas.get(request.replica_id)
+        adapter = replica.adapter if replica is not None else None
+        if replica is None or adapter is None or replica.running:
+            return poolmgr_pb2.EraseKVResponse(erased=0)
+        erased = 0
+        for slot in range(replica.slots_total):
+            erased += await adapter.erase_kv(slot)
+        return poolmgr_pb2.EraseKVResponse(erased=erased)
+
+    @unary
     async def Resume(
         self, request: poolmgr_pb2.ResumeRequest, context: Context
     ) -> poolmgr_pb2.ResumeResponse:

@@ -23,6 +23,7 @@ from .metrics import SchedulerMetrics
 from .queuewatch import QueueWatch
 from .registry import PoolRegistry
 from .service import SchedulerService
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,12 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     )
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
-            watch = QueueWatch(cfg, store, registry, estimator, metrics)
-            admission = Admission(cfg, store, registry, estimator, metrics, watch)
-            dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token)
+            sessions = Sessions(cfg, store, registry)
+            watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
+            admission = Admission(cfg, store, registry, estimator, metrics, watch, sessions)
+            dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token, sessions)
             service = SchedulerService(
-                store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token
+                store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token, sessions
             )
 
             def register(server: grpc.aio.Server) -> None:

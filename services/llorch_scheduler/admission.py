@@ -11,12 +11,12 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
-from llorch.store import Priority, Store, now_ms
+from llorch.store import Priority, SessionBudgets, Store, now_ms
 from llorch.throttle import TokenWindow
 from llorch.v1 import scheduler_pb2
 
@@ -25,6 +25,7 @@ from .metrics import SchedulerMetrics
 from .queueing import QueueFront
 from .queuewatch import QueueWatch
 from .registry import PoolRegistry, SetInfo, set_of
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Admitted:
     predicted_start_ms: int
     backoff_ms: int
     on_time_probability: float
+    budgets: SessionBudgets | None = None
 
 
 class Admission:
@@ -51,6 +53,7 @@ class Admission:
         estimator: Estimator,
         metrics: SchedulerMetrics,
         watch: QueueWatch,
+        sessions: Sessions,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -58,7 +61,8 @@ class Admission:
         self.estimator = estimator
         self.metrics = metrics
         self.watch = watch
-        self.front = QueueFront(cfg, store, estimator, metrics)
+        self.sessions = sessions
+        self.front = QueueFront(cfg, store, estimator, metrics, sessions)
         self.windows = {t.name: TokenWindow(t.tokens_per_min) for t in cfg.api.tokens if t.tokens_per_min}
         served = {p.model for p in cfg.pools}
         self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
@@ -91,16 +95,20 @@ class Admission:
             ),
         }
         tokens = req.expected_tokens or max_tokens
-        self.front.throttle(info, priority)
+        prompt_est = _prompt_est(prompt, req.inputs)
+        budgets = await self.sessions.admit(req, task_id, info, prompt_est, max_tokens)
         window = self.windows.get(req.client)
-        self._reserve_tokens(window, task_id, info, _prompt_est(prompt, req.inputs), max_tokens)
         try:
+            self.front.throttle(info, priority)
+            self._reserve_tokens(window, task_id, info, prompt_est, max_tokens)
             self._check_deadline(info, priority, tokens, deadline_ms)
-            return await self._enqueue(task_id, fields, info, priority, tokens, deadline_ms)
+            admitted = await self._enqueue(task_id, fields, info, priority, tokens, deadline_ms)
         except OrchestratorError:
             if window is not None:
                 window.release(task_id)
+            await self.sessions.undo(task_id)
             raise
+        return replace(admitted, budgets=budgets)
 
     def _reserve_tokens(
         self, window: TokenWindow | None, task_id: str, info: SetInfo, prompt_est: int, max_tokens: int

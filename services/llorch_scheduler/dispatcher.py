@@ -31,6 +31,7 @@ from .admission import Admission
 from .estimator import Estimator
 from .inventory import SloWindow
 from .registry import Candidate, PoolRegistry
+from .sessions import Sessions, budget_json
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class Dispatcher:
         admission: Admission,
         estimator: Estimator,
         internal_token: str,
+        sessions: Sessions,
     ) -> None:
+        self.sessions = sessions
         self.cfg = cfg
         self.store = store
         self.registry = registry
@@ -96,21 +99,31 @@ class Dispatcher:
             )
             if not claims:
                 return
-            placed: list[tuple[Claim, Candidate]] = []
+            placed: list[tuple[Claim, Candidate, bool]] = []
             for claim in claims:
-                best = self.registry.candidates(rs)
+                warm = self._warm(claim.task_id)
+                best = self.registry.candidates(rs, warm)
                 if not best:  # a replica left while we claimed
                     await self.store.requeue_head(rs, claim)
                     continue
                 avoid = self._retried.get(claim.task_id)
                 target = next((c for c in best if c.replica.replica_id != avoid), best[0])
                 self.registry.occupy(target.replica.replica_id, target.pool.pool_id, claim.task_id)
-                placed.append((claim, target))
-            settled = await asyncio.gather(*(self._dispatch(rs, claim, target) for claim, target in placed))
+                placed.append((claim, target, target.replica.replica_id == warm))
+            settled = await asyncio.gather(
+                *(self._dispatch(rs, claim, target, warm) for claim, target, warm in placed)
+            )
             if not all(settled):
                 return  # one was put back until its admission finishes; that admission wakes us
 
-    async def _dispatch(self, rs: str, claim: Claim, target: Candidate) -> bool:
+    def _warm(self, task_id: str) -> str | None:
+        """The replica holding this task's session KV: its last replica, same engine process."""
+        last = self.sessions.warm_replica(task_id)
+        if last is None or self.registry.replica_pid(last[0]) != last[1]:
+            return None
+        return last[0]
+
+    async def _dispatch(self, rs: str, claim: Claim, target: Candidate, warm: bool) -> bool:
         """Place one claimed task; False when it went back to the queue (its `started` not written yet)."""
         task_id = claim.task_id
         record = await self.store.mark_running(
@@ -131,6 +144,11 @@ class Dispatcher:
             await self.store.release_lease(rs, task_id)  # canceled (or expired) while queued
             return True
         request = self._generate_request(rs, task_id, record, target, claim)
+        request.kv_warm = warm
+        budgets = await self.sessions.dispatched(
+            task_id, target.replica.replica_id, target.replica.pid, target.pool.cost_per_1k_tokens
+        )
+        request.budget_json = budget_json(budgets)
         self._inflight[task_id] = InFlight(rs, claim, target, time.monotonic())
         self.estimator.started(rs, task_id, request.max_tokens)
         try:
@@ -199,6 +217,7 @@ class Dispatcher:
             return
         self._retried.pop(done.task_id, None)
         self.slo.record(flight.rs, done)
+        await self.sessions.settle(done.task_id, done.tokens_out)
         self.estimator.finished(flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code)
         self._count_ending(flight.target, done.code)
         self.admission.settle(done.task_id, done.tokens_out)
@@ -284,6 +303,8 @@ class Dispatcher:
         if pool_id:
             payload["pool_id"] = pool_id
         await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
+        if self.sessions.holds(task_id):
+            await self.sessions.settle(task_id, int((await self.store.task(task_id)).get("tokens_out", "0")))
 
     async def _sweep_forever(self) -> None:
         while True:

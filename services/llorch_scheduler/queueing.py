@@ -14,18 +14,25 @@ from llorch.throttle import TokenBucket
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
 from .registry import SetInfo
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
 
 class QueueFront:
     def __init__(
-        self, cfg: LlorchConfig, store: Store, estimator: Estimator, metrics: SchedulerMetrics
+        self,
+        cfg: LlorchConfig,
+        store: Store,
+        estimator: Estimator,
+        metrics: SchedulerMetrics,
+        sessions: Sessions,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.estimator = estimator
         self.metrics = metrics
+        self.sessions = sessions
         self._pools = {p.id: p for p in cfg.pools}
         self._buckets: dict[tuple[str, Priority], TokenBucket] = {}
 
@@ -89,6 +96,7 @@ class QueueFront:
         # The victim's own admission may not have created its record yet: tombstone=True.
         await self.store.terminate(victim, "failed", payload, self.cfg.sse.retention_s, tombstone=True)
         await self.store.release_lease(info.rs, victim)
+        await self.sessions.settle(victim, 0)
         self._count_rejection(info, Code.QUEUE_FULL_DROP_LRU, "drop-lru")
         log.info(
             "task evicted",

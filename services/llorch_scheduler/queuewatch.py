@@ -24,6 +24,7 @@ from llorch.store import Priority, Store, now_ms
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ class QueueWatch:
         registry: PoolRegistry,
         estimator: Estimator,
         metrics: SchedulerMetrics,
+        sessions: Sessions,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
         self.estimator = estimator
         self.metrics = metrics
+        self.sessions = sessions
         self.waiting: dict[str, Waiting] = {}
         self._depths: dict[str, tuple[int, int]] = {}
 
@@ -112,6 +115,7 @@ class QueueWatch:
         # dispatcher skips, never a live task that nothing will end.
         previous, _ = await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
         await self.store.dequeue(rs, task_id)
+        await self.sessions.settle(task_id, 0)
         if previous == "queued":
             info = self.registry.set_info(rs)
             engine, version = (info.engine, info.engine_version) if info else ("none", "")

@@ -184,6 +184,21 @@ class PoolRegistry:
         """Tasks the connected pool managers said they are running in their latest reports."""
         return {t for m in self.managers.values() if m.connected for t in m.running}
 
+    def replica_pid(self, replica_id: str) -> int | None:
+        """The engine pid of a Ready replica of a connected manager; None otherwise."""
+        for manager, pool in self.pools():
+            if self.is_ready(manager, pool):
+                for replica in pool.replicas:
+                    if replica.replica_id == replica_id and replica.state == "Ready":
+                        return int(replica.pid)
+        return None
+
+    def replica_owner(self, replica_id: str) -> Manager | None:
+        for manager, pool in self.pools():
+            if any(r.replica_id == replica_id for r in pool.replicas):
+                return manager
+        return None
+
     def manager_by_address(self, address: str) -> Manager | None:
         for manager in self.managers.values():
             if manager.address == address:

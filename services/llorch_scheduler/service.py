@@ -14,13 +14,14 @@ from llorch.errors import Code, OrchestratorError
 from llorch.metrics import QUEUE_REPLICA
 from llorch.rpc import metadata, unary
 from llorch.store import Priority, Store
-from llorch.v1 import poolmgr_pb2, scheduler_pb2, scheduler_pb2_grpc
+from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from . import inventory
 from .admission import Admission
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry, set_of
+from .sessions import Sessions, cost_text
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         metrics: SchedulerMetrics,
         retention_s: int,
         internal_token: str,
+        sessions: Sessions,
     ) -> None:
+        self.sessions = sessions
         self.store = store
         self.registry = registry
         self.admission = admission
@@ -53,7 +56,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.AdmitResponse:
         admitted = await self.admission.admit(request)
         self.dispatcher.wake()
-        return scheduler_pb2.AdmitResponse(
+        reply = scheduler_pb2.AdmitResponse(
             task_id=admitted.task_id,
             session_id=request.session_id,
             queue_position=admitted.queue_position,
@@ -61,6 +64,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             backoff_ms=admitted.backoff_ms,
             on_time_probability=admitted.on_time_probability,
         )
+        budgets = admitted.budgets
+        if budgets is not None:
+            if budgets.tokens is not None:
+                reply.budget_tokens = budgets.tokens
+            if budgets.time_ms is not None:
+                reply.budget_time_ms = budgets.time_ms
+            if budgets.cost_micro is not None:
+                reply.budget_cost = cost_text(budgets.cost_micro)
+        return reply
 
     @unary
     async def Cancel(
@@ -82,6 +94,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             pool_id = record.get("pool_id", rs)
             replica_id = record.get("replica_id", QUEUE_REPLICA)
             self.metrics.tasks_canceled.labels(engine, version, pool_id, replica_id, "client").inc()
+            await self.sessions.settle(task_id, int(record.get("tokens_out", "0")))
             log.info("task canceled", extra={"event": "task_canceled", "task_id": task_id, "state": previous})
             if previous == "queued":
                 await self.store.dequeue(rs, task_id)
@@ -162,6 +175,38 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return reply
 
     @unary
+    async def GetSession(
+        self, request: scheduler_pb2.SessionRequest, context: Context
+    ) -> scheduler_pb2.JsonReply:
+        info = await self.sessions.info(request.session_id)
+        return scheduler_pb2.JsonReply(json=json.dumps(info, separators=(",", ":")))
+
+    @unary
+    async def DeleteSession(
+        self, request: scheduler_pb2.SessionRequest, context: Context
+    ) -> scheduler_pb2.DeleteSessionResponse:
+        """Remove the session; evict its KV on its last replica's idle slots (queued and running
+        tasks of the session go on)."""
+        held = await self.store.session_delete(request.session_id)
+        self.sessions.forget(request.session_id)
+        replica_id = held.get("replica_id", "")
+        manager = self.registry.replica_owner(replica_id) if replica_id else None
+        if manager is not None and manager.connected:
+            self._spawn(self._erase_kv(manager.stub, replica_id))
+        return scheduler_pb2.DeleteSessionResponse(existed=bool(held))
+
+    async def _erase_kv(self, stub: poolmgr_pb2_grpc.PoolManagerAsyncStub, replica_id: str) -> None:
+        try:
+            await stub.EraseKV(
+                poolmgr_pb2.EraseKVRequest(replica_id=replica_id), metadata=metadata(self.token), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "kv erase failed",
+                extra={"event": "erase_kv_failed", "replica_id": replica_id, "code": exc.code().name},
+            )
+
+    @unary
     async def ListReplicaSets(
         self, request: scheduler_pb2.ListReplicaSetsRequest, context: Context
     ) -> scheduler_pb2.JsonReply:
@@ -172,7 +217,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Capabilities(
         self, request: scheduler_pb2.CapabilitiesRequest, context: Context
     ) -> scheduler_pb2.JsonReply:
-        caps = inventory.capabilities(self.registry, sessions=False)
+        caps = inventory.capabilities(self.registry, sessions=True)
         return scheduler_pb2.JsonReply(json=json.dumps(caps, separators=(",", ":")))
 
     @unary

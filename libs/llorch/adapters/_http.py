@@ -104,9 +104,9 @@ def mentions_oom(message: str) -> bool:
     return any(marker in lowered for marker in _OOM_MARKERS)
 
 
-def error_object(body: bytes) -> object:
-    """The decoded error body of a non-200 answer: JSON, JSON inside one SSE ``data:`` line (Triton's
-    generate_stream answers a failed first response that way), else the start of the text."""
+def decode_body(body: bytes) -> object:
+    """A response body as JSON, or as JSON inside one SSE ``data:`` line (Triton's generate_stream
+    answers a failed first response that way); a body that is neither gives the start of its text."""
     text = body.strip()
     if text.startswith(_SSE_DATA):
         text = text[len(_SSE_DATA) :].split(b"\n", 1)[0].strip()

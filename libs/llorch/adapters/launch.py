@@ -77,7 +77,7 @@ def engine_command(
         return Launch((*argv, *extra), port, path)
     if pool.engine == "triton":
         grpc_port, metrics_port = free_port(), free_port()
-        argv = [binary, "--model-repository", path, "--http-port", str(port)]
+        argv = [binary, "--model-repository", path, "--http-address", LOOPBACK, "--http-port", str(port)]
         argv += ["--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
         return Launch((*argv, *extra), port, path, metrics_port=metrics_port)
     raise ValueError(f"unknown engine {pool.engine!r}")
@@ -149,6 +149,10 @@ def _llama_server(pool: PoolConfig, binary: str, model_path: str, port: int) -> 
         argv.append("--no-cont-batching")
     if isinstance(pool.devices, list):
         argv += ["-ngl", "999"]
+        if pool.tensor_split:
+            argv += ["-ts", ",".join(f"{share:g}" for share in pool.tensor_split)]
+    if "embedding" in pool.workloads:
+        argv.append("--embedding")
     return argv
 
 

@@ -22,7 +22,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
-    error_object,
+    decode_body,
     mentions_oom,
     parse_metrics,
     sample_values,
@@ -206,7 +206,7 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:
-    decoded = error_object(body)
+    decoded = decode_body(body)
     error: object = decoded.get("error", decoded) if isinstance(decoded, dict) else decoded
     if status == 503 and not at_submit:
         # A 503 on a control route means "Loading model": the replica is not ready yet.

@@ -42,7 +42,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
-    error_object,
+    decode_body,
     mentions_oom,
     parse_metrics,
     sample_values,
@@ -119,7 +119,7 @@ class OpenAIAdapter:
         status, body = await self._http.fetch("GET", f"{self.base_url}/version", f"{_NAME} /version")
         version = "unknown"
         if status == 200:
-            decoded = error_object(body)
+            decoded = decode_body(body)
             if isinstance(decoded, dict) and decoded.get("version"):
                 version = str(decoded["version"])
         card = await self._model_card()
@@ -218,7 +218,7 @@ class OpenAIAdapter:
     async def _model_card(self) -> dict[str, object] | None:
         """This server's card for :attr:`model` from ``GET /v1/models``, or None when it is not listed."""
         body = await self._get("/v1/models")
-        decoded = error_object(body)
+        decoded = decode_body(body)
         cards = decoded.get("data") if isinstance(decoded, dict) else None
         for card in cards if isinstance(cards, list) else ():
             if isinstance(card, dict) and card.get("id") == self.model:
@@ -280,7 +280,7 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:
-    error = error_object(body)
+    error = decode_body(body)
     if status == 503 and not at_submit:
         # A 503 on a control route: the server is up but its engine is not serving.
         return OrchestratorError(Code.POOL_UNREADY, f"{_NAME}: {_error_fields(error)[0] or 'HTTP 503'}")

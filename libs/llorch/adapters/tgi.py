@@ -43,7 +43,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
-    error_object,
+    decode_body,
     mentions_oom,
     parse_metrics,
     sample_values,
@@ -107,7 +107,7 @@ class TgiAdapter:
         return EngineHealth(live=status is not None, ready=status == 200)
 
     async def props(self) -> EngineProps:
-        info = error_object(await self._get("/info"))
+        info = decode_body(await self._get("/info"))
         if not isinstance(info, dict):
             raise OrchestratorError(Code.INTERNAL, f"{_NAME}: /info is not a JSON object")
         total = info.get("max_total_tokens")
@@ -243,7 +243,7 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:
-    error = error_object(body)
+    error = decode_body(body)
     if status == 503 and not at_submit:
         return OrchestratorError(Code.POOL_UNREADY, f"{_NAME}: {_error_fields(error)[0] or 'HTTP 503'}")
     if isinstance(error, dict):

@@ -50,7 +50,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
-    error_object,
+    decode_body,
     mentions_oom,
     parse_metrics,
     sample_values,
@@ -170,7 +170,7 @@ class TritonAdapter:
         status, body = await self._http.fetch("GET", f"{self.base_url}/v2", f"{_NAME} /v2")
         if status != 200:
             raise _status_error(status, body, at_submit=False)
-        server = error_object(body)
+        server = decode_body(body)
         version = server.get("version") if isinstance(server, dict) else None
         return EngineProps(
             engine_version=f"triton-{version or 'unknown'}+trtllm-{self.trtllm_version or 'unknown'}",
@@ -288,7 +288,7 @@ def _engine_error(error: object, status: int | None, at_submit: bool) -> Orchest
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:
-    error = error_object(body)
+    error = decode_body(body)
     if status == 503 and not at_submit:
         return OrchestratorError(Code.POOL_UNREADY, f"{_NAME}: {_message(error) or 'HTTP 503'}")
     if isinstance(error, dict) and "error" in error:

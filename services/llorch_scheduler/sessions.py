@@ -1,0 +1,203 @@
+"""Sessions with budgets and replica affinity (SPEC §5.4, ORCH-3021..3023, ORCH-3099).
+
+The first task naming a `session_id` creates the session (with `sessions.budgets`, or the task's own
+`budget`). Each admission counts a turn and reserves `prompt_est + max_tokens` tokens (and their cost
+at the set's highest `cost_per_1k_tokens`) in one Redis script; the task's end refunds what it did not
+use, exactly once, and charges its wall time from dispatch to the end. Admission and the end slide the
+TTL. Cost is kept in integer micro-units, so refunds are exact.
+
+Affinity: the scheduler remembers each session's last replica and that engine's pid. A later task of
+the session is warm there while the same engine process still runs; `kv_hint: cold` skips affinity.
+This memory is the scheduler's own, so a restarted scheduler starts every session cold, and a task
+admitted before the restart has its reservation released only when its session expires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from llorch.config import LlorchConfig
+from llorch.errors import Code, OrchestratorError, invalid
+from llorch.store import SessionBudgets, Store
+from llorch.v1 import scheduler_pb2
+
+from .registry import PoolRegistry, SetInfo
+
+log = logging.getLogger(__name__)
+
+MICRO = 1_000_000
+
+
+def cost_micro(tokens: int, cost_per_1k: float) -> int:
+    """Cost of `tokens` in micro-units: tokens / 1000 x cost_per_1k x 1e6."""
+    return round(tokens * cost_per_1k * 1000)
+
+
+def cost_text(micro: int) -> str:
+    return f"{micro / MICRO:.4f}"
+
+
+def budget_view(budgets: SessionBudgets) -> dict[str, object]:
+    """Remaining budgets as SessionInfo, SSE metrics and the X-Budget-* headers show them."""
+    view: dict[str, object] = {}
+    if budgets.tokens is not None:
+        view["tokens_budget_remaining"] = budgets.tokens
+    if budgets.time_ms is not None:
+        view["time_budget_remaining_ms"] = budgets.time_ms
+    if budgets.cost_micro is not None:
+        view["cost_budget_remaining"] = cost_text(budgets.cost_micro)
+    return view
+
+
+@dataclass
+class _Held:
+    session_id: str
+    prompt_est: int
+    cold: bool
+    dispatched_at: float | None = None
+    cost_per_1k: float = 0.0
+
+
+class Sessions:
+    def __init__(self, cfg: LlorchConfig, store: Store, registry: PoolRegistry) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self._held: dict[str, _Held] = {}  # task_id -> its session reservation
+        self._last: dict[str, tuple[str, int]] = {}  # session_id -> (replica_id, engine pid)
+
+    async def admit(
+        self,
+        req: scheduler_pb2.AdmitRequest,
+        task_id: str,
+        info: SetInfo,
+        prompt_est: int,
+        max_tokens: int,
+    ) -> SessionBudgets | None:
+        """SPEC §5.1 check 8: the turn and the budget reservation; 403 BUDGET_EXHAUSTED naming the budget."""
+        if not req.session_id:
+            return None
+        per_1k = max(
+            (p.cost_per_1k_tokens for _, p in self.registry.pools() if p.pool_id in info.pool_ids),
+            default=0.0,
+        )
+        tokens = prompt_est + max_tokens
+        result = await self.store.session_admit(
+            req.session_id,
+            req.model_ref,
+            task_id,
+            (tokens, cost_micro(tokens, per_1k)),
+            self._initial(req),
+            self.cfg.sessions.ttl_ms,
+            self.cfg.sessions.max_turns,
+        )
+        if isinstance(result, tuple):
+            raise _refusal(req.session_id, *result)
+        self._held[task_id] = _Held(req.session_id, prompt_est, req.kv_hint == "cold")
+        return result
+
+    def _initial(self, req: scheduler_pb2.AdmitRequest) -> tuple[int | None, int | None, int | None]:
+        defaults = self.cfg.sessions.budgets
+        tokens, time_ms, cost = defaults.tokens, defaults.time_ms, defaults.cost
+        if req.HasField("budget"):
+            own = req.budget
+            tokens = own.tokens if own.HasField("tokens") else tokens
+            time_ms = own.time_ms if own.HasField("time_ms") else time_ms
+            cost = own.cost if own.HasField("cost") else cost
+        return tokens, time_ms, None if cost is None else round(cost * MICRO)
+
+    async def undo(self, task_id: str) -> None:
+        """The admission was refused after the reservation: give back the turn and the reservation."""
+        held = self._held.pop(task_id, None)
+        if held is not None:
+            await self.store.session_settle(
+                held.session_id, task_id, (0, 0), 0, self.cfg.sessions.ttl_ms, undo=True
+            )
+
+    def warm_replica(self, task_id: str) -> tuple[str, int] | None:
+        """(replica_id, pid) this task's session last ran on, unless it asked for a cold start."""
+        held = self._held.get(task_id)
+        if held is None or held.cold:
+            return None
+        return self._last.get(held.session_id)
+
+    async def dispatched(
+        self, task_id: str, replica_id: str, pid: int, cost_per_1k: float
+    ) -> dict[str, object]:
+        """Remember where the session runs now; returns its remaining budgets for decode metrics."""
+        held = self._held.get(task_id)
+        if held is None:
+            return {}
+        held.dispatched_at = time.monotonic()
+        held.cost_per_1k = cost_per_1k
+        self._last[held.session_id] = (replica_id, pid)
+        await self.store.session_set(held.session_id, {"replica_id": replica_id, "replica_pid": str(pid)})
+        fields, _ = await self.store.session(held.session_id)
+        return budget_view(_budgets(fields))
+
+    async def settle(self, task_id: str, tokens_out: int) -> None:
+        """The task ended: refund what it did not use, charge its time; a no-op for sessionless tasks."""
+        held = self._held.pop(task_id, None)
+        if held is None:
+            return
+        time_ms = 0 if held.dispatched_at is None else int((time.monotonic() - held.dispatched_at) * 1000)
+        used = held.prompt_est + tokens_out if held.dispatched_at is not None else 0
+        await self.store.session_settle(
+            held.session_id,
+            task_id,
+            (used, cost_micro(used, held.cost_per_1k)),
+            time_ms,
+            self.cfg.sessions.ttl_ms,
+        )
+
+    def holds(self, task_id: str) -> bool:
+        return task_id in self._held
+
+    def forget(self, session_id: str) -> None:
+        self._last.pop(session_id, None)
+
+    async def info(self, session_id: str) -> dict[str, object]:
+        fields, ttl = await self.store.session(session_id)
+        if not fields:
+            raise OrchestratorError(Code.NOT_FOUND, f"session {session_id} is unknown or expired")
+        replica = fields.get("replica_id") or None
+        last = self._last.get(session_id)
+        return {
+            "session_id": session_id,
+            "ttl_ms_remaining": max(0, ttl),
+            "turns": int(fields["turns"]),
+            "max_turns": int(fields["max_turns"]),
+            "kv_bytes": 0,
+            "kv_warmth": last is not None and self.registry.replica_pid(last[0]) == last[1],
+            "model_ref": fields["model_ref"],
+            "replica_id": replica,
+            "created_ms": int(fields["created_ms"]),
+            **budget_view(_budgets(fields)),
+        }
+
+
+def _budgets(fields: dict[str, str]) -> SessionBudgets:
+    def opt(name: str) -> int | None:
+        return int(fields[name]) if name in fields else None
+
+    return SessionBudgets(int(fields.get("turns", "0")), opt("b_tokens"), opt("b_time"), opt("b_cost"))
+
+
+def _refusal(session_id: str, what: str, detail: str) -> OrchestratorError:
+    if what == "model":
+        return invalid("session_id", f"session {session_id} belongs to model {detail}; use that model_ref")
+    messages = {
+        "turns": f"session {session_id} used all its {detail} turns; start a new session",
+        "tokens": f"session {session_id} has {detail} tokens left, fewer than this task reserves "
+        "(prompt + max_tokens); lower max_tokens or start a new session",
+        "cost": f"session {session_id} has {cost_text(int(detail))} cost left, less than this task reserves",
+        "time_ms": f"session {session_id} has no time budget left",
+    }
+    return OrchestratorError(Code.BUDGET_EXHAUSTED, messages[what], budget=what)
+
+
+def budget_json(view: dict[str, object]) -> str:
+    return json.dumps(view, separators=(",", ":")) if view else ""
