@@ -282,3 +282,43 @@ async def test_one_pool_manager_per_device_and_auto_placement(
     caps = await _get(http, stack, "/v1/capabilities")
     per_device = {d["device"]: d["slots_total"] for d in caps["concurrency"]["per_device"]}
     assert per_device == {"0": 2, "1": 1, "cpu": 1}
+
+
+async def test_auto_pools_spread_over_gpus_of_different_size_and_load_lands_on_both(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    vram = {"kv_reserve_mib": 14 * 1024, "factor": 1.0, "headroom_mib": 512}  # only one fits per GPU
+    stack = stack_factory(
+        pools=[
+            mock_pool("mock-x", devices="auto", vram=vram, args=["--token-delay-ms", "20"]),
+            mock_pool("mock-y", devices="auto", vram=vram, args=["--token-delay-ms", "20"]),
+        ],
+        extra={
+            "telemetry": {
+                "gpu_provider": "fake",
+                "fake_gpus": [_fake_gpu(0, "Fake 24GB", 24576), _fake_gpu(1, "Fake 16GB", 16384)],
+            }
+        },
+    )
+    await stack.start(ready=False, per_device=True)
+
+    async def both_ready() -> bool:
+        try:
+            pools = await _get(http, stack, "/v1/pools")
+        except (AssertionError, aiohttp.ClientError):
+            return False
+        return len(pools) == 2 and all(p["ready"] for p in pools)
+
+    await wait_until(both_ready, 60, "both auto pools to be Ready")
+    devices = {p["pool_id"]: p["devices"] for p in await _get(http, stack, "/v1/pools")}
+    assert devices == {"mock-x": ["0"], "mock-y": ["1"]}  # the bigger GPU first, in config order
+    (rs,) = await _get(http, stack, "/v1/replicasets")
+    assert rs["pools"] == ["mock-x", "mock-y"] and rs["devices"] == ["0", "1"] and rs["ready"] is True
+    client = Client(stack, http)
+    tasks = [await client.admit(max_tokens=100) for _ in range(4)]  # 2 s each: both slots fill
+    used = set()
+    for task_id in tasks:
+        events = await client.events(task_id)
+        assert events[-1].event == "end"
+        used |= {e.data["replica_id"] for e in events if _is_dispatch(e)}
+    assert used == {"mock-x-r0", "mock-y-r0"}

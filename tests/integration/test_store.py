@@ -170,3 +170,90 @@ async def test_queued_frames_land_only_while_queued(store: Store) -> None:
     assert await store.mark_running("q", {"state": "running"})
     await store.append_queued_frames([("q", '{"phase":"queued","queue_position":0}')])
     assert [e.name for e in await store.read_events("q", -1)] == ["started", "metrics"]
+
+
+_budget_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(1, 60), st.integers(0, 500)),
+        st.tuples(st.just("settle"), st.integers(0, 80), st.integers(0, 700)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_budget_ops, st.integers(0, 150), st.integers(0, 1500), st.integers(1, 10))
+async def test_session_budgets_match_a_reference_model(
+    store: Store, ops: list[tuple[str, int, int]], tokens: int, cost: int, max_turns: int
+) -> None:
+    """Any sequence of admissions and settlements against a plain-Python model: a reservation is taken
+    only when it fits, the remaining budgets never go negative, a settlement refunds exactly what the
+    task did not use (use beyond the reservation is not charged), each reservation settles once, and
+    once everything has settled the budgets equal the start minus what was used."""
+    await store.client.flushdb()
+    left = {"tokens": tokens, "cost": cost}
+    turns = 0
+    held: dict[str, tuple[int, int]] = {}
+    used_total = {"tokens": 0, "cost": 0}
+    for n, (op, a, b) in enumerate(ops):
+        if op == "admit":
+            task_id = f"t{n}"
+            result = await store.session_admit(
+                "s", "m", task_id, (a, b), (tokens, None, cost), 600_000, max_turns
+            )
+            fits = turns < max_turns and left["tokens"] >= a and left["cost"] >= b
+            if not fits:
+                assert isinstance(result, tuple) and result[0] in ("turns", "tokens", "cost")
+                continue
+            assert not isinstance(result, tuple)
+            left["tokens"] -= a
+            left["cost"] -= b
+            turns += 1
+            held[task_id] = (a, b)
+            assert (result.turns, result.tokens, result.cost_micro, result.time_ms) == (
+                turns,
+                left["tokens"],
+                left["cost"],
+                None,
+            )
+        elif held:
+            task_id = sorted(held)[a % len(held)]
+            reserved = held.pop(task_id)
+            used = (min(reserved[0], a), min(reserved[1], b))
+            assert await store.session_settle("s", task_id, (a, b), 0, 600_000)
+            assert not await store.session_settle("s", task_id, (a, b), 0, 600_000)  # exactly once
+            left["tokens"] += reserved[0] - used[0]
+            left["cost"] += reserved[1] - used[1]
+            used_total["tokens"] += used[0]
+            used_total["cost"] += used[1]
+        fields, ttl = await store.session("s")
+        if fields:
+            assert int(fields["b_tokens"]) == left["tokens"] >= 0
+            assert int(fields["b_cost"]) == left["cost"] >= 0
+            assert 0 < ttl <= 600_000
+    for task_id, reserved in list(held.items()):
+        assert await store.session_settle("s", task_id, (0, 0), 0, 600_000)
+        left["tokens"] += reserved[0]
+        left["cost"] += reserved[1]
+    if turns:
+        fields, _ = await store.session("s")
+        assert int(fields["b_tokens"]) == tokens - used_total["tokens"] == left["tokens"]
+        assert int(fields["b_cost"]) == cost - used_total["cost"] == left["cost"]
+
+
+async def test_a_refused_first_turn_leaves_no_session_and_undo_gives_the_turn_back(store: Store) -> None:
+    await store.client.flushdb()
+    assert await store.session_admit("s", "m", "t0", (10, 0), (5, None, None), 60_000, 8) == ("tokens", "5")
+    assert (await store.session("s"))[0] == {}
+    admitted = await store.session_admit("s", "m", "t1", (3, 0), (5, 1000, None), 60_000, 8)
+    assert not isinstance(admitted, tuple) and admitted.turns == 1 and admitted.time_ms == 1000
+    assert await store.session_admit("s", "other", "t2", (1, 0), (5, None, None), 60_000, 8) == ("model", "m")
+    assert await store.session_settle("s", "t1", (0, 0), 0, 60_000, undo=True)
+    fields, _ = await store.session("s")
+    assert fields["turns"] == "0" and fields["b_tokens"] == "5"
+    again = await store.session_admit("s", "m", "t3", (1, 0), (5, None, None), 60_000, 8)
+    assert not isinstance(again, tuple)
+    assert await store.session_settle("s", "t3", (1, 0), 1500, 60_000)  # time charged, floor 0
+    fields, _ = await store.session("s")
+    assert fields["b_time"] == "0"
+    assert await store.session_admit("s", "m", "t4", (1, 0), (5, None, None), 60_000, 8) == ("time_ms", "0")
