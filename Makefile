@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/llorch/v1/*.proto)
 MODEL_LINK := .models/SmolLM2-135M-Instruct.Q4_1.gguf
 CONFIG ?= examples/dev-llamacpp.yaml
 
-.PHONY: setup proto engine model run run-mock test unit integration e2e bdd lint bench determinism haiku clean
+.PHONY: setup proto engine model run run-mock test unit integration e2e bdd lint bench simulate determinism haiku clean
 
 setup: $(STAMPS)/venv proto
 
@@ -50,9 +50,9 @@ run-mock: setup
 	$(BIN)/llorch up --config examples/dev-mock.yaml
 
 lint: setup
-	$(BIN)/ruff check libs services tests features bench
-	$(BIN)/ruff format --check libs services tests features bench
-	$(BIN)/mypy libs services bench
+	$(BIN)/ruff check libs services tests features bench gates
+	$(BIN)/ruff format --check libs services tests features bench gates
+	$(BIN)/mypy libs services bench gates
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
@@ -69,9 +69,22 @@ bdd: setup
 test: setup engine model lint
 	LLORCH_LLAMA_SERVER=$$(cat $(STAMPS)/llama-server-path) LLORCH_MODEL_GGUF=$(MODEL_LINK) $(BIN)/pytest -q tests
 	$(BIN)/behave -q features
+	$(MAKE) --no-print-directory determinism haiku
+
+# Release gates (SPEC §9), public API only: 64 seeds on two llama-server replicas, and the haiku.
+# Both start their own stack on the example config's ports (gateway 127.0.0.1:8080 by default).
+determinism: setup engine model
+	PATH="$$(dirname $$(cat $(STAMPS)/llama-server-path)):$$PATH" scripts/gate-determinism.sh
+
+haiku: setup engine model
+	PATH="$$(dirname $$(cat $(STAMPS)/llama-server-path)):$$PATH" LLORCH_ALLOW_CPU_GATE=1 scripts/gate-haiku.sh
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Placement on a simulated 24 GB + 12 GB box: ours vs round-robin vs an oracle (bench/simulate.py).
+simulate: setup
+	$(BIN)/python -m bench.simulate --seed $(or $(SEED),1) --out bench/results
 
 clean:
 	rm -rf $(VENV) $(STAMPS) libs/llorch/v1 .models

@@ -275,6 +275,8 @@ class Executor:
             max_tokens=req.max_tokens,
             seed=req.seed,
             sampler=Sampler(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty),
+            # The engine's prompt cache is what keeps a session warm; strict tasks never use it (SPEC §8).
+            cache_prompt=req.determinism != "strict",
         )
 
     def _first_token(self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: TaskWriter) -> int:

@@ -59,6 +59,8 @@ class Pools:
         states = {r.state for r in replicas}
         state = next((s for s in _STATE_ORDER if s in states), "Unavailable")  # no replicas: see last_error
         self.metrics.pool_ready.labels(cfg.id).set(1 if ready else 0)
+        circuit_open = any(r.circuit == "open" for r in replicas)
+        self.metrics.circuit_open.labels(cfg.id).set(1 if circuit_open else 0)
         devices = replicas[0].device_labels if replicas else _config_devices(cfg)
         pool = types_pb2.PoolState(
             pool_id=cfg.id,
@@ -76,7 +78,7 @@ class Pools:
             max_tokens_limit=cfg.effective_max_tokens_limit,
             workloads=list(cfg.workloads),
             live=any(r.pid and r.state in _LIVE for r in replicas),
-            circuit="open" if any(r.circuit == "open" for r in replicas) else "closed",
+            circuit="open" if circuit_open else "closed",
             cost_per_1k_tokens=cfg.cost_per_1k_tokens,
             slots=cfg.slots,
         )

@@ -214,7 +214,6 @@ class Replica:
                 },
             )
         self.state = state
-        self.metrics.circuit_open.labels(self.pool.id).set(1 if state == "Unavailable" else 0)
         self.on_change()
 
     def resume(self) -> None:

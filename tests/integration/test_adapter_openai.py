@@ -11,10 +11,8 @@ import pytest
 
 from llorch.adapters._http import sample_values
 from llorch.adapters.base import (
-    EngineAdapter,
     EngineHealth,
     Finished,
-    GenerateRequest,
     KvInfo,
     Sampler,
     Token,
@@ -22,7 +20,7 @@ from llorch.adapters.base import (
 from llorch.adapters.openai import OpenAIAdapter
 from llorch.config import PoolConfig
 from llorch.errors import Code, OrchestratorError
-from tests.stubs import StartStub, StubEngine, stub_engines
+from tests.stubs import StartStub, StubEngine, collect, failure, request, stub_engines
 from tests.stubs.common import completion_text, prompt_tokens
 from tests.support.procs import free_port, wait_until
 
@@ -39,24 +37,6 @@ async def vllm(start: StartStub, *engine_args: str, ready: bool = True, **keys: 
     pool = {"id": "vllm-a", "engine": "vllm", "model": "m", "devices": [0], "ctx": 512, "slots": 2}
     config = PoolConfig.model_validate({**pool, **keys, "engine_args": list(engine_args)})
     return await start(config, MODEL, ready=ready)
-
-
-def request(prompt: str = "Say something about GPUs.", max_tokens: int = 8, **kw: Any) -> GenerateRequest:
-    return GenerateRequest(task_id="t-1", prompt=prompt, max_tokens=max_tokens, seed=kw.pop("seed", 42), **kw)
-
-
-async def collect(adapter: EngineAdapter, req: GenerateRequest) -> list[Token | Finished]:
-    return [event async for event in adapter.stream(req)]
-
-
-async def failure(
-    adapter: EngineAdapter, req: GenerateRequest
-) -> tuple[OrchestratorError, list[Token | Finished]]:
-    seen: list[Token | Finished] = []
-    with pytest.raises(OrchestratorError) as err:
-        async for event in adapter.stream(req):
-            seen.append(event)
-    return err.value, seen
 
 
 async def test_stream_yields_tokens_then_finished_with_usage(start: StartStub) -> None:

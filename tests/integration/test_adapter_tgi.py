@@ -11,17 +11,15 @@ import pytest
 
 from llorch.adapters import tgi
 from llorch.adapters.base import (
-    EngineAdapter,
     EngineHealth,
     Finished,
-    GenerateRequest,
     KvInfo,
     Sampler,
     Token,
 )
 from llorch.config import PoolConfig
 from llorch.errors import Code, OrchestratorError
-from tests.stubs import StartStub, StubEngine, stub_engines
+from tests.stubs import StartStub, StubEngine, collect, failure, request, stub_engines
 from tests.stubs.common import completion_text, prompt_tokens
 from tests.support.procs import free_port, wait_until
 
@@ -38,24 +36,6 @@ async def tgi_stub(start: StartStub, *engine_args: str, ready: bool = True, **ke
     pool = {"id": "tgi-a", "engine": "tgi", "model": "m", "devices": [0], "ctx": 512, "slots": 2}
     config = PoolConfig.model_validate({**pool, **keys, "engine_args": list(engine_args)})
     return await start(config, MODEL, ready=ready)
-
-
-def request(prompt: str = "Say something about GPUs.", max_tokens: int = 8, **kw: Any) -> GenerateRequest:
-    return GenerateRequest(task_id="t-1", prompt=prompt, max_tokens=max_tokens, seed=kw.pop("seed", 42), **kw)
-
-
-async def collect(adapter: EngineAdapter, req: GenerateRequest) -> list[Token | Finished]:
-    return [event async for event in adapter.stream(req)]
-
-
-async def failure(
-    adapter: EngineAdapter, req: GenerateRequest
-) -> tuple[OrchestratorError, list[Token | Finished]]:
-    seen: list[Token | Finished] = []
-    with pytest.raises(OrchestratorError) as err:
-        async for event in adapter.stream(req):
-            seen.append(event)
-    return err.value, seen
 
 
 async def test_greedy_stream_yields_tokens_then_finished_from_details(start: StartStub) -> None:

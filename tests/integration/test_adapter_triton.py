@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from llorch.adapters.base import (
-    EngineAdapter,
     EngineHealth,
     Finished,
-    GenerateRequest,
     KvInfo,
     Sampler,
     Token,
@@ -24,7 +21,7 @@ from llorch.adapters.base import (
 from llorch.adapters.triton import TritonAdapter
 from llorch.config import PoolConfig
 from llorch.errors import Code, OrchestratorError
-from tests.stubs import StartStub, StubEngine, stub_engines
+from tests.stubs import StartStub, StubEngine, collect, failure, request, stub_engines
 from tests.stubs.common import completion_text
 from tests.support.procs import free_port, wait_until
 
@@ -53,24 +50,6 @@ async def triton(
     engine_args = [*IO_FLAGS, *knobs]
     config = PoolConfig.model_validate({**pool, "adapter": adapter or IO, "engine_args": engine_args})
     return await start(config, repository, ready=ready)
-
-
-def request(prompt: str = "Say something about GPUs.", max_tokens: int = 8, **kw: Any) -> GenerateRequest:
-    return GenerateRequest(task_id="t-1", prompt=prompt, max_tokens=max_tokens, seed=kw.pop("seed", 42), **kw)
-
-
-async def collect(adapter: EngineAdapter, req: GenerateRequest) -> list[Token | Finished]:
-    return [event async for event in adapter.stream(req)]
-
-
-async def failure(
-    adapter: EngineAdapter, req: GenerateRequest
-) -> tuple[OrchestratorError, list[Token | Finished]]:
-    seen: list[Token | Finished] = []
-    with pytest.raises(OrchestratorError) as err:
-        async for event in adapter.stream(req):
-            seen.append(event)
-    return err.value, seen
 
 
 async def test_stream_uses_the_configured_tensor_names(start: StartStub, repository: Path) -> None:

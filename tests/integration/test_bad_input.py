@@ -426,6 +426,28 @@ async def test_bad_task_id_in_path_is_400(
     check_error(reply, INVALID, "task_id")
 
 
+SESSION_ROUTES = [
+    pytest.param("GET", "/v1/sessions/{}", id="session"),
+    pytest.param("DELETE", "/v1/sessions/{}", id="delete-session"),
+]
+
+
+@pytest.mark.parametrize("path_id", BAD_PATH_IDS)
+@pytest.mark.parametrize(("method", "template"), SESSION_ROUTES)
+async def test_bad_session_id_in_path_is_400(
+    stack: Stack, http: aiohttp.ClientSession, method: str, template: str, path_id: str
+) -> None:
+    check_error(await send(http, stack, method, template.format(path_id)), INVALID, "session_id")
+
+
+@pytest.mark.parametrize("path_id", ["no-such-session", "z" * 128, "0"])
+async def test_unknown_session_is_404_and_its_delete_204(
+    stack: Stack, http: aiohttp.ClientSession, path_id: str
+) -> None:
+    check_error(await send(http, stack, "GET", f"/v1/sessions/{path_id}"), "NOT_FOUND")
+    assert (await send(http, stack, "DELETE", f"/v1/sessions/{path_id}", b"ignored")).status == 204
+
+
 @pytest.mark.parametrize("path_id", ["no-such-task", "z" * 128, "0"])
 @pytest.mark.parametrize(("method", "template"), TASK_ROUTES)
 async def test_unknown_task_is_404(
@@ -435,9 +457,14 @@ async def test_unknown_task_is_404(
     check_error(reply, "NOT_FOUND")
 
 
-@pytest.mark.parametrize("pool_id", ["no-such-pool", "-bad", "p%C3%B6ol", "a" * 200, "mock-a%20"])
-async def test_unknown_pool_is_404(stack: Stack, http: aiohttp.ClientSession, pool_id: str) -> None:
-    check_error(await send(http, stack, "GET", f"/v1/pools/{pool_id}/health"), "NOT_FOUND")
+@pytest.mark.parametrize("pool_id", ["no-such-pool", "-bad", "p%C3%B6ol", "a" * 200, "mock-a%20", "a%00b"])
+@pytest.mark.parametrize(
+    ("method", "template"), [("GET", "/v1/pools/{}/health"), ("POST", "/v1/pools/{}/resume")]
+)
+async def test_unknown_pool_is_404(
+    stack: Stack, http: aiohttp.ClientSession, pool_id: str, method: str, template: str
+) -> None:
+    check_error(await send(http, stack, method, template.format(pool_id), b"{not json"), "NOT_FOUND")
 
 
 async def test_known_pool_health_is_200(stack: Stack, http: aiohttp.ClientSession) -> None:
@@ -518,6 +545,11 @@ V1_ROUTES = [
     pytest.param("POST", "/v1/tasks/some-task/cancel", id="cancel"),
     pytest.param("GET", "/v1/pools/mock-a/health", id="pool-health"),
     pytest.param("GET", "/v1/pools", id="pools"),
+    pytest.param("POST", "/v1/pools/mock-a/resume", id="resume"),
+    pytest.param("GET", "/v1/replicasets", id="replicasets"),
+    pytest.param("GET", "/v1/capabilities", id="capabilities"),
+    pytest.param("GET", "/v1/sessions/some-session", id="session"),
+    pytest.param("DELETE", "/v1/sessions/some-session", id="delete-session"),
     pytest.param("GET", "/v1/no-such-route", id="unknown-v1-route"),
     pytest.param("DELETE", "/v1/tasks", id="wrong-method"),
 ]

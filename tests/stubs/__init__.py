@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from llorch.adapters.base import EngineAdapter
+from llorch.adapters.base import EngineAdapter, Finished, GenerateRequest, Token
 from llorch.adapters.launch import Launch, engine_command, make_adapter
 from llorch.config import PoolConfig
+from llorch.errors import OrchestratorError
 from tests.support.procs import Proc, free_port, wait_until
 
 STUBS_DIR = Path(__file__).resolve().parent
@@ -104,3 +106,21 @@ async def stub_engines(workdir: Path) -> AsyncIterator[StartStub]:
         for stub in started:
             await stub.adapter.aclose()
             stub.proc.stop()
+
+
+def request(prompt: str = "Say something about GPUs.", max_tokens: int = 8, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(task_id="t-1", prompt=prompt, max_tokens=max_tokens, seed=kw.pop("seed", 42), **kw)
+
+
+async def collect(adapter: EngineAdapter, req: GenerateRequest) -> list[Token | Finished]:
+    return [event async for event in adapter.stream(req)]
+
+
+async def failure(
+    adapter: EngineAdapter, req: GenerateRequest
+) -> tuple[OrchestratorError, list[Token | Finished]]:
+    seen: list[Token | Finished] = []
+    with pytest.raises(OrchestratorError) as err:
+        async for event in adapter.stream(req):
+            seen.append(event)
+    return err.value, seen

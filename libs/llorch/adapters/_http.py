@@ -6,7 +6,8 @@ Adapters keep their own wire formats and error mapping; this module holds only w
 from __future__ import annotations
 
 import json
-from typing import Final
+from types import TracebackType
+from typing import Final, Self
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +22,24 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 _KEEPALIVE_S: Final = 2.0
 _OOM_MARKERS: Final = ("out of memory", "out_of_memory", "outofmemory")
 _SSE_DATA: Final = b"data:"
+
+
+class HttpAdapter:
+    """Async context management and close for the adapters that hold an :class:`EngineHttp`."""
+
+    _http: EngineHttp
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session if this adapter created it; idempotent, safe before first use."""
+        await self._http.aclose()
 
 
 class EngineHttp:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
-from types import TracebackType
 
 import aiohttp
 
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
+    HttpAdapter,
     decode_body,
     mentions_oom,
     parse_metrics,
@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "LlamaCppAdapter"]
 _KV_USAGE = "llamacpp:kv_cache_usage_ratio"
 
 
-class LlamaCppAdapter:
+class LlamaCppAdapter(HttpAdapter):
     """An :class:`~llorch.adapters.base.EngineAdapter` for one llama-server replica at ``base_url``.
 
     ``session`` is borrowed when given (the caller closes it); otherwise the adapter creates one on first
@@ -54,18 +54,6 @@ class LlamaCppAdapter:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = EngineHttp("LlamaCppAdapter", session, request_timeout_s)
-
-    async def __aenter__(self) -> LlamaCppAdapter:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session if this adapter created it; idempotent, safe before first use."""
-        await self._http.aclose()
 
     async def health(self) -> EngineHealth:
         """200 → ready; any other answer → live but not ready (503 while loading); no answer → not live."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
-from types import TracebackType
 from typing import Final, Literal
 
 import aiohttp
@@ -42,6 +41,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
+    HttpAdapter,
     decode_body,
     mentions_oom,
     parse_metrics,
@@ -65,7 +65,7 @@ _BUSY_METRICS: Final = ("vllm:num_requests_running", "vllm:num_requests_waiting"
 _NAME: Final = "openai server"
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(HttpAdapter):
     """An :class:`~llorch.adapters.base.EngineAdapter` for one OpenAI-compatible server at ``base_url``.
 
     ``model`` is the served model name sent in every request (vLLM's default is the path given to
@@ -91,18 +91,6 @@ class OpenAIAdapter:
         self.ctx = ctx
         self.model_path = model if model_path is None else model_path
         self._http = EngineHttp("OpenAIAdapter", session, request_timeout_s)
-
-    async def __aenter__(self) -> OpenAIAdapter:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session if this adapter created it; idempotent, safe before first use."""
-        await self._http.aclose()
 
     async def health(self) -> EngineHealth:
         """No answer → not live; ``/health`` not 200 → live, not ready; ready once the model is listed."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
-from types import TracebackType
 from typing import Final, Literal
 
 import aiohttp
@@ -43,6 +42,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
+    HttpAdapter,
     decode_body,
     mentions_oom,
     parse_metrics,
@@ -66,7 +66,7 @@ _NAME: Final = "TGI"
 _BUSY_METRICS: Final = ("tgi_batch_current_size", "tgi_queue_size")
 
 
-class TgiAdapter:
+class TgiAdapter(HttpAdapter):
     """An :class:`~llorch.adapters.base.EngineAdapter` for one TGI router at ``base_url``.
 
     ``slots_total``, ``ctx`` and ``model_path`` are the launch's values, used where ``/info`` is silent.
@@ -88,18 +88,6 @@ class TgiAdapter:
         self.ctx = ctx
         self.model_path = model_path
         self._http = EngineHttp("TgiAdapter", session, request_timeout_s)
-
-    async def __aenter__(self) -> TgiAdapter:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session if this adapter created it; idempotent, safe before first use."""
-        await self._http.aclose()
 
     async def health(self) -> EngineHealth:
         """200 → ready; any other answer → live but not ready; no answer → not live."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Mapping
-from types import TracebackType
 from typing import Final, Literal
 from urllib.parse import quote
 
@@ -50,6 +49,7 @@ import aiohttp
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
+    HttpAdapter,
     decode_body,
     mentions_oom,
     parse_metrics,
@@ -76,7 +76,7 @@ _KV_BLOCKS: Final = "nv_trt_llm_kv_cache_block_metrics"
 _REQUESTS: Final = "nv_trt_llm_request_metrics"
 
 
-class TritonAdapter:
+class TritonAdapter(HttpAdapter):
     """An :class:`~llorch.adapters.base.EngineAdapter` for one model of one Triton server at ``base_url``.
 
     ``model_name`` is the model (or ensemble) to call; ``input_name``, ``output_name`` and
@@ -144,18 +144,6 @@ class TritonAdapter:
             session=session,
             request_timeout_s=request_timeout_s,
         )
-
-    async def __aenter__(self) -> TritonAdapter:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session if this adapter created it; idempotent, safe before first use."""
-        await self._http.aclose()
 
     async def health(self) -> EngineHealth:
         if await self._http.probe(f"{self.base_url}/v2/health/live") != 200:
