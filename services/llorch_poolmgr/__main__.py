@@ -72,7 +72,7 @@ async def build_pools(
             continue
         digest = await model_digest(path, cfg.state_dir / "digests.json")
         replicas = [
-            Replica(pool, k, path, devices, cfg.state_dir / "logs", probe, metrics, changed)
+            Replica(pool, k, path, devices, cfg.state_dir, probe, metrics, changed)
             for k in range(pool.replicas)
         ]
         entries.append((pool, digest, replicas))

@@ -30,7 +30,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -144,7 +144,7 @@ class Replica:
         index: int,
         model_path: Path,
         devices: list[int] | None,
-        logs_dir: Path,
+        state_dir: Path,
         probe: gpu.GpuProbe,
         metrics: PoolMetrics,
         on_change: Callable[[], None],
@@ -153,7 +153,8 @@ class Replica:
         self.replica_id = f"{pool.id}-r{index}"
         self.model_path = model_path
         self.devices = devices
-        self.logs_dir = logs_dir
+        self.logs_dir = state_dir / "logs"
+        self.slots_dir = state_dir / "slots" / self.replica_id
         self.probe = probe
         self.metrics = metrics
         self.on_change = on_change
@@ -358,6 +359,9 @@ class Replica:
         launch = engine_command(
             placed, resolve_binary(self.pool.effective_engine_bin), self.model_path, self.port, free_port
         )
+        if self.pool.engine == "llamacpp":  # without it llama-server refuses slot erase (DELETE session)
+            self.slots_dir.mkdir(parents=True, exist_ok=True)
+            launch = replace(launch, argv=(*launch.argv, "--slot-save-path", str(self.slots_dir)))
         self._tail.clear()
         self._log_fault.clear()
         self._suspect.clear()

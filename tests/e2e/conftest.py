@@ -62,6 +62,7 @@ async def llama_server(
 ) -> AsyncIterator[LlamaServer]:
     """A real llama-server on a free port, one slot, deterministic flags; waits until the port answers."""
     port = free_port()
+    (tmp_path / "slots").mkdir()
     argv = [str(llama_server_bin), "-m", str(model_gguf), "--host", "127.0.0.1", "--port", str(port)]
     argv += [
         "-c",
@@ -73,6 +74,8 @@ async def llama_server(
         "--no-cont-batching",
         "--metrics",
         "--no-webui",
+        "--slot-save-path",
+        str(tmp_path / "slots"),
     ]
     proc = Proc(argv, tmp_path / "llama-server.log")
     server = LlamaServer(proc, f"http://127.0.0.1:{port}", model_gguf)

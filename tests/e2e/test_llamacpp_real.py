@@ -92,3 +92,11 @@ async def test_cancel_via_aclose_frees_the_slot(
     # The replica serves the next request normally.
     _, finished = await run(ready_adapter, seed=7, max_tokens=4)
     assert finished.tokens_out >= 1
+
+
+async def test_erase_evicts_an_idle_slot_and_reports_busy_slots(ready_adapter: LlamaCppAdapter) -> None:
+    request = GenerateRequest(task_id="e", prompt="Hello there", max_tokens=2, seed=1, cache_prompt=True)
+    async for _ in ready_adapter.stream(request):
+        pass
+    assert await ready_adapter.busy_slots() == 0
+    assert await ready_adapter.erase_kv(0) is True
