@@ -1,4 +1,9 @@
-"""Model digests: sha256 of the model file, cached by (path, size, mtime_ns) under the state dir."""
+"""Model digests (SPEC §5.7): sha256 of a model file, or of a model directory's manifest.
+
+A directory (vLLM, TGI and Triton models) is hashed over its manifest lines ``"<sha256>  <relpath>\\n"``,
+one per file, sorted by path. Results are cached under the state dir per (path, size, mtime_ns) of
+each file, so an unchanged model is never read twice.
+"""
 
 from __future__ import annotations
 
@@ -13,26 +18,40 @@ def _sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    return digest.hexdigest()
 
 
 async def model_digest(path: Path, cache_file: Path) -> str:
-    """The model file's digest; the file is read only when it changed since the last call."""
+    """``sha256:<hex>`` of the model; files are read only when they changed since the last call."""
     return await asyncio.to_thread(_cached_digest, path, cache_file)
 
 
 def _cached_digest(path: Path, cache_file: Path) -> str:
-    resolved = path.resolve()
-    stat = resolved.stat()
-    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
     cache: dict[str, str] = {}
     if cache_file.exists():
         try:
             cache = json.loads(cache_file.read_text())
         except json.JSONDecodeError:
             cache = {}
-    if key not in cache:
-        cache[key] = _sha256_file(resolved)
+    before = dict(cache)
+
+    def file_hex(file: Path) -> str:
+        stat = file.stat()
+        key = f"{file}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = _sha256_file(file)
+        return cache[key]
+
+    resolved = path.resolve()
+    if resolved.is_dir():
+        files = sorted(
+            (p for p in resolved.rglob("*") if p.is_file()), key=lambda p: p.relative_to(resolved).as_posix()
+        )
+        manifest = "".join(f"{file_hex(p.resolve())}  {p.relative_to(resolved).as_posix()}\n" for p in files)
+        result = hashlib.sha256(manifest.encode()).hexdigest()
+    else:
+        result = file_hex(resolved)
+    if cache != before:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    return cache[key]
+    return "sha256:" + result
