@@ -48,7 +48,7 @@ def budget_view(budgets: SessionBudgets) -> dict[str, object]:
     if budgets.time_ms is not None:
         view["time_budget_remaining_ms"] = budgets.time_ms
     if budgets.cost_micro is not None:
-        view["cost_budget_remaining"] = cost_text(budgets.cost_micro)
+        view["cost_budget_remaining"] = round(budgets.cost_micro / MICRO, 4)
     return view
 
 
@@ -187,16 +187,24 @@ def _budgets(fields: dict[str, str]) -> SessionBudgets:
 
 
 def _refusal(session_id: str, what: str, detail: str) -> OrchestratorError:
+    """The store's refusal as SPEC §4's envelope: `budget` (tokens | time | cost | turns) and `remaining`."""
     if what == "model":
         return invalid("session_id", f"session {session_id} belongs to model {detail}; use that model_ref")
-    messages = {
-        "turns": f"session {session_id} used all its {detail} turns; start a new session",
-        "tokens": f"session {session_id} has {detail} tokens left, fewer than this task reserves "
-        "(prompt + max_tokens); lower max_tokens or start a new session",
-        "cost": f"session {session_id} has {cost_text(int(detail))} cost left, less than this task reserves",
-        "time_ms": f"session {session_id} has no time budget left",
-    }
-    return OrchestratorError(Code.BUDGET_EXHAUSTED, messages[what], budget=what)
+    if what == "turns":
+        message = f"session {session_id} used all its {detail} turns; start a new session"
+        return OrchestratorError(Code.BUDGET_EXHAUSTED, message, budget="turns", remaining=0)
+    if what == "tokens":
+        message = (
+            f"session {session_id} has {detail} tokens left, fewer than this task reserves "
+            "(prompt + max_tokens); lower max_tokens or start a new session"
+        )
+        return OrchestratorError(Code.BUDGET_EXHAUSTED, message, budget="tokens", remaining=int(detail))
+    if what == "cost":
+        left = int(detail) / MICRO
+        message = f"session {session_id} has {left:.4f} cost left, less than this task reserves"
+        return OrchestratorError(Code.BUDGET_EXHAUSTED, message, budget="cost", remaining=round(left, 4))
+    message = f"session {session_id} has no time budget left"
+    return OrchestratorError(Code.BUDGET_EXHAUSTED, message, budget="time", remaining=max(0, int(detail)))
 
 
 def budget_json(view: dict[str, object]) -> str:

@@ -42,18 +42,19 @@ async def test_budget_is_reserved_refunded_exactly_and_exhaustion_is_403_before_
     events = await client.events(body["task_id"])
     assert events[-1].event == "end" and events[-1].data["tokens_out"] == 5
     decode = next(e.data for e in events if e.event == "metrics" and e.data.get("phase") == "decode")
-    assert decode["budget"] == {"tokens_budget_remaining": 58, "cost_budget_remaining": "0.9160"}
+    assert decode["budget"] == {"tokens_budget_remaining": 58, "cost_budget_remaining": 0.916}
 
     async def refunded() -> bool:
         return (await _session(http, stack, "s1"))[1].get("tokens_budget_remaining") == 93
 
     await wait_until(refunded, 30, "the unused 35 tokens to be refunded")  # 58 + (42 - 7)
     _, info = await _session(http, stack, "s1")
-    assert info["cost_budget_remaining"] == "0.9860" and info["turns"] == 1 and info["max_turns"] == 8
+    assert info["cost_budget_remaining"] == 0.986 and info["turns"] == 1 and info["max_turns"] == 8
     assert info["model_ref"] == "mock-tiny" and info["replica_id"] == "mock-a-r0"
     assert 0 < info["ttl_ms_remaining"] <= 600_000
     status, refusal, _ = await client.submit(session_id="s1", task_id="too-big", max_tokens=100)
     assert status == 403 and refusal["code"] == "BUDGET_EXHAUSTED" and refusal["budget"] == "tokens"
+    assert refusal["remaining"] == 93
     async with http.get(f"{stack.url}/v1/tasks/too-big", headers=stack.headers) as r:
         assert r.status == 404  # refused before enqueue: no task record
     _, after = await _session(http, stack, "s1")
