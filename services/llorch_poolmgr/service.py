@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 HEARTBEAT_S = 2.0
 _STATE_ORDER = ("Ready", "SelfTest", "Preloading", "Backoff", "Unavailable", "Stopped")
-_LIVE = frozenset({"Preloading", "SelfTest", "Ready", "Backoff"})
 LEASE_RENEW_S = 5.0
 LEASE_MS = 15_000
 
@@ -77,7 +76,7 @@ class Pools:
             full_policy=cfg.queue.full_policy,
             max_tokens_limit=cfg.effective_max_tokens_limit,
             workloads=list(cfg.workloads),
-            live=any(r.pid and r.state in _LIVE for r in replicas),
+            live=any(r.pid for r in replicas),
             circuit="open" if circuit_open else "closed",
             cost_per_1k_tokens=cfg.cost_per_1k_tokens,
             slots=cfg.slots,

@@ -342,6 +342,7 @@ class Replica:
             raise self._failed(await self._watch(oom_kills))
         finally:
             await self._stop_process()
+            self.pid = self.port = 0  # `live` in health means an engine process runs
             self.probe.release(self.replica_id)
             adapter, self.adapter = self.adapter, None
             if adapter is not None:
