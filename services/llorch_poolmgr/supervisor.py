@@ -30,22 +30,24 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from llorch import gpu
 from llorch.adapters.base import EngineAdapter, Finished, GenerateRequest
 from llorch.adapters.launch import engine_command, make_adapter
 from llorch.config import PoolConfig
+from llorch.errors import OrchestratorError
 
 from . import preload
+from .breaker import Breaker
 from .faults import Failure, PoolError, classify_exit, match_log, oom_kill_count
 from .metrics import PoolMetrics
 from .selftest import SelfTestFailed, run_selftest
+from .telemetry import Telemetry, collect, export
 
 log = logging.getLogger(__name__)
 
@@ -96,42 +98,6 @@ class EngineFailed(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
         self.failure = failure
-
-
-class Breaker:
-    """`failures` failures within `window_s` open the circuit; resume closes it."""
-
-    def __init__(self, failures: int, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = failures
-        self.window_s = window_s
-        self.clock = clock
-        self._times: deque[float] = deque()
-
-    def record(self) -> None:
-        self._times.append(self.clock())
-
-    def recent(self) -> int:
-        cutoff = self.clock() - self.window_s
-        while self._times and self._times[0] < cutoff:
-            self._times.popleft()
-        return len(self._times)
-
-    @property
-    def open(self) -> bool:
-        return self.recent() >= self.limit
-
-    def reset(self) -> None:
-        self._times.clear()
-
-
-@dataclass
-class Telemetry:
-    """What the last probe saw; None where the engine or the GPU does not say."""
-
-    kv_cache_usage_ratio: float | None = None
-    vram_used_bytes: dict[str, int] = field(default_factory=dict)  # device label -> bytes
-    vram_total_bytes: dict[str, int] = field(default_factory=dict)
-    gpu_utilization: dict[str, float] = field(default_factory=dict)
 
 
 class Replica:
@@ -453,54 +419,23 @@ class Replica:
                         return None
         except TimeoutError:
             pass
-        except Exception as exc:
-            return Failure(PoolError.ENGINE_STUCK, f"liveness decode failed: {exc}")
+        except OrchestratorError as exc:
+            return Failure(PoolError.ENGINE_STUCK, f"liveness decode failed: {exc.code.value}: {exc.message}")
         return Failure(
             PoolError.ENGINE_STUCK,
             f"the engine answers /health but produced no token within {timeout_s:g} s",
         )
 
     async def _refresh_telemetry(self) -> None:
-        """KV use from the engine, VRAM and utilization from the GPU probe (or the mock's own)."""
         assert self.adapter is not None
-        labels = (self.pool.engine, self.engine_version, self.pool.id, self.replica_id)
-        seen = Telemetry()
-        with contextlib.suppress(Exception):
-            seen.kv_cache_usage_ratio = (await self.adapter.kv_info()).usage_ratio
-        if self.pool.engine == "mock":
-            await self._mock_telemetry(seen)
-        elif self.devices is not None:
-            used = self.probe.process_vram(self.pid)
-            for index in self.devices:
-                dev = self.probe.device(index)
-                if dev is not None:
-                    seen.vram_used_bytes[str(index)] = used.get(index, 0)
-                    seen.vram_total_bytes[str(index)] = dev.total_bytes
-                    if dev.utilization is not None:
-                        seen.gpu_utilization[str(index)] = dev.utilization
-        self.telemetry = seen
-        if seen.kv_cache_usage_ratio is not None:
-            self.metrics.kv_usage.labels(*labels).set(seen.kv_cache_usage_ratio)
-        for device, nbytes in seen.vram_used_bytes.items():
-            self.metrics.vram_used.labels(*labels, device).set(nbytes)
-        for device, util in seen.gpu_utilization.items():
-            self.metrics.gpu_utilization.labels(*labels, device).set(util)
-
-    async def _mock_telemetry(self, seen: Telemetry) -> None:
-        """The mock reports VRAM and utilization itself (SPEC §8 knobs) at GET /mock/telemetry."""
-        url = f"http://127.0.0.1:{self.port}/mock/telemetry"
-        try:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(url, timeout=aiohttp.ClientTimeout(2)) as resp,
-            ):
-                body = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return
-        for device in self.device_labels:
-            seen.vram_used_bytes[device] = int(body.get("vram_used_bytes") or 0)
-            seen.vram_total_bytes[device] = int(body.get("vram_total_bytes") or 0)
-            seen.gpu_utilization[device] = float(body.get("gpu_util") or 0.0)
+        self.telemetry = await collect(
+            self.adapter, self.pool.engine, self.port, self.pid, self.devices, self.probe
+        )
+        export(
+            self.metrics,
+            (self.pool.engine, self.engine_version, self.pool.id, self.replica_id),
+            self.telemetry,
+        )
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llorch_poolmgr.breaker import Breaker
 from llorch_poolmgr.faults import PoolError, classify_exit, match_log, oom_kill_count
-from llorch_poolmgr.supervisor import Breaker
 
 
 def test_vram_oom_is_named_from_the_engine_log() -> None:
