@@ -80,6 +80,7 @@ class Pools:
             circuit="open" if circuit_open else "closed",
             cost_per_1k_tokens=cfg.cost_per_1k_tokens,
             slots=cfg.slots,
+            kv_bytes_per_token=replicas[0].kv_bytes_per_token if replicas else 0,
         )
         for r in replicas:
             replica = pool.replicas.add(

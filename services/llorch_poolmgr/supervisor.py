@@ -87,6 +87,14 @@ def engine_env(pool: PoolConfig, devices: list[int] | None) -> dict[str, str]:
     return env
 
 
+def _kv_bytes_per_token(model_path: Path) -> int:
+    """KV bytes one cached token holds, estimated from the model's size (SPEC §5.4's fallback)."""
+    try:
+        return gpu.kv_reserve_estimate(1, 1, preload.model_bytes(model_path))
+    except OSError:
+        return 0
+
+
 def _as_preload(failure: Failure | None) -> Failure | None:
     """An exit during preload is a preload failure, unless the engine named a more precise cause."""
     if failure is not None and failure.code == PoolError.ENGINE_CRASHED:
@@ -136,6 +144,7 @@ class Replica:
         self.telemetry = Telemetry()
         self.breaker = Breaker(pool.restart.breaker_failures, pool.restart.breaker_window_s)
         self.vram_bump = 1.0
+        self.kv_bytes_per_token = _kv_bytes_per_token(model_path)
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._log_fault = asyncio.Event()

@@ -193,6 +193,12 @@ class PoolRegistry:
                         return int(replica.pid)
         return None
 
+    def kv_bytes_per_token(self, replica_id: str | None) -> int:
+        for _, pool in self.pools():
+            if any(r.replica_id == replica_id for r in pool.replicas):
+                return int(pool.kv_bytes_per_token)
+        return 0
+
     def replica_owner(self, replica_id: str) -> Manager | None:
         for manager, pool in self.pools():
             if any(r.replica_id == replica_id for r in pool.replicas):

@@ -145,6 +145,8 @@ class Sessions:
             return
         time_ms = 0 if held.dispatched_at is None else int((time.monotonic() - held.dispatched_at) * 1000)
         used = held.prompt_est + tokens_out if held.dispatched_at is not None else 0
+        if used:  # what the engine's prompt cache now holds for the session (its last turn)
+            await self.store.session_set(held.session_id, {"tokens_held": str(used)})
         await self.store.session_settle(
             held.session_id,
             task_id,
@@ -170,7 +172,7 @@ class Sessions:
             "ttl_ms_remaining": max(0, ttl),
             "turns": int(fields["turns"]),
             "max_turns": int(fields["max_turns"]),
-            "kv_bytes": 0,
+            "kv_bytes": int(fields.get("tokens_held", "0")) * self.registry.kv_bytes_per_token(replica),
             "kv_warmth": last is not None and self.registry.replica_pid(last[0]) == last[1],
             "model_ref": fields["model_ref"],
             "replica_id": replica,

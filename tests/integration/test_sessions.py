@@ -52,6 +52,7 @@ async def test_budget_is_reserved_refunded_exactly_and_exhaustion_is_403_before_
     assert info["cost_budget_remaining"] == 0.986 and info["turns"] == 1 and info["max_turns"] == 8
     assert info["model_ref"] == "mock-tiny" and info["replica_id"] == "mock-a-r0"
     assert 0 < info["ttl_ms_remaining"] <= 600_000
+    assert info["kv_bytes"] > 0 and info["kv_bytes"] % 7 == 0  # 7 tokens held x the model's bytes/token
     status, refusal, _ = await client.submit(session_id="s1", task_id="too-big", max_tokens=100)
     assert status == 403 and refusal["code"] == "BUDGET_EXHAUSTED" and refusal["budget"] == "tokens"
     assert refusal["remaining"] == 93
