@@ -182,11 +182,13 @@ class Engine:
         except OSError as exc:
             log.error("failed to load model %s: %s", self.knobs.model, exc)
             return False
-        if self.knobs.preload_fail == "exit":
+        if self.knobs.preload_fail in ("exit", "oom"):
             while (remaining_s := self._loading_until - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.knobs_changed(), remaining_s)
-            log.error("failed to load model %s: --preload-fail exit", self.knobs.model)
+            if self.knobs.preload_fail == "oom":  # llama-server's words when the weights do not fit
+                log.error("ggml_backend_cuda_buffer_type_alloc_buffer: CUDA out of memory (mock)")
+            log.error("failed to load model %s: --preload-fail %s", self.knobs.model, self.knobs.preload_fail)
             return False
         self.loaded = True
         return True

@@ -14,7 +14,7 @@ from typing import Final
 
 MOCK_VERSION: Final = "0.1.0"
 FAIL_CODES: Final = ("500", "503", "oom")
-PRELOAD_FAILS: Final = ("exit", "health")
+PRELOAD_FAILS: Final = ("exit", "oom", "health")
 LAUNCH_ONLY: Final = frozenset({"host", "port", "model"})
 
 

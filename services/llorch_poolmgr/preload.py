@@ -8,6 +8,7 @@ model bytes x `ram_factor`. The numbers go into the reason, so `last_error` says
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -45,12 +46,13 @@ def _vllm_utilization(pool: PoolConfig) -> float:
 
 
 def vram_need(pool: PoolConfig, size: int, bump: float) -> int:
+    """Model bytes x `vram.factor` + the KV reserve, the whole estimate x `bump` (1.1 per VRAM OOM)."""
     kv = (
         pool.vram.kv_reserve_mib * MIB
         if pool.vram.kv_reserve_mib is not None
         else gpu.kv_reserve_estimate(pool.ctx, pool.slots, size)
     )
-    return int(gpu.vram_need_bytes(size, pool.vram.factor * bump, kv))
+    return math.ceil(gpu.vram_need_bytes(size, pool.vram.factor, kv) * bump)
 
 
 def check(

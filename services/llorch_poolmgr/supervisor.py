@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S: Final = 2.0
 PROBE_FAILURES: Final = 3
 LIVENESS_TIMEOUT_S: Final = 10.0
+PUMP_DRAIN_S: Final = 2.0
 VRAM_OOM_BUMP: Final = 1.1
 _PR_SET_PDEATHSIG: Final = 1
 _TAIL_LINES: Final = 40
@@ -293,7 +294,7 @@ class Replica:
         try:
             await self._launch(plan)
             if not await self._wait_healthy():
-                failure = _as_preload(self._exit_failure(oom_kills)) or Failure(
+                failure = _as_preload(await self._exit_failure(oom_kills)) or Failure(
                     PoolError.PRELOAD_FAILED, "the engine did not become healthy within timeouts.start_ms"
                 )
                 self._preload_outcome(failure.code.value.lower())
@@ -304,7 +305,7 @@ class Replica:
                 props = await run_selftest(self.adapter, self.pool.timeouts.selftest_ms / 1000)
             except SelfTestFailed as exc:
                 self._preload_outcome("selftest_failed")
-                named = self._exit_failure(oom_kills)
+                named = await self._exit_failure(oom_kills)
                 cause = named if named and named.code != PoolError.ENGINE_CRASHED else None
                 raise self._failed(cause or Failure(PoolError.SELFTEST_FAILED, str(exc))) from exc
             before = self._outcomes_ok()
@@ -365,10 +366,13 @@ class Replica:
         self.adapter = make_adapter(self.pool, launch)
         self._pump = asyncio.create_task(self._pump_output(self._proc))
 
-    def _exit_failure(self, oom_kills: int) -> Failure | None:
+    async def _exit_failure(self, oom_kills: int) -> Failure | None:
         """Why the engine died (or what it logged) if it did; None while it runs quietly."""
         proc = self._proc
         if proc is not None and proc.returncode is not None:
+            if self._pump is not None:  # its last lines explain the exit: read them to the end first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._pump), PUMP_DRAIN_S)
             return classify_exit(proc.returncode, list(self._tail), oom_kill_count() > oom_kills)
         return match_log(list(self._tail))
 
@@ -394,7 +398,9 @@ class Replica:
                     {wait_exit, fault, suspect}, timeout=PROBE_INTERVAL_S, return_when="FIRST_COMPLETED"
                 )
                 if wait_exit.done() or fault.done():
-                    return self._exit_failure(oom_kills) or Failure(PoolError.ENGINE_CRASHED, "engine exited")
+                    return await self._exit_failure(oom_kills) or Failure(
+                        PoolError.ENGINE_CRASHED, "engine exited"
+                    )
                 for seen in self.probe.faults():
                     if self.devices is not None and seen.device in self.devices:
                         return Failure(

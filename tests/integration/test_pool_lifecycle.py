@@ -7,6 +7,8 @@ from typing import Any
 
 import aiohttp
 
+from llorch import gpu
+from llorch.config import FakeGpu
 from tests.support.procs import wait_until
 from tests.support.stack import Client, SseEvent, Stack, mock_pool
 
@@ -322,3 +324,57 @@ async def test_auto_pools_spread_over_gpus_of_different_size_and_load_lands_on_b
         assert events[-1].event == "end"
         used |= {e.data["replica_id"] for e in events if _is_dispatch(e)}
     assert used == {"mock-x-r0", "mock-y-r0"}
+
+
+async def test_vram_oom_at_load_is_named_and_raises_the_next_estimate(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    # 3300 MiB of KV fits the fake 4 GiB card (4096 - 512 headroom); 10 % more after a VRAM OOM does not.
+    vram = {"factor": 1.0, "kv_reserve_mib": 3300, "headroom_mib": 512}
+    stack = stack_factory(
+        pools=[
+            mock_pool(),
+            mock_pool(
+                "mock-oom", devices=[0], vram=vram, args=["--preload-fail", "oom"], restart=FAST_RESTART
+            ),
+        ],
+        extra={"telemetry": {"gpu_provider": "fake", "fake_gpus": [_fake_gpu(0, "Fake 4GB", 4096)]}},
+    )
+    await stack.start()
+
+    async def refused_after_oom() -> bool:
+        error = (await _health(http, stack, "mock-oom"))["last_error"]
+        return error is not None and error["code"] == "INSUFFICIENT_VRAM"
+
+    await wait_until(refused_after_oom, 60, "the raised estimate to be refused by the preload check")
+    lines = await _metrics(http, stack)
+    assert _sample(lines, "engine_restarts_total", 'pool_id="mock-oom"', 'reason="vram_oom"') == 1
+    assert _sample(lines, "preload_outcomes_total", 'pool_id="mock-oom"', 'outcome="vram_oom"') == 1
+    assert _sample(lines, "preload_outcomes_total", 'pool_id="mock-oom"', 'outcome="insufficient_vram"') >= 1
+    message = (await _health(http, stack, "mock-oom"))["last_error"]["message"]
+    assert "GPU 0" in message and "needs 3631 MiB" in message, message  # (3300 MiB + 4 KiB model) x 1.1
+
+
+async def test_an_xid_on_the_masked_gpu_restarts_the_replica_as_a_driver_fault(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    gpus = [_fake_gpu(0, "Fake 12GB", 12288)]
+    stack = stack_factory(
+        pools=[mock_pool("mock-gpu", devices=[0], restart=FAST_RESTART)],
+        extra={"telemetry": {"gpu_provider": "fake", "fake_gpus": gpus}},
+    )
+    await stack.start()
+    pid = (await _health(http, stack, "mock-gpu"))["replicas"][0]["pid"]
+    fake = gpu.FakeProbe([FakeGpu(**g) for g in gpus], stack.workdir / "state")
+    fake.inject_fault(0, "xid", "Xid 79: GPU has fallen off the bus")
+
+    async def restarted() -> bool:
+        health = await _health(http, stack, "mock-gpu")
+        return bool(health["ready"] and health["replicas"][0]["pid"] not in (None, pid))
+
+    await wait_until(restarted, 60, "the replica to restart after the Xid")
+    error = (await _health(http, stack, "mock-gpu"))["last_error"]
+    assert error["code"] == "DRIVER_FAULT" and "Xid 79" in error["message"]
+    lines = await _metrics(http, stack)
+    assert _sample(lines, "driver_resets_total", 'pool_id="mock-gpu"', 'device="0"') == 1
+    assert _sample(lines, "engine_restarts_total", 'pool_id="mock-gpu"', 'reason="driver"') == 1
