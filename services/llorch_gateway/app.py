@@ -231,8 +231,20 @@ def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
         "model_ref": pool.model_ref,
         "model_digest": pool.model_digest,
         "devices": list(pool.devices),
+        "ctx": pool.ctx,
         "replicas": [
-            {"replica_id": r.replica_id, "state": r.state, "pid": r.pid or None, "port": r.port or None}
+            {
+                "replica_id": r.replica_id,
+                "state": r.state,
+                "pid": r.pid or None,
+                "port": r.port or None,
+                "slots_total": r.slots_total,
+                "slots_busy": r.slots_busy,
+                "circuit": r.circuit or "closed",
+                "kv_cache_usage_ratio": r.kv_cache_usage_ratio
+                if r.HasField("kv_cache_usage_ratio")
+                else None,
+            }
             for r in pool.replicas
         ],
         "last_error": last_error,
