@@ -55,6 +55,7 @@ PROBE_INTERVAL_S: Final = 2.0
 PROBE_FAILURES: Final = 3
 LIVENESS_TIMEOUT_S: Final = 10.0
 PUMP_DRAIN_S: Final = 2.0
+TELEMETRY_EVERY_S: Final = 6.0  # KV, VRAM and utilization gauges: fresh enough, and cheap under load
 VRAM_OOM_BUMP: Final = 1.1
 _PR_SET_PDEATHSIG: Final = 1
 _TAIL_LINES: Final = 40
@@ -389,6 +390,7 @@ class Replica:
         """Watch a Ready engine; return why it stopped serving."""
         assert self.adapter is not None and self._proc is not None
         misses = 0
+        telemetry_at = 0.0
         wait_exit = asyncio.ensure_future(self._proc.wait())
         fault = asyncio.ensure_future(self._log_fault.wait())
         suspect = asyncio.ensure_future(self._suspect.wait())
@@ -417,7 +419,9 @@ class Replica:
                     return Failure(
                         PoolError.ENGINE_UNHEALTHY, f"engine failed {PROBE_FAILURES} health probes in a row"
                     )
-                await self._refresh_telemetry()
+                if time.monotonic() >= telemetry_at:
+                    telemetry_at = time.monotonic() + TELEMETRY_EVERY_S
+                    await self._refresh_telemetry()
         finally:
             for waiter in (wait_exit, fault, suspect):
                 waiter.cancel()
