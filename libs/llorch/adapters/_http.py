@@ -166,3 +166,11 @@ def sample_values(metrics: dict[str, float], name: str, **labels: str) -> list[f
             if all(f",{item}," in inner for item in wanted):
                 out.append(value)
     return out
+
+
+def busy_from(metrics: dict[str, float], names: tuple[str, ...]) -> int | None:
+    """The sum of the named gauges (requests running, waiting...); None when none is exported."""
+    found = [sample_values(metrics, name) for name in names]
+    if not any(found):
+        return None
+    return round(sum(sum(values) for values in found))

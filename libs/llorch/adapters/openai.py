@@ -42,6 +42,7 @@ from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
     HttpAdapter,
+    busy_from,
     decode_body,
     mentions_oom,
     parse_metrics,
@@ -137,11 +138,7 @@ class OpenAIAdapter(HttpAdapter):
 
     async def busy_slots(self) -> int | None:
         """Requests running or waiting (``vllm:num_requests_*``); None when the server does not say."""
-        metrics = await self.metrics()
-        found = [sample_values(metrics, name) for name in _BUSY_METRICS]
-        if not any(found):
-            return None
-        return round(sum(sum(values) for values in found))
+        return busy_from(await self.metrics(), _BUSY_METRICS)
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
         """Yield a :class:`Token` per non-empty ``text``, then one :class:`Finished` after ``[DONE]``.

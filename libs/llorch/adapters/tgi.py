@@ -43,10 +43,10 @@ from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
     HttpAdapter,
+    busy_from,
     decode_body,
     mentions_oom,
     parse_metrics,
-    sample_values,
     worker_reset,
 )
 from llorch.adapters._sse import SseReader
@@ -121,11 +121,7 @@ class TgiAdapter(HttpAdapter):
 
     async def busy_slots(self) -> int | None:
         """``tgi_batch_current_size`` + ``tgi_queue_size``; None when neither is exported."""
-        metrics = await self.metrics()
-        found = [sample_values(metrics, name) for name in _BUSY_METRICS]
-        if not any(found):
-            return None
-        return round(sum(sum(values) for values in found))
+        return busy_from(await self.metrics(), _BUSY_METRICS)
 
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
         """Yield a :class:`Token` per non-special token, then one :class:`Finished` from ``details``.
