@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc.aio
 
-from llorch.errors import Code, OrchestratorError
+from llorch.errors import Code, OrchestratorError, invalid
 from llorch.metrics import QUEUE_REPLICA
 from llorch.rpc import metadata, unary
 from llorch.store import Priority, Store
@@ -224,6 +224,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def PoolControl(
         self, request: scheduler_pb2.PoolControlRequest, context: Context
     ) -> scheduler_pb2.PoolControlResponse:
+        if request.action != "resume":
+            raise invalid("action", "the only pool action in v1 is resume")
         found = next(((m, p) for m, p in self.registry.pools() if p.pool_id == request.pool_id), None)
         if found is None:
             raise OrchestratorError(Code.NOT_FOUND, f"pool {request.pool_id} is unknown")
