@@ -23,11 +23,18 @@ async def grpc_server(
     address: str, token: str, register: Callable[[grpc.aio.Server], None]
 ) -> AsyncIterator[grpc.aio.Server]:
     """Serve on ``address``; on exit stop advertising health first, then stop with a grace period."""
-    server = grpc.aio.server(interceptors=[AuthInterceptor(token)])
+    # gRPC sets SO_REUSEPORT by default, which lets a second process bind the same port and silently
+    # take half the connections; without it a port clash fails at start.
+    server = grpc.aio.server(interceptors=[AuthInterceptor(token)], options=[("grpc.so_reuseport", 0)])
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(address)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise SystemExit(
+            f"cannot listen on {address}: the port is taken or the address is not local"
+        ) from None
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     try:

@@ -26,23 +26,29 @@ ROOT = Path(__file__).resolve().parents[2]
 MOCK_MODEL = ROOT / "tests" / "fixtures" / "mock-model.bin"
 
 
-def _free_ports(offsets: Sequence[int]) -> int:
-    """A port p with p+o free for every o (pool manager n uses base+n, its metrics base+10+n)."""
+def _free_ports(offsets: Sequence[int], taken: set[int]) -> int:
+    """A port p with p+o free for every o and none of them in `taken` (which then holds them).
+
+    Pool manager n uses base+n and its metrics base+10+n; `taken` keeps one stack's ports distinct,
+    since the OS may hand out a just-released port again.
+    """
     for _ in range(200):
         port = free_port()
-        if port + max(offsets) > 65535:
+        wanted = {port + offset for offset in offsets}
+        if max(wanted) > 65535 or wanted & taken:
             continue
         probes: list[socket.socket] = []
         try:
-            for offset in offsets:
+            for candidate in wanted:
                 probe = socket.socket()
                 probes.append(probe)
-                probe.bind(("127.0.0.1", port + offset))
+                probe.bind(("127.0.0.1", candidate))
         except OSError:
             continue
         finally:
             for probe in probes:
                 probe.close()
+        taken |= wanted
         return port
     raise RuntimeError("no free port range")
 
@@ -85,16 +91,17 @@ class Stack:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(24)
-        self.api_port = free_port()
+        taken: set[int] = set()
+        self.api_port = _free_ports([0], taken)
         self.url = f"http://127.0.0.1:{self.api_port}"
         config: dict[str, Any] = {
             "version": 1,
             "state_dir": str(workdir / "state"),
             "api": {"bind": f"127.0.0.1:{self.api_port}", "max_body_bytes": 65536},
             "grpc": {
-                "scheduler": f"127.0.0.1:{free_port()}",
-                "pool_manager_base_port": _free_ports(range(MANAGERS)),
-                "metrics_base_port": _free_ports([0, *range(10, 10 + MANAGERS)]),
+                "scheduler": f"127.0.0.1:{_free_ports([0], taken)}",
+                "pool_manager_base_port": _free_ports(range(MANAGERS), taken),
+                "metrics_base_port": _free_ports([0, *range(10, 10 + MANAGERS)], taken),
             },
             "redis": {"url": redis_url},
             "sse": {"heartbeat_s": 1, "retention_s": 60, "queued_metrics_interval_ms": 1000},
