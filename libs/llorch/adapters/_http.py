@@ -6,12 +6,17 @@ Adapters keep their own wire formats and error mapping; this module holds only w
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from llorch.adapters._sse import SseReader
+from llorch.adapters.base import Finished
 from llorch.errors import Code, OrchestratorError
 
 DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
@@ -22,6 +27,19 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 _KEEPALIVE_S: Final = 2.0
 _OOM_MARKERS: Final = ("out of memory", "out_of_memory", "outofmemory")
 _SSE_DATA: Final = b"data:"
+
+
+@dataclass
+class EngineStream:
+    """An open streaming answer: read its events from `reader`; set `finished` from the final one."""
+
+    reader: SseReader
+    finished: Finished | None = None
+
+    def result(self) -> Finished:
+        if self.finished is None:
+            raise worker_reset("the engine stream ended without a final chunk")
+        return self.finished
 
 
 class HttpAdapter:
@@ -92,6 +110,32 @@ class EngineHttp:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             # A stale keep-alive connection (see _KEEPALIVE_S); a dead engine fails again at connect.
             return await session.request(method, url, json=payload, timeout=limits)
+
+    @asynccontextmanager
+    async def open_stream(
+        self, url: str, payload: object, what: str, status_error: Callable[[int, bytes], OrchestratorError]
+    ) -> AsyncIterator[EngineStream]:
+        """POST a streaming request and read it inside the block. A refused submit or a broken body is
+        WORKER_RESET, an unparseable chunk INTERNAL, a non-200 answer ``status_error``. Leaving the block
+        before ``finished`` is set (an abort, an error) drops the connection, so the engine stops."""
+        try:
+            resp = await self.request("POST", url, payload, stream=True)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise worker_reset(f"cannot reach {what} to submit", exc) from exc
+        stream = EngineStream(SseReader(resp))
+        try:
+            if resp.status != 200:
+                raise status_error(resp.status, await resp.read())
+            yield stream
+        except aiohttp.ClientError as exc:
+            raise worker_reset(f"{what} stream broke", exc) from exc
+        except ValueError as exc:  # json.JSONDecodeError
+            raise OrchestratorError(Code.INTERNAL, f"{what} sent an unparseable chunk: {exc}") from exc
+        finally:
+            if stream.finished is None:
+                resp.close()
+            else:
+                resp.release()
 
     async def fetch(self, method: str, url: str, what: str) -> tuple[int, bytes]:
         """``(status, body)`` of a control call; an engine that does not answer is WORKER_RESET."""

@@ -28,7 +28,6 @@ from llorch.adapters._http import (
     sample_values,
     worker_reset,
 )
-from llorch.adapters._sse import SseReader
 from llorch.adapters.base import EngineHealth, EngineProps, Finished, GenerateRequest, KvInfo, Token
 from llorch.errors import Code, OrchestratorError
 
@@ -119,17 +118,11 @@ class LlamaCppAdapter(HttpAdapter):
             "cache_prompt": request.cache_prompt,
             "ignore_eos": request.ignore_eos,
         }
-        try:
-            resp = await self._http.request("POST", f"{self.base_url}/completion", payload, stream=True)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise worker_reset("cannot reach llama-server to submit", exc) from exc
-        finished: Finished | None = None
-        try:
-            if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), at_submit=True)
-            reader = SseReader(resp)
+        async with self._http.open_stream(
+            f"{self.base_url}/completion", payload, "llama-server", _submit_error
+        ) as stream:
             while True:
-                data = await reader.next_data()
+                data = await stream.reader.next_data()
                 if data is None:
                     raise worker_reset("llama-server closed the stream before the stop chunk")
                 event = json.loads(data)
@@ -137,21 +130,12 @@ class LlamaCppAdapter(HttpAdapter):
                 if content:
                     yield Token(content)
                 if event.get("stop"):
-                    finished = _finished(event)
+                    stream.finished = _finished(event)
                     break
                 error = event.get("error")
                 if error is not None:
                     raise _engine_error(error, status=None, at_submit=False)
-        except aiohttp.ClientError as exc:
-            raise worker_reset("llama-server stream broke", exc) from exc
-        except ValueError as exc:  # json.JSONDecodeError
-            raise OrchestratorError(Code.INTERNAL, f"llama-server sent an unparseable chunk: {exc}") from exc
-        finally:
-            if finished is None:
-                resp.close()  # mid-stream: drop the connection so the engine frees the slot
-            else:
-                resp.release()
-        yield finished
+        yield stream.result()
 
     async def _get(self, path: str) -> bytes:
         status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"llama-server {path}")
@@ -203,3 +187,7 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict) and "message" in error:
         return _engine_error(error, status, at_submit)
     return _engine_error({"message": f"HTTP {status}: {error}"}, status, at_submit)
+
+
+def _submit_error(status: int, body: bytes) -> OrchestratorError:
+    return _status_error(status, body, at_submit=True)

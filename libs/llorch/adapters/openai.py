@@ -49,7 +49,7 @@ from llorch.adapters._http import (
     sample_values,
     worker_reset,
 )
-from llorch.adapters._sse import DONE, SseReader
+from llorch.adapters._sse import DONE
 from llorch.adapters.base import (
     EngineHealth,
     EngineProps,
@@ -146,19 +146,13 @@ class OpenAIAdapter(HttpAdapter):
         Closing the generator (``aclose()``) closes the HTTP connection; vLLM aborts the request.
         """
         url = f"{self.base_url}/v1/completions"
-        try:
-            resp = await self._http.request("POST", url, self._payload(request), stream=True)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise worker_reset(f"cannot reach the {_NAME} to submit", exc) from exc
-        finished: Finished | None = None
-        try:
-            if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), at_submit=True)
+        async with self._http.open_stream(
+            url, self._payload(request), f"the {_NAME}", _submit_error
+        ) as stream:
             reason: str | None = None
             usage: dict[str, object] = {}
             seen = 0
-            reader = SseReader(resp)
-            while (data := await reader.next_data()) is not None and data != DONE:
+            while (data := await stream.reader.next_data()) is not None and data != DONE:
                 event = json.loads(data)
                 if not isinstance(event, dict):
                     continue
@@ -174,17 +168,8 @@ class OpenAIAdapter(HttpAdapter):
                     usage = event["usage"]
             if reason is None:
                 raise worker_reset(f"the {_NAME} ended the stream without a finish_reason")
-            finished = _finished(reason, usage, seen)
-        except aiohttp.ClientError as exc:
-            raise worker_reset(f"the {_NAME} stream broke", exc) from exc
-        except ValueError as exc:  # json.JSONDecodeError
-            raise OrchestratorError(Code.INTERNAL, f"the {_NAME} sent an unparseable chunk: {exc}") from exc
-        finally:
-            if finished is None:
-                resp.close()  # mid-stream: drop the connection so the engine aborts the request
-            else:
-                resp.release()
-        yield finished
+            stream.finished = _finished(reason, usage, seen)
+        yield stream.result()
 
     def _payload(self, request: GenerateRequest) -> dict[str, object]:
         payload: dict[str, object] = {
@@ -272,3 +257,7 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict):
         return _engine_error(error, status, at_submit)
     return _engine_error(f"HTTP {status}: {error}", status, at_submit)
+
+
+def _submit_error(status: int, body: bytes) -> OrchestratorError:
+    return _status_error(status, body, at_submit=True)

@@ -49,7 +49,6 @@ from llorch.adapters._http import (
     parse_metrics,
     worker_reset,
 )
-from llorch.adapters._sse import SseReader
 from llorch.adapters.base import (
     KV_UNREPORTED,
     EngineHealth,
@@ -129,18 +128,11 @@ class TgiAdapter(HttpAdapter):
         Closing the generator (``aclose()``) closes the HTTP connection; TGI drops the request.
         """
         payload = {"inputs": request.prompt, "parameters": _parameters(request)}
-        try:
-            resp = await self._http.request("POST", f"{self.base_url}/generate_stream", payload, stream=True)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise worker_reset(f"cannot reach {_NAME} to submit", exc) from exc
-        finished: Finished | None = None
-        try:
-            if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), at_submit=True)
+        url = f"{self.base_url}/generate_stream"
+        async with self._http.open_stream(url, payload, _NAME, _submit_error) as stream:
             seen = 0
-            reader = SseReader(resp)
             while True:
-                data = await reader.next_data()
+                data = await stream.reader.next_data()
                 if data is None:
                     raise worker_reset(f"{_NAME} closed the stream before the final event")
                 event = json.loads(data)
@@ -153,18 +145,9 @@ class TgiAdapter(HttpAdapter):
                     seen += 1
                     yield Token(str(token["text"]))
                 if event.get("details") is not None or event.get("generated_text") is not None:
-                    finished = _finished(event.get("details"), seen)
+                    stream.finished = _finished(event.get("details"), seen)
                     break
-        except aiohttp.ClientError as exc:
-            raise worker_reset(f"{_NAME} stream broke", exc) from exc
-        except ValueError as exc:  # json.JSONDecodeError
-            raise OrchestratorError(Code.INTERNAL, f"{_NAME} sent an unparseable chunk: {exc}") from exc
-        finally:
-            if finished is None:
-                resp.close()  # mid-stream: drop the connection so TGI drops the request
-            else:
-                resp.release()
-        yield finished
+        yield stream.result()
 
     async def _get(self, path: str) -> bytes:
         status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"{_NAME} {path}")
@@ -233,3 +216,7 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict):
         return _engine_error(error, status, at_submit)
     return _engine_error(f"HTTP {status}: {error}", status, at_submit)
+
+
+def _submit_error(status: int, body: bytes) -> OrchestratorError:
+    return _status_error(status, body, at_submit=True)

@@ -54,9 +54,7 @@ from llorch.adapters._http import (
     mentions_oom,
     parse_metrics,
     sample_values,
-    worker_reset,
 )
-from llorch.adapters._sse import SseReader
 from llorch.adapters.base import (
     EngineHealth,
     EngineProps,
@@ -203,19 +201,10 @@ class TritonAdapter(HttpAdapter):
             "stream": True,
         }
         payload.update(_sampling(request.sampler))
-        try:
-            resp = await self._http.request(
-                "POST", f"{self._model_url}/generate_stream", payload, stream=True
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise worker_reset(f"cannot reach {_NAME} to submit", exc) from exc
-        finished: Finished | None = None
-        try:
-            if resp.status != 200:
-                raise _status_error(resp.status, await resp.read(), at_submit=True)
+        url = f"{self._model_url}/generate_stream"
+        async with self._http.open_stream(url, payload, _NAME, _submit_error) as stream:
             seen = 0
-            reader = SseReader(resp)
-            while (data := await reader.next_data()) is not None:
+            while (data := await stream.reader.next_data()) is not None:
                 event = json.loads(data)
                 if not isinstance(event, dict):
                     continue
@@ -226,17 +215,8 @@ class TritonAdapter(HttpAdapter):
                     seen += 1
                     yield Token(text)
             finish: Literal["stop", "length"] = "length" if seen >= request.max_tokens else "stop"
-            finished = Finished(finish_reason=finish, tokens_in=0, tokens_out=seen)
-        except aiohttp.ClientError as exc:
-            raise worker_reset(f"{_NAME} stream broke", exc) from exc
-        except ValueError as exc:  # json.JSONDecodeError
-            raise OrchestratorError(Code.INTERNAL, f"{_NAME} sent an unparseable chunk: {exc}") from exc
-        finally:
-            if finished is None:
-                resp.close()  # mid-stream: drop the connection so Triton cancels the request
-            else:
-                resp.release()
-        yield finished
+            stream.finished = Finished(finish_reason=finish, tokens_in=0, tokens_out=seen)
+        yield stream.result()
 
 
 def _text(value: object) -> str:
@@ -282,3 +262,7 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict) and "error" in error:
         return _engine_error(error, status, at_submit)
     return _engine_error(f"HTTP {status}: {error}", status, at_submit)
+
+
+def _submit_error(status: int, body: bytes) -> OrchestratorError:
+    return _status_error(status, body, at_submit=True)
