@@ -76,7 +76,7 @@ async def build_pools(
             for k in range(pool.replicas)
         ]
         entries.append((pool, digest, replicas))
-    holder.append(Pools(entries, metrics, probe, errors))
+    holder.append(Pools(entries, metrics, errors))
     return holder[0]
 
 

@@ -11,7 +11,6 @@ from typing import Any
 import grpc.aio
 from redis.exceptions import RedisError
 
-from llorch import gpu
 from llorch.config import PoolConfig
 from llorch.rpc import metadata, unary
 from llorch.store import Store
@@ -37,12 +36,10 @@ class Pools:
         self,
         pools: list[tuple[PoolConfig, str, list[Replica]]],
         metrics: PoolMetrics,
-        probe: gpu.GpuProbe,
         errors: dict[str, tuple[str, str, int]] | None = None,
     ) -> None:
         self.pools = pools  # (config, model digest, replicas)
         self.metrics = metrics
-        self.probe = probe
         self.errors = errors or {}  # pool_id -> (code, message, at_ms) for pools that cannot start
         self.changed = asyncio.Event()
 
@@ -116,16 +113,12 @@ class Pools:
             used = [r.telemetry.vram_used_bytes.get(device) for r in replicas]
             seen.vram_used_bytes = sum(u for u in used if u is not None)
             utils = [u for r in replicas if (u := r.telemetry.gpu_utilization.get(device)) is not None]
-            dev = self.probe.device(int(device)) if device.isdigit() else None
-            if dev is not None:
+            totals = [r.telemetry.vram_total_bytes.get(device, 0) for r in replicas]
+            seen.vram_total_bytes = max(totals, default=0)
+            dev = next((g for r in replicas if (g := r.telemetry.gpus.get(device)) is not None), None)
+            if dev is not None:  # as of the replicas' last telemetry, not a probe call per report
                 seen.name = dev.name
-                seen.vram_total_bytes = dev.total_bytes
                 seen.vram_free_bytes = dev.free_bytes
-                if dev.utilization is not None:
-                    utils.append(dev.utilization)
-            else:  # no probe for it: what the engines report (the mock's telemetry knobs)
-                totals = [r.telemetry.vram_total_bytes.get(device, 0) for r in replicas]
-                seen.vram_total_bytes = max(totals, default=0)
             if utils:
                 seen.gpu_utilization = max(utils)
             out.append(seen)

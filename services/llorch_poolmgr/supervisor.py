@@ -390,7 +390,8 @@ class Replica:
         """Watch a Ready engine; return why it stopped serving."""
         assert self.adapter is not None and self._proc is not None
         misses = 0
-        telemetry_at = 0.0
+        await self._refresh_telemetry()
+        telemetry_at = time.monotonic() + TELEMETRY_EVERY_S
         wait_exit = asyncio.ensure_future(self._proc.wait())
         fault = asyncio.ensure_future(self._log_fault.wait())
         suspect = asyncio.ensure_future(self._suspect.wait())

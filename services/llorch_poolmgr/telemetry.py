@@ -26,6 +26,7 @@ class Telemetry:
     vram_used_bytes: dict[str, int] = field(default_factory=dict)  # device label -> bytes
     vram_total_bytes: dict[str, int] = field(default_factory=dict)
     gpu_utilization: dict[str, float] = field(default_factory=dict)
+    gpus: dict[str, gpu.GpuDevice] = field(default_factory=dict)  # the probe's view of the masked GPUs
 
 
 def _labels(devices: list[int] | None) -> list[str]:
@@ -43,17 +44,18 @@ async def collect(
     seen = Telemetry()
     with contextlib.suppress(OrchestratorError):
         seen.kv_cache_usage_ratio = (await adapter.kv_info()).usage_ratio
-    if engine == "mock":
-        await _mock(seen, port, _labels(devices))
-    elif devices is not None:
+    if devices is not None:
         used = probe.process_vram(pid)
         for index in devices:
             dev = probe.device(index)
             if dev is not None:
+                seen.gpus[str(index)] = dev
                 seen.vram_used_bytes[str(index)] = used.get(index, 0)
                 seen.vram_total_bytes[str(index)] = dev.total_bytes
                 if dev.utilization is not None:
                     seen.gpu_utilization[str(index)] = dev.utilization
+    if engine == "mock":  # its own report stands in for the process's use and the utilization
+        await _mock(seen, port, _labels(devices))
     return seen
 
 
@@ -66,7 +68,8 @@ async def _mock(seen: Telemetry, port: int, devices: list[str]) -> None:
         return
     for device in devices:
         seen.vram_used_bytes[device] = int(body.get("vram_used_bytes") or 0)
-        seen.vram_total_bytes[device] = int(body.get("vram_total_bytes") or 0)
+        if device not in seen.gpus:
+            seen.vram_total_bytes[device] = int(body.get("vram_total_bytes") or 0)
         seen.gpu_utilization[device] = float(body.get("gpu_util") or 0.0)
 
 
