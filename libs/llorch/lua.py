@@ -217,7 +217,7 @@ local s = KEYS[1]
 local created = redis.call('EXISTS', s) == 0
 if created then
   redis.call('HSET', s, 'model_ref', ARGV[1], 'created_ms', ARGV[4], 'turns', 0, 'max_turns', ARGV[3],
-    'replica_id', '', 'replica_pid', '')
+    'replica_id', '')
   if ARGV[8] ~= '' then redis.call('HSET', s, 'b_tokens', ARGV[8]) end
   if ARGV[9] ~= '' then redis.call('HSET', s, 'b_time', ARGV[9]) end
   if ARGV[10] ~= '' then redis.call('HSET', s, 'b_cost', ARGV[10]) end
@@ -243,7 +243,8 @@ return {'ok', turns, tokens, v[5] or false, cost}
 
 # ARGV: task_id, used tokens, used cost, time_ms, ttl_ms, undo ('1': the admission was refused after
 # the reservation, so the turn is given back too). Use beyond the reservation is not charged; time
-# never goes below 0. Returns 1 when a reservation was settled, 0 when none was left.
+# never goes below 0; `tokens_held` (what the engine's cache now holds for the session) becomes the used
+# tokens. Returns 1 when a reservation was settled, 0 when none was left.
 SESSION_SETTLE: Final = """
 local key = 'r:' .. ARGV[1]
 local r = redis.call('HGET', KEYS[1], key)
@@ -257,13 +258,15 @@ if v[1] then redis.call('HINCRBY', KEYS[1], 'b_tokens', tokens - math.min(tokens
 if v[3] then redis.call('HINCRBY', KEYS[1], 'b_cost', cost - math.min(cost, tonumber(ARGV[3]))) end
 if v[2] then redis.call('HSET', KEYS[1], 'b_time', math.max(0, tonumber(v[2]) - tonumber(ARGV[4]))) end
 if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[1], 'turns', -1) end
+if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[1], 'tokens_held', ARGV[2]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# Set fields of a session that still exists (never recreate an expired one). ARGV: field pairs.
+# Set fields of a session that still exists (never recreate an expired one) and return all of them
+# ({} when it is gone). ARGV: field pairs.
 SESSION_SET: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
+return redis.call('HGETALL', KEYS[1])
 """

@@ -451,9 +451,11 @@ class Store:
             fields, ttl = await pipe.execute()
         return dict(fields), int(ttl)
 
-    async def session_set(self, session_id: str, fields: Mapping[str, str]) -> None:
+    async def session_set(self, session_id: str, fields: Mapping[str, str]) -> dict[str, str]:
+        """Set fields of a live session; returns all its fields after ({} when it is gone)."""
         flat = [v for kv in fields.items() for v in kv]
-        await self._session_set(keys=[self.keys.session(session_id)], args=flat)
+        pairs = await self._session_set(keys=[self.keys.session(session_id)], args=flat)
+        return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
     async def session_delete(self, session_id: str) -> dict[str, str]:
         """Delete the session; returns what it held ({} when unknown)."""

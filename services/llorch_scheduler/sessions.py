@@ -134,8 +134,7 @@ class Sessions:
         held.dispatched_at = time.monotonic()
         held.cost_per_1k = cost_per_1k
         self._last[held.session_id] = (replica_id, pid)
-        await self.store.session_set(held.session_id, {"replica_id": replica_id, "replica_pid": str(pid)})
-        fields, _ = await self.store.session(held.session_id)
+        fields = await self.store.session_set(held.session_id, {"replica_id": replica_id})
         return budget_view(_budgets(fields))
 
     async def settle(self, task_id: str, tokens_out: int) -> None:
@@ -145,8 +144,6 @@ class Sessions:
             return
         time_ms = 0 if held.dispatched_at is None else int((time.monotonic() - held.dispatched_at) * 1000)
         used = held.prompt_est + tokens_out if held.dispatched_at is not None else 0
-        if used:  # what the engine's prompt cache now holds for the session (its last turn)
-            await self.store.session_set(held.session_id, {"tokens_held": str(used)})
         await self.store.session_settle(
             held.session_id,
             task_id,
