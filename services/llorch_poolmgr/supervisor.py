@@ -30,7 +30,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
@@ -333,13 +332,16 @@ class Replica:
 
     async def _launch(self, plan: preload.Plan) -> None:
         self.port = free_port()
-        placed = self.pool.model_copy(update={"devices": "cpu" if self.devices is None else self.devices})
+        self.slots_dir.mkdir(parents=True, exist_ok=True)
         launch = engine_command(
-            placed, resolve_binary(self.pool.effective_engine_bin), self.model_path, self.port, free_port
+            self.pool,
+            resolve_binary(self.pool.effective_engine_bin),
+            self.model_path,
+            self.port,
+            free_port,
+            gpus=self.devices,
+            slots_dir=self.slots_dir,
         )
-        if self.pool.engine == "llamacpp":  # without it llama-server refuses slot erase (DELETE session)
-            self.slots_dir.mkdir(parents=True, exist_ok=True)
-            launch = replace(launch, argv=(*launch.argv, "--slot-save-path", str(self.slots_dir)))
         self._tail.clear()
         self._log_fault.clear()
         self._suspect.clear()

@@ -166,3 +166,12 @@ async def test_triton_adapter_defaults_the_tensor_names() -> None:
     )
     assert adapter.trtllm_version is None
     await adapter.aclose()
+
+
+def test_an_auto_pool_offloads_on_its_resolved_gpu_and_gets_a_slot_save_path() -> None:
+    config = pool("llamacpp", devices="auto")
+    assert "-ngl" not in engine_command(config, "llama-server", MODEL, 9000, no_ports).argv
+    launch = engine_command(config, "llama-server", MODEL, 9000, no_ports, gpus=[1], slots_dir=Path("/s"))
+    assert launch.argv[-4:] == ("-ngl", "999", "--slot-save-path", "/s")
+    mock = engine_command(pool("mock", devices="cpu"), "mock", MODEL, 9000, no_ports, slots_dir=Path("/s"))
+    assert "--slot-save-path" not in mock.argv  # only llama-server erases slots

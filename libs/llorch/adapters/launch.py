@@ -53,27 +53,41 @@ class Launch:
 
 
 def engine_command(
-    pool: PoolConfig, binary: str, model_path: Path, port: int, free_port: Callable[[], int]
+    pool: PoolConfig,
+    binary: str,
+    model_path: Path,
+    port: int,
+    free_port: Callable[[], int],
+    *,
+    gpus: list[int] | None = None,
+    slots_dir: Path | None = None,
 ) -> Launch:
     """Plan the launch of one replica of ``pool`` listening on ``port``.
 
     ``free_port`` is called only for engines that need more ports (Triton's gRPC and metrics ports).
+    ``gpus`` is the replica's resolved device mask when the pool says ``devices: auto``; ``slots_dir``
+    lets llama-server erase a slot's KV (it refuses ``action=erase`` without ``--slot-save-path``).
     """
     path = str(model_path)
     extra = list(pool.engine_args)
+    if gpus is None and isinstance(pool.devices, list):
+        gpus = list(pool.devices)
     if pool.engine in ("llamacpp", "mock"):
-        return Launch((*_llama_server(pool, binary, path, port), *extra), port, path)
+        argv = _llama_server(pool, binary, path, port, gpus)
+        if slots_dir is not None and pool.engine == "llamacpp":
+            argv += ["--slot-save-path", str(slots_dir)]
+        return Launch((*argv, *extra), port, path)
     if pool.engine == "vllm":
         argv = [binary, "serve", path, "--host", LOOPBACK, "--port", str(port)]
         argv += ["--max-model-len", str(pool.ctx), "--max-num-seqs", str(pool.slots)]
-        if (count := _device_count(pool)) > 1:
-            argv += ["--tensor-parallel-size", str(count)]
+        if gpus and len(gpus) > 1:
+            argv += ["--tensor-parallel-size", str(len(gpus))]
         return Launch((*argv, *extra), port, path)
     if pool.engine == "tgi":
         argv = [binary, "--model-id", path, "--hostname", LOOPBACK, "--port", str(port)]
         argv += ["--max-total-tokens", str(pool.ctx), "--max-concurrent-requests", str(pool.slots)]
-        if (count := _device_count(pool)) > 1:
-            argv += ["--num-shard", str(count)]
+        if gpus and len(gpus) > 1:
+            argv += ["--num-shard", str(len(gpus))]
         return Launch((*argv, *extra), port, path)
     if pool.engine == "triton":
         grpc_port, metrics_port = free_port(), free_port()
@@ -126,7 +140,9 @@ def make_adapter(
     raise ValueError(f"unknown engine {pool.engine!r}")
 
 
-def _llama_server(pool: PoolConfig, binary: str, model_path: str, port: int) -> list[str]:
+def _llama_server(
+    pool: PoolConfig, binary: str, model_path: str, port: int, gpus: list[int] | None
+) -> list[str]:
     """llama-server's command line (the mock engine accepts the same flags)."""
     argv = [
         binary,
@@ -147,14 +163,10 @@ def _llama_server(pool: PoolConfig, binary: str, model_path: str, port: int) -> 
     ]
     if pool.slots == 1:
         argv.append("--no-cont-batching")
-    if isinstance(pool.devices, list):
+    if gpus:
         argv += ["-ngl", "999"]
         if pool.tensor_split:
             argv += ["-ts", ",".join(f"{share:g}" for share in pool.tensor_split)]
     if "embedding" in pool.workloads:
         argv.append("--embedding")
     return argv
-
-
-def _device_count(pool: PoolConfig) -> int:
-    return len(pool.devices) if isinstance(pool.devices, list) else 1
