@@ -184,26 +184,22 @@ class PoolRegistry:
         """Tasks the connected pool managers said they are running in their latest reports."""
         return {t for m in self.managers.values() if m.connected for t in m.running}
 
+    def find_replica(
+        self, replica_id: str | None
+    ) -> tuple[Manager, types_pb2.PoolState, types_pb2.ReplicaState] | None:
+        for manager, pool in self.pools():
+            for replica in pool.replicas:
+                if replica.replica_id == replica_id:
+                    return manager, pool, replica
+        return None
+
     def replica_pid(self, replica_id: str) -> int | None:
         """The engine pid of a Ready replica of a connected manager; None otherwise."""
-        for manager, pool in self.pools():
-            if self.is_ready(manager, pool):
-                for replica in pool.replicas:
-                    if replica.replica_id == replica_id and replica.state == "Ready":
-                        return int(replica.pid)
-        return None
-
-    def kv_bytes_per_token(self, replica_id: str | None) -> int:
-        for _, pool in self.pools():
-            if any(r.replica_id == replica_id for r in pool.replicas):
-                return int(pool.kv_bytes_per_token)
-        return 0
-
-    def replica_owner(self, replica_id: str) -> Manager | None:
-        for manager, pool in self.pools():
-            if any(r.replica_id == replica_id for r in pool.replicas):
-                return manager
-        return None
+        found = self.find_replica(replica_id)
+        if found is None:
+            return None
+        manager, pool, replica = found
+        return int(replica.pid) if self.is_ready(manager, pool) and replica.state == "Ready" else None
 
     def manager_by_address(self, address: str) -> Manager | None:
         for manager in self.managers.values():

@@ -190,9 +190,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         held = await self.store.session_delete(request.session_id)
         self.sessions.forget(request.session_id)
         replica_id = held.get("replica_id", "")
-        manager = self.registry.replica_owner(replica_id) if replica_id else None
-        if manager is not None and manager.connected:
-            self._spawn(self._erase_kv(manager.stub, replica_id))
+        found = self.registry.find_replica(replica_id) if replica_id else None
+        if found is not None and found[0].connected:
+            self._spawn(self._erase_kv(found[0].stub, replica_id))
         return scheduler_pb2.DeleteSessionResponse(existed=bool(held))
 
     async def _erase_kv(self, stub: poolmgr_pb2_grpc.PoolManagerAsyncStub, replica_id: str) -> None:

@@ -169,13 +169,18 @@ class Sessions:
             "ttl_ms_remaining": max(0, ttl),
             "turns": int(fields["turns"]),
             "max_turns": int(fields["max_turns"]),
-            "kv_bytes": int(fields.get("tokens_held", "0")) * self.registry.kv_bytes_per_token(replica),
+            "kv_bytes": int(fields.get("tokens_held", "0")) * _bytes_per_token(self.registry, replica),
             "kv_warmth": last is not None and self.registry.replica_pid(last[0]) == last[1],
             "model_ref": fields["model_ref"],
             "replica_id": replica,
             "created_ms": int(fields["created_ms"]),
             **budget_view(_budgets(fields)),
         }
+
+
+def _bytes_per_token(registry: PoolRegistry, replica_id: str | None) -> int:
+    found = registry.find_replica(replica_id)
+    return int(found[1].kv_bytes_per_token) if found else 0
 
 
 def _budgets(fields: dict[str, str]) -> SessionBudgets:
