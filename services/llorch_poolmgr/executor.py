@@ -55,6 +55,7 @@ class Progress:
     first_token_ms: int = 0
     expired: Code | None = None
     retry: bool = False
+    budget: dict[str, object] | None = None  # the session's budgets at dispatch, parsed once
 
     def overdue(self, now: float) -> Code | None:
         if now >= self.deadline_at:
@@ -188,6 +189,7 @@ class Executor:
             last_event_at=now,
             started_at=now,
             replica_id=replica.replica_id,
+            budget=json.loads(req.budget_json) if req.budget_json else None,
         )
         self._progress[req.task_id] = progress
         code = ""
@@ -306,8 +308,8 @@ class Executor:
             "kv_warmth": req.kv_warm,
             "tokens_out_so_far": progress.tokens,
         }
-        if req.budget_json:  # the session's remaining budgets (reservation already taken)
-            payload["budget"] = json.loads(req.budget_json)
+        if progress.budget is not None:  # the session's remaining budgets (reservation already taken)
+            payload["budget"] = progress.budget
         return _json(payload)
 
     def _end(
