@@ -53,6 +53,8 @@ FIELDS: Final = (
     "address",
     "reason",
     "exit_code",
+    "what",
+    "down_ms",
     "path",
     "route",
     "status",

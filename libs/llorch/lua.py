@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import Final
 
-# ARGV: retention_s, n_fields, field pairs..., then (name, data, terminal_state) triples, then
-# channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
+# ARGV: retention_s, batch id ('' for none), n_fields, field pairs..., then (name, data, terminal_state)
+# triples, then channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
+# A batch id already applied (a retry whose first try landed but whose reply was lost) writes nothing
+# and returns the seq as it stands. A terminal `error` event also records its payload as `error`.
 APPEND: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
+local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'batch')
 if not t[1] then return -2 end
+if ARGV[2] ~= '' and t[3] == ARGV[2] then return tonumber(t[2]) end
 if t[1] == '1' then return -1 end
 local seq = tonumber(t[2])
 local first = seq + 1
-local nf = tonumber(ARGV[2])
-if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * nf)) end
+local nf = tonumber(ARGV[3])
+if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + 2 * nf)) end
 local last = #ARGV - 2
 local msg = {ARGV[#ARGV], first}
-local i = 3 + 2 * nf
+local i = 4 + 2 * nf
 local ended = false
 while i <= last and not ended do
   seq = seq + 1
@@ -26,45 +29,35 @@ while i <= last and not ended do
   ended = ARGV[i + 2] ~= ''
   if ended then
     redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2])
+    if ARGV[i] == 'error' then redis.call('HSET', KEYS[1], 'error', ARGV[i + 1]) end
     redis.call('EXPIRE', KEYS[1], ARGV[1])
     redis.call('EXPIRE', KEYS[2], ARGV[1])
   end
   i = i + 3
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[2]) end
 if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\\31')) end
 return seq
 """
 
-# Claim the queued task for dispatch unless it ended meanwhile ({}) or its `started` event has not
-# landed yet (-1); returns the record (KEYS: task).
+# Claim the queued task for dispatch unless it ended meanwhile ({}); returns the record (KEYS: task).
+# Admission writes the record, `started` and the queue entry in one step (ADMIT), so a queued id
+# always has its record.
 MARK_RUNNING: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq')
-if not t[1] then return -1 end
-if t[1] ~= '0' then return {} end
-if t[2] == '-1' then return -1 end
+local t = redis.call('HGET', KEYS[1], 'terminal')
+if t ~= '0' then return {} end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HGETALL', KEYS[1])
 """
 
-# ARGV[6] = '1': the task may not have its record yet (a drop-lru victim whose admission is still
-# under way); leave a tombstone that the admission's CREATE turns into `started` + this `error`.
-# Terminal error written by a non-engine writer (cancel, sweeper): the payload's tokens_out comes from
-# the record inside the script, so it can never disagree with the tokens already in the log.
-# Returns {previous_state, pool_manager} or {'', ''} when unknown; previous_state is the terminal state
-# when the task had already ended (nothing written then).
+# Terminal error written by a non-engine writer (cancel, sweeper, eviction, deadline): the payload's
+# tokens_out comes from the record inside the script, so it can never disagree with the tokens already
+# in the log. Returns {previous_state, pool_manager} or {'', ''} when unknown; previous_state is the
+# terminal state when the task had already ended (nothing written then).
 TERMINATE: Final = """
 local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'state', 'tokens_out', 'manager')
-if not t[1] then
-  if ARGV[6] == '1' then
-    local payload = cjson.decode(ARGV[3])
-    payload['tokens_out'] = 0
-    local data = cjson.encode(payload)
-    redis.call('HSET', KEYS[1], 'terminal', '1', 'tombstone', '1', 'state', ARGV[2], 'error', data)
-    redis.call('EXPIRE', KEYS[1], ARGV[1])
-  end
-  return {'', ''}
-end
+if not t[1] then return {'', ''} end
 if t[1] == '1' then return {t[3], t[5] or ''} end
 local payload = cjson.decode(ARGV[3])
 payload['tokens_out'] = tonumber(t[4] or '0')
@@ -78,71 +71,60 @@ redis.call('PUBLISH', ARGV[4], table.concat({ARGV[5], seq, 'error', data}, '\\31
 return {t[3], t[5] or ''}
 """
 
-# KEYS: task, events. ARGV: ttl_s, started data ('' for none), channel, task_id, field pairs...
-# Creates the record (and its `started` event, seq 0) unless the id is still known: 0 then. On a
-# tombstone (evicted before its record existed) it writes `started` and the stored error: 2.
-CREATE: Final = """
-if redis.call('HGET', KEYS[1], 'tombstone') == '1' then
-  local err = redis.call('HGET', KEYS[1], 'error')
-  local ttl = redis.call('TTL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'seq', 1, 'tokens_out', '0', unpack(ARGV, 5))
-  redis.call('HSET', KEYS[1], 'terminal', '1', 'state', 'failed')
-  redis.call('HDEL', KEYS[1], 'tombstone')
-  redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', ARGV[2])
-  redis.call('XADD', KEYS[2], '0-2', 'e', 'error', 'd', err)
-  redis.call('EXPIRE', KEYS[2], math.max(ttl, 1))
-  redis.call('PUBLISH', ARGV[3], table.concat({ARGV[4], 0, 'started', ARGV[2], 'error', err}, '\\31'))
-  return 2
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local seq = -1
-if ARGV[2] ~= '' then seq = 0 end
-redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', seq, 'tokens_out', '0', unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if seq == 0 then
-  redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', ARGV[3], table.concat({ARGV[4], 0, 'started', ARGV[2]}, '\\31'))
-end
-return 1
-"""
-
 # The queue of one replica set. KEYS (all tagged {rs}): q:interactive, q:batch, qseq, qage (admitted
 # epoch ms), qdl (deadline epoch ms), lease. Scores of q:* are the set's admission sequence.
 
-# ARGV: task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms.
-# Returns {position, depth_interactive, depth_batch, evicted_task_id or ''}; position -1 when refused:
-# the class cap is full, or the queue is full and the policy (reject, or drop-lru with no queued batch
-# task) leaves nothing to displace. Under drop-lru the oldest queued batch task is evicted; it is parked
-# in the lease set for 10 s, so if the caller dies before ending it the lease sweeper does.
-ENQUEUE: Final = """
-local ni = redis.call('ZCARD', KEYS[1])
-local nb = redis.call('ZCARD', KEYS[2])
-local batch = ARGV[2] == 'batch'
+# Admission in one step: the id check, the capacity check with drop-lru eviction, the record, its
+# `started` event (seq 0) and the queue entry. A crash before it leaves nothing; after it, a complete
+# queued task. KEYS: task, events, then the six queue keys above.
+# ARGV: ttl_s, channel, task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms,
+# first position of the `started` window, window size n, n encoded `started` payloads (one per position
+# from the first; a position outside the window takes the nearest), then the record's field pairs.
+# Returns {status, position, depth_interactive, depth_batch, evicted_task_id or ''} with status ok,
+# exists (the id is still known) or full: the class cap is full, or the queue is full and the policy
+# (reject, or drop-lru with no queued batch task) leaves nothing to displace. Under drop-lru the oldest
+# queued batch task is evicted; it is parked in the lease set for 10 s, so if the caller dies before
+# ending it the lease sweeper does.
+ADMIT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', -1, 0, 0, ''} end
+local ni = redis.call('ZCARD', KEYS[3])
+local nb = redis.call('ZCARD', KEYS[4])
+local batch = ARGV[4] == 'batch'
 local mine = ni
 if batch then mine = nb end
 -- A class cap below the capacity is a hard limit (it never evicts); one equal to it is the
 -- capacity itself, where drop-lru applies.
-local cap, ccap = tonumber(ARGV[3]), tonumber(ARGV[4])
-if mine >= ccap and ccap < cap then return {-1, ni, nb, ''} end
+local cap, ccap = tonumber(ARGV[5]), tonumber(ARGV[6])
+if mine >= ccap and ccap < cap then return {'full', -1, ni, nb, ''} end
 local evicted = ''
 if ni + nb >= cap then
-  if ARGV[5] ~= 'drop-lru' or nb == 0 then return {-1, ni, nb, ''} end
-  evicted = redis.call('ZPOPMIN', KEYS[2])[1]
-  redis.call('ZREM', KEYS[4], evicted)
-  redis.call('ZREM', KEYS[5], evicted)
-  redis.call('ZADD', KEYS[6], tonumber(ARGV[6]) + 10000, evicted)
+  if ARGV[7] ~= 'drop-lru' or nb == 0 then return {'full', -1, ni, nb, ''} end
+  evicted = redis.call('ZPOPMIN', KEYS[4])[1]
+  redis.call('ZREM', KEYS[6], evicted)
+  redis.call('ZREM', KEYS[7], evicted)
+  redis.call('ZADD', KEYS[8], tonumber(ARGV[8]) + 10000, evicted)
   nb = nb - 1
 end
-local seq = redis.call('INCR', KEYS[3])
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
+local position = ni
+if batch then position = ni + nb end
+local first, n = tonumber(ARGV[10]), tonumber(ARGV[11])
+local started = ARGV[12 + math.min(math.max(position - first, 0), n - 1)]
+redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', 0, 'tokens_out', '0', unpack(ARGV, 12 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', started)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+local seq = redis.call('INCR', KEYS[5])
+redis.call('ZADD', KEYS[6], ARGV[8], ARGV[3])
+redis.call('ZADD', KEYS[7], ARGV[9], ARGV[3])
 if batch then
-  redis.call('ZADD', KEYS[2], seq, ARGV[1])
-  return {ni + nb, ni, nb + 1, evicted}
+  redis.call('ZADD', KEYS[4], seq, ARGV[3])
+  nb = nb + 1
+else
+  redis.call('ZADD', KEYS[3], seq, ARGV[3])
+  ni = ni + 1
 end
-redis.call('ZADD', KEYS[1], seq, ARGV[1])
-return {ni, ni + 1, nb, evicted}
+redis.call('PUBLISH', ARGV[2], table.concat({ARGV[3], 0, 'started', started}, '\\31'))
+return {'ok', position, ni, nb, evicted}
 """
 
 # ARGV: lease expiry (epoch ms), at most n, max_batch_wait_ms (0: no aging), now_ms.

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final, Literal, cast
 
 import redis.asyncio as aioredis
@@ -34,15 +35,120 @@ from llorch import lua
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
-TERMINAL_EVENTS: Final = frozenset({"end", "error"})
 READ_PAGE: Final = 512
 """Most events one log read returns."""
 
 US: Final = "\x1f"
+SOCKET_TIMEOUT_S: Final = 10.0
+"""The longest one Redis call may take before it fails (and is retried) rather than hang."""
+HEALTH_CHECK_S: Final = 15
+"""An idle pooled connection is checked (PING) before reuse after this long: a Redis restart costs no
+failed call on a stale connection."""
+LEASE_MS: Final = 15_000
+"""How long a dispatched task's lease lasts; its pool manager renews it well before that."""
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+LIVE_STATES: Final = frozenset({TaskState.QUEUED, TaskState.RUNNING})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """What the engine is asked to do, fixed at admission."""
+
+    prompt: str
+    max_tokens: int
+    seed: int
+    determinism: str
+    kv_cold: bool = False
+    prompt_est: int = 0  # SPEC §2.2's estimate of the prompt's tokens, for settling a session
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task as admission writes it."""
+
+    task_id: str
+    rs: str
+    priority: Priority
+    model_ref: str
+    session_id: str
+    engine: str
+    deadline_ms: int
+    request: TaskRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    manager: str
+    pool_id: str
+    replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The task record (``task:{id}``); placement fields are empty until dispatch."""
+
+    task_id: str
+    state: TaskState
+    rs: str
+    priority: Priority
+    model_ref: str
+    session_id: str
+    engine: str
+    created_ms: int
+    deadline_ms: int
+    request: TaskRequest
+    tokens_out: int
+    manager: str
+    pool_id: str
+    replica_id: str
+    dispatched_ms: int  # 0 until dispatched
+    error_json: str
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Terminated:
+    """What :meth:`Store.terminate` found: the state before (None: unknown task) and its manager."""
+
+    previous: TaskState | None
+    manager: str
+
+    @property
+    def was_live(self) -> bool:
+        return self.previous in LIVE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session (``sess:{id}``): its model, turns, remaining budgets (None: unlimited), the replica it
+    last ran on with that engine's pid (its KV affinity), and the tokens its cache holds."""
+
+    session_id: str
+    model_ref: str
+    created_ms: int
+    turns: int
+    max_turns: int
+    budgets: SessionBudgets
+    replica_id: str
+    replica_pid: int
+    tokens_held: int
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +177,16 @@ class QueueLimits:
     policy: str  # reject | drop-lru
 
 
+class AdmitStatus(StrEnum):
+    OK = "ok"
+    EXISTS = "exists"  # the task id is still known
+    FULL = "full"  # the queue (or the class cap) refused it
+
+
 @dataclass(frozen=True, slots=True)
-class Enqueued:
-    position: int  # -1: refused
+class Admitted:
+    status: AdmitStatus
+    position: int  # -1 unless ok
     depth_interactive: int
     depth_batch: int
     evicted: str  # the batch task displaced under drop-lru, or ''
@@ -81,6 +194,26 @@ class Enqueued:
     @property
     def depth(self) -> int:
         return self.depth_interactive + self.depth_batch
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Events for one task's log: ``(name, data_json, terminal_state)`` with terminal_state '' for a
+    non-terminal event, else the task's final state (an `error` event's payload is kept as the
+    record's error). ``tokens_out`` updates the record's count; ``batch_id``, when set, makes a retry of
+    the same batch after a lost reply a no-op."""
+
+    task_id: str
+    events: Sequence[tuple[str, str, str]]
+    tokens_out: int | None = None
+    batch_id: str = ""
+
+
+class Refused(StrEnum):
+    """Why :meth:`Store.append` wrote nothing."""
+
+    ENDED = "ended"  # a terminal event stood first
+    UNKNOWN = "unknown"  # no such task (expired or never admitted)
 
 
 class Keys:
@@ -123,13 +256,17 @@ class Keys:
 class Store:
     """Task records, event logs, queues and leases. Construct with :meth:`connect`."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "llorch:") -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str = "llorch:", subscriber: aioredis.Redis | None = None
+    ) -> None:
+        """``subscriber``: the client for the live-events subscription (no read timeout: it waits for
+        messages); ``client`` by default."""
         self.client = client
+        self._subscriber = subscriber or client
         self.keys = Keys(prefix)
         self._append = client.register_script(lua.APPEND)
         self._terminate = client.register_script(lua.TERMINATE)
-        self._create = client.register_script(lua.CREATE)
-        self._enqueue = client.register_script(lua.ENQUEUE)
+        self._admit = client.register_script(lua.ADMIT)
         self._claim = client.register_script(lua.CLAIM)
         self._requeue = client.register_script(lua.REQUEUE)
         self._queued_frame = client.register_script(lua.QUEUED_FRAME)
@@ -145,13 +282,23 @@ class Store:
     async def connect(
         cls, url: str, prefix: str = "llorch:", password: str | None = None, max_connections: int = 1024
     ) -> AsyncIterator[Store]:
+        common: dict[str, Any] = {
+            "password": password,
+            "decode_responses": True,
+            "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            "socket_keepalive": True,
+            "health_check_interval": HEALTH_CHECK_S,
+        }
+        # A frozen Redis fails a call after SOCKET_TIMEOUT_S (a retriable error) instead of hanging it.
         client = aioredis.Redis.from_url(
-            url, password=password, decode_responses=True, max_connections=max_connections
+            url, max_connections=max_connections, socket_timeout=SOCKET_TIMEOUT_S, **common
         )
+        subscriber = aioredis.Redis.from_url(url, max_connections=8, **common)
         try:
-            yield cls(client, prefix)
+            yield cls(client, prefix, subscriber)
         finally:
             await client.aclose()
+            await subscriber.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -161,51 +308,84 @@ class Store:
 
     # -- task records and events -------------------------------------------------------------------
 
-    async def create_task(
-        self, task_id: str, fields: Mapping[str, str], ttl_s: int, started: str = ""
-    ) -> int:
-        """Create the record, with its `started` event when given: 1; the id is still known: 0;
-        the task was evicted before its record existed (see lua.CREATE): 2, and it has ended."""
-        flat = [v for kv in fields.items() for v in kv]
-        return int(
-            await self._create(
-                keys=[self.keys.task(task_id), self.keys.events(task_id)],
-                args=[ttl_s, started, self.keys.channel(), task_id, *flat],
-            )
-        )
-
-    async def append(
+    async def admit(
         self,
-        task_id: str,
-        events: Sequence[tuple[str, str, str]],
-        fields: Mapping[str, str] | None = None,
-        retention_s: int = 900,
-    ) -> int:
-        """Append ``(name, data_json, terminal_state)`` events unless the log already ended.
+        task: NewTask,
+        limits: QueueLimits,
+        deadline_at_ms: int,
+        started: tuple[int, Sequence[str]],
+        ttl_s: int,
+    ) -> Admitted:
+        """Create the record with its `started` event and enqueue it, in one step (see lua.ADMIT).
 
-        ``terminal_state`` is '' for non-terminal events, else the task's final state. Returns the
-        seq of the last event written, -1 when a terminal event stood first, -2 for an unknown task.
+        ``started`` is (first position, encoded `started` payloads for that position and the next
+        ones): the queue position is known only inside the step, so admission offers a window.
         """
-        result = await self._append(
-            keys=[self.keys.task(task_id), self.keys.events(task_id)],
-            args=self._append_args(task_id, events, fields, retention_s),
+        if task.rs not in self._known_sets:
+            await self.client.sadd(self.keys.replica_sets(), task.rs)
+            self._known_sets.add(task.rs)
+        req = task.request
+        fields = {
+            "state": TaskState.QUEUED.value,
+            "rs": task.rs,
+            "priority": task.priority,
+            "model_ref": task.model_ref,
+            "session_id": task.session_id,
+            "engine": task.engine,
+            "created_ms": str(now_ms()),
+            "deadline_ms": str(task.deadline_ms),
+            "request": json.dumps(
+                {
+                    "prompt": req.prompt,
+                    "max_tokens": req.max_tokens,
+                    "seed": req.seed,
+                    "determinism": req.determinism,
+                    "kv_cold": req.kv_cold,
+                    "prompt_est": req.prompt_est,
+                }
+            ),
+        }
+        class_cap = limits.batch_capacity if task.priority == "batch" else limits.interactive_capacity
+        first, payloads = started
+        status, pos, ni, nb, evicted = await self._admit(
+            keys=[self.keys.task(task.task_id), self.keys.events(task.task_id), *self._queue_keys(task.rs)],
+            args=[
+                ttl_s,
+                self.keys.channel(),
+                task.task_id,
+                task.priority,
+                limits.capacity,
+                class_cap,
+                limits.policy,
+                now_ms(),
+                deadline_at_ms,
+                first,
+                len(payloads),
+                *payloads,
+                *(v for kv in fields.items() for v in kv),
+            ],
         )
-        return int(result)
+        return Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
 
-    async def append_many(
-        self,
-        batches: Sequence[tuple[str, Sequence[tuple[str, str, str]], Mapping[str, str]]],
-        retention_s: int,
-    ) -> list[int]:
+    async def append(self, batch: Append, retention_s: int = 900) -> int | Refused:
+        """Append a task's events unless its log already ended (see :class:`Append`). Returns the seq
+        of the last event in the log, or why nothing was written."""
+        result = await self._append(
+            keys=[self.keys.task(batch.task_id), self.keys.events(batch.task_id)],
+            args=self._append_args(batch, retention_s),
+        )
+        return _appended(result)
+
+    async def append_many(self, batches: Sequence[Append], retention_s: int) -> list[int | Refused]:
         """:meth:`append` for many tasks in one round trip; results in the order of ``batches``."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for task_id, events, fields in batches:
+            for batch in batches:
                 await self._append(
-                    keys=[self.keys.task(task_id), self.keys.events(task_id)],
-                    args=self._append_args(task_id, events, fields, retention_s),
+                    keys=[self.keys.task(batch.task_id), self.keys.events(batch.task_id)],
+                    args=self._append_args(batch, retention_s),
                     client=pipe,
                 )
-            return [int(r) for r in await pipe.execute()]
+            return [_appended(r) for r in await pipe.execute()]
 
     async def append_queued_frames(self, frames: Sequence[tuple[str, str]]) -> None:
         """Queued `metrics` frames ``(task_id, data)``, each only if its task is still queued."""
@@ -219,65 +399,64 @@ class Store:
             await pipe.execute()
 
     def _append_args(
-        self,
-        task_id: str,
-        events: Sequence[tuple[str, str, str]],
-        fields: Mapping[str, str] | None,
-        retention_s: int,
+        self, batch: Append, retention_s: int, fields: Mapping[str, str] | None = None
     ) -> list[str | int]:
-        flat_fields = [v for kv in (fields or {}).items() for v in kv]
-        flat_events = [v for ev in events for v in ev]
-        return [retention_s, len(flat_fields) // 2, *flat_fields, *flat_events, self.keys.channel(), task_id]
+        fields = dict(fields or {})
+        if batch.tokens_out is not None:
+            fields["tokens_out"] = str(batch.tokens_out)
+        flat_fields = [v for kv in fields.items() for v in kv]
+        flat_events = [v for ev in batch.events for v in ev]
+        return [
+            retention_s,
+            batch.batch_id,
+            len(flat_fields) // 2,
+            *flat_fields,
+            *flat_events,
+            self.keys.channel(),
+            batch.task_id,
+        ]
 
-    async def mark_running(
-        self, task_id: str, fields: Mapping[str, str]
-    ) -> dict[str, str] | Literal[False] | None:
-        """Set the placement fields and return the record; None if the task ended, False if its
-        `started` event has not been written yet (admission is mid-way: put it back)."""
-        flat = [v for kv in fields.items() for v in kv]
-        reply = await self._mark_running(keys=[self.keys.task(task_id)], args=flat)
-        if reply == -1:
-            return False
+    async def mark_running(self, task_id: str, placement: Placement) -> TaskRecord | None:
+        """Record the placement and return the record; None if the task ended while it was claimed."""
+        reply = await self._mark_running(
+            keys=[self.keys.task(task_id)],
+            args=[
+                "state",
+                TaskState.RUNNING.value,
+                "manager",
+                placement.manager,
+                "pool_id",
+                placement.pool_id,
+                "replica_id",
+                placement.replica_id,
+                "dispatched_ms",
+                str(now_ms()),
+            ],
+        )
         if not reply:
             return None
         values = cast(list[str], reply)
-        return dict(zip(values[::2], values[1::2], strict=True))
+        return _record(task_id, dict(zip(values[::2], values[1::2], strict=True)))
 
-    async def terminate(
-        self,
-        task_id: str,
-        state: str,
-        payload: Mapping[str, object],
-        retention_s: int,
-        tombstone: bool = False,
-    ) -> tuple[str, str]:
-        """Write a terminal ``error`` event unless the task already ended.
+    async def requeued(self, task_id: str) -> None:
+        """The task goes back to its queue (a retry or a refusal): its record says queued again."""
+        await self._append(
+            keys=[self.keys.task(task_id), self.keys.events(task_id)],
+            args=self._append_args(Append(task_id, ()), 900, {"state": TaskState.QUEUED.value}),
+        )
 
-        Returns ``(previous_state, manager)``; ``('', '')`` for an unknown task (which, with
-        ``tombstone``, is remembered as ended for its pending creation).
-        """
+    async def terminate(self, task_id: str, state: TaskState, payload: str, retention_s: int) -> Terminated:
+        """Write the terminal ``error`` event (``payload``: see :func:`llorch.events.error`) unless the
+        task already ended; the record's tokens_out replaces the payload's."""
         prev, manager = await self._terminate(
             keys=[self.keys.task(task_id), self.keys.events(task_id)],
-            args=[
-                retention_s,
-                state,
-                json.dumps(payload, separators=(",", ":")),
-                self.keys.channel(),
-                task_id,
-                "1" if tombstone else "0",
-            ],
+            args=[retention_s, state.value, payload, self.keys.channel(), task_id],
         )
-        return str(prev), str(manager)
+        return Terminated(TaskState(prev) if prev else None, str(manager))
 
-    async def task(self, task_id: str) -> dict[str, str]:
-        return cast(dict[str, str], await self.client.hgetall(self.keys.task(task_id)))
-
-    async def task_field(self, task_id: str, name: str) -> str | None:
-        value = await self.client.hget(self.keys.task(task_id), name)
-        return None if value is None else str(value)
-
-    async def set_fields(self, task_id: str, fields: Mapping[str, str]) -> None:
-        await self.client.hset(self.keys.task(task_id), mapping=cast(Any, dict(fields)))
+    async def task(self, task_id: str) -> TaskRecord | None:
+        fields = cast(dict[str, str], await self.client.hgetall(self.keys.task(task_id)))
+        return _record(task_id, fields) if fields else None
 
     async def task_exists(self, task_id: str) -> bool:
         return bool(await self.client.exists(self.keys.task(task_id)))
@@ -293,7 +472,7 @@ class Store:
     @asynccontextmanager
     async def subscribe_events(self) -> AsyncIterator[PubSub]:
         """A pub/sub connection on the live-events channel (see the module docstring)."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.keys.channel())
         try:
             yield pubsub
@@ -312,20 +491,6 @@ class Store:
             k.queue_deadlines(rs),
             k.lease(rs),
         ]
-
-    async def enqueue(
-        self, rs: str, task_id: str, priority: Priority, limits: QueueLimits, deadline_at_ms: int
-    ) -> Enqueued:
-        """Capacity check, drop-lru eviction and enqueue in one step (see lua.ENQUEUE)."""
-        if rs not in self._known_sets:
-            await self.client.sadd(self.keys.replica_sets(), rs)
-            self._known_sets.add(rs)
-        class_cap = limits.batch_capacity if priority == "batch" else limits.interactive_capacity
-        pos, ni, nb, evicted = await self._enqueue(
-            keys=self._queue_keys(rs),
-            args=[task_id, priority, limits.capacity, class_cap, limits.policy, now_ms(), deadline_at_ms],
-        )
-        return Enqueued(int(pos), int(ni), int(nb), str(evicted))
 
     async def claim(self, rs: str, lease_ms: int, limit: int = 1, max_batch_wait_ms: int = 0) -> list[Claim]:
         """Pop up to ``limit`` tasks in dispatch order and lease them, in one step."""
@@ -442,29 +607,30 @@ class Store:
             )
         )
 
-    async def session(self, session_id: str) -> tuple[dict[str, str], int]:
-        """(fields, ms to live); ({}, -2) when unknown or expired."""
+    async def session(self, session_id: str) -> SessionRecord | None:
+        """The session, or None when unknown or expired."""
         key = self.keys.session(session_id)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(key)
             pipe.pttl(key)
             fields, ttl = await pipe.execute()
-        return dict(fields), int(ttl)
+        return _session(session_id, fields, int(ttl)) if fields else None
 
-    async def session_set(self, session_id: str, fields: Mapping[str, str]) -> dict[str, str]:
-        """Set fields of a live session; returns all its fields after ({} when it is gone)."""
-        flat = [v for kv in fields.items() for v in kv]
-        pairs = await self._session_set(keys=[self.keys.session(session_id)], args=flat)
-        return dict(zip(pairs[::2], pairs[1::2], strict=True))
+    async def session_ran_on(self, session_id: str, replica_id: str, pid: int) -> SessionRecord | None:
+        """Remember the replica (and its engine's pid) a session now runs on; None when it is gone."""
+        pairs = await self._session_set(
+            keys=[self.keys.session(session_id)], args=["replica_id", replica_id, "replica_pid", str(pid)]
+        )
+        return _session(session_id, dict(zip(pairs[::2], pairs[1::2], strict=True)), -1) if pairs else None
 
-    async def session_delete(self, session_id: str) -> dict[str, str]:
-        """Delete the session; returns what it held ({} when unknown)."""
+    async def session_delete(self, session_id: str) -> SessionRecord | None:
+        """Delete the session; returns what it held (None when unknown)."""
         key = self.keys.session(session_id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(key)
             pipe.delete(key)
             fields, _ = await pipe.execute()
-        return dict(fields)
+        return _session(session_id, fields, 0) if fields else None
 
     async def expired_leases(self) -> list[tuple[str, str]]:
         """``(rs, task_id)`` of every lease past its expiry."""
@@ -492,6 +658,60 @@ class SessionBudgets:
 
 def _opt_int(value: object) -> int | None:
     return None if value is None or value is False else int(str(value))
+
+
+def _appended(result: object) -> int | Refused:
+    seq = int(cast(int, result))
+    if seq >= 0:
+        return seq
+    return Refused.ENDED if seq == -1 else Refused.UNKNOWN
+
+
+def _record(task_id: str, f: Mapping[str, str]) -> TaskRecord:
+    body = json.loads(f.get("request") or "{}")
+    return TaskRecord(
+        task_id=task_id,
+        state=TaskState(f.get("state", "queued")),
+        rs=f.get("rs", ""),
+        priority="batch" if f.get("priority") == "batch" else "interactive",
+        model_ref=f.get("model_ref", ""),
+        session_id=f.get("session_id", ""),
+        engine=f.get("engine", ""),
+        created_ms=int(f.get("created_ms", "0")),
+        deadline_ms=int(f.get("deadline_ms", "0")),
+        request=TaskRequest(
+            prompt=body.get("prompt", ""),
+            max_tokens=int(body.get("max_tokens", 0)),
+            seed=int(body.get("seed", 0)),
+            determinism=body.get("determinism") or "best_effort",
+            kv_cold=bool(body.get("kv_cold", False)),
+            prompt_est=int(body.get("prompt_est", 0)),
+        ),
+        tokens_out=int(f.get("tokens_out", "0")),
+        manager=f.get("manager", ""),
+        pool_id=f.get("pool_id", ""),
+        replica_id=f.get("replica_id", ""),
+        dispatched_ms=int(f.get("dispatched_ms") or 0),
+        error_json=f.get("error", ""),
+    )
+
+
+def _session(session_id: str, f: Mapping[str, str], ttl_ms: int) -> SessionRecord:
+    def opt(name: str) -> int | None:
+        return int(f[name]) if name in f else None
+
+    return SessionRecord(
+        session_id=session_id,
+        model_ref=f.get("model_ref", ""),
+        created_ms=int(f.get("created_ms", "0")),
+        turns=int(f.get("turns", "0")),
+        max_turns=int(f.get("max_turns", "0")),
+        budgets=SessionBudgets(int(f.get("turns", "0")), opt("b_tokens"), opt("b_time"), opt("b_cost")),
+        replica_id=f.get("replica_id", ""),
+        replica_pid=int(f.get("replica_pid") or 0),
+        tokens_held=int(f.get("tokens_held", "0")),
+        ttl_ms=max(0, ttl_ms),
+    )
 
 
 def _event(entry_id: str, body: Mapping[str, str]) -> Event:

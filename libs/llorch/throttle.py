@@ -68,3 +68,14 @@ class TokenWindow:
 
     def release(self, task_id: str) -> None:
         self.entries.pop(task_id, None)
+
+
+@dataclass(frozen=True)
+class BackoffClamp:
+    """The one clamp of every advertised backoff (SPEC §5.1: scheduler.backoff_min_ms..backoff_max_ms)."""
+
+    min_ms: int
+    max_ms: int
+
+    def __call__(self, wait_ms: float) -> int:
+        return int(min(self.max_ms, max(self.min_ms, wait_ms)))

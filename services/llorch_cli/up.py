@@ -1,40 +1,58 @@
-"""`llorch up`: the whole stack on one machine — embedded Redis (when redis.url is null), the
-scheduler, one pool manager per device mask (plus one for CPU pools, see
-llorch_poolmgr.topology) and the gateway, each its own process. Ctrl-C (or SIGTERM) stops them
-in reverse order; every child also has PR_SET_PDEATHSIG, so none outlives `llorch up`.
+"""`llorch up`: the whole stack on one machine, supervised — embedded Redis (when redis.url is null), the
+scheduler, one pool manager per device mask (plus one for CPU pools, see llorch_poolmgr.topology) and the
+gateway, each its own process.
+
+A child that dies is restarted with backoff, and `llorch up` gives up (exit 1) when one keeps dying; see
+llorch_cli.supervise for the policy. Restarts are logged and counted in
+``llorch_service_restarts_total{service}``, served on 127.0.0.1:<grpc.metrics_base_port + 1> (the
+scheduler has +0, pool manager n has +10+n); the gateway learns that address from
+``LLORCH_SUPERVISOR_METRICS`` and adds it to its /metrics union. Ctrl-C (or SIGTERM) stops the children in
+reverse order, with no restarts meanwhile. Every child has its own process group and PR_SET_PDEATHSIG, so
+none outlives `llorch up`, the embedded Redis included.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
+import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
+
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from llorch import gpu
 from llorch.config import ConfigError, LlorchConfig, load_config, resolve_config_path
+from llorch.lifecycle import metrics_endpoint
+from llorch.logs import setup_logging
 from llorch.rpc import load_internal_token
 from llorch_gateway.auth import ensure_token_file
 from llorch_poolmgr.topology import manager_args, plan_managers
 
 from .embedded_redis import EmbeddedRedis
+from .supervise import (
+    Child,
+    GaveUp,
+    RedisChild,
+    ServiceChild,
+    Supervisor,
+    SupervisorFormatter,
+    SupervisorMetrics,
+)
 
-READY_TIMEOUT_S = 600.0
+READY_TIMEOUT_S: Final = 600.0
+SUPERVISOR_METRICS_OFFSET: Final = 1  # from grpc.metrics_base_port: scheduler +0, pool managers +10+n
+SUPERVISOR_METRICS_ENV: Final = "LLORCH_SUPERVISOR_METRICS"
+TICK_S: Final = 0.1
 
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "llorch_cli.main", *args]
-    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only
+log = logging.getLogger(__name__)
 
 
 def _token_hint(cfg: LlorchConfig) -> tuple[str, str]:
@@ -51,38 +69,69 @@ def _token_hint(cfg: LlorchConfig) -> tuple[str, str]:
     return f"file {path}", f"$(cat {path})"
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> bool:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    shown = ""
-    while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            return False
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except urllib.error.HTTPError as exc:
-            checks = json.loads(exc.read() or b"{}").get("checks", {})
-            line = f"waiting for readiness: {checks}"
-            if line != shown:
-                print(line, flush=True)
-                shown = line
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
+def _ready(url: str, shown: list[str]) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        checks = json.loads(exc.read() or b"{}").get("checks", {})
+        line = f"waiting for readiness: {checks}"
+        if line not in shown:
+            print(line, flush=True)
+            shown[:] = [line]
+    except (urllib.error.URLError, OSError):
+        pass
     return False
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in reversed(children):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in reversed(children):
+@contextlib.contextmanager
+def _metrics_server(address: str, registry: CollectorRegistry) -> Iterator[bool]:
+    """Serve the supervisor's metrics; a busy port costs the metrics, never the stack."""
+    with contextlib.ExitStack() as stack:
         try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            stack.enter_context(metrics_endpoint(address, registry))
+            serving = True
+        except OSError as exc:
+            log.warning(
+                "supervisor metrics unavailable",
+                extra={"event": "metrics_unavailable", "address": address, "error": str(exc)},
+            )
+            serving = False
+        yield serving
+
+
+def _banner(cfg: LlorchConfig, url: str, where: str, token_expr: str) -> str:
+    model = cfg.pools[0].model
+    return (
+        f"\nllama-orch is up: {url}\nAPI token: {where}\n\nTry:\n"
+        f"  curl -s -H \"Authorization: Bearer {token_expr}\" -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model_ref": "{model}", "prompt": "Hello", "max_tokens": 32}}\' {url}/v1/tasks\n'
+        f'  curl -N -H "Authorization: Bearer {token_expr}" {url}/v1/tasks/<task_id>/stream\n\n'
+        "Ctrl-C stops everything."
+    )
+
+
+def _setup_logging(cfg: LlorchConfig) -> None:
+    setup_logging("up", cfg.telemetry.log_level, cfg.telemetry.log_file)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(SupervisorFormatter("up"))
+
+
+def _children(cfg: LlorchConfig, path: Path, env: dict[str, str], metrics_address: str | None) -> list[Child]:
+    config_arg = ["--config", str(path.resolve())]
+    probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
+    plans = plan_managers(cfg, probe.devices())
+    probe.close()
+    children: list[Child] = [ServiceChild("scheduler", ["scheduler", *config_arg], env)]
+    for plan in plans:
+        print(f"pool manager {plan.index} ({plan.name}): {', '.join(plan.pools)}", flush=True)
+        args = [*manager_args(plan), *config_arg]
+        children.append(ServiceChild(f"pool-manager-{plan.name}", args, env))
+    gateway_env = dict(env)
+    if metrics_address is not None:
+        gateway_env[SUPERVISOR_METRICS_ENV] = metrics_address
+    children.append(ServiceChild("gateway", ["gateway", *config_arg], gateway_env))
+    return children
 
 
 def up(config: Path | None) -> int:
@@ -92,52 +141,75 @@ def up(config: Path | None) -> int:
     except ConfigError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
+    _setup_logging(cfg)
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file, create=True)
     where, token_expr = _token_hint(cfg)
-    env = dict(os.environ)
-    redis_server: EmbeddedRedis | None = None
-    if cfg.redis.url is None:
-        redis_server = EmbeddedRedis(cfg.state_dir)
-        redis_server.start()
-        env["LLORCH_REDIS_URL"] = redis_server.url
-        print(f"embedded Redis on 127.0.0.1:{redis_server.port} (AOF under {redis_server.dir})", flush=True)
-    config_arg = ["--config", str(path.resolve())]
     stopping = False
+    supervisors: list[Supervisor] = []  # the one built below, once it exists
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        for supervisor in supervisors:
+            supervisor.stopping = True  # no restart from here on, even mid-step
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
-    plans = plan_managers(cfg, probe.devices())
-    probe.close()
-    children = [_spawn(["scheduler", *config_arg], env)]
-    for plan in plans:
-        args = [*manager_args(plan), *config_arg]
-        print(f"pool manager {plan.index} ({plan.name}): {', '.join(plan.pools)}", flush=True)
-        children.append(_spawn(args, env))
-    children.append(_spawn(["gateway", *config_arg], env))
+    env = dict(os.environ)
+    redis_server: EmbeddedRedis | None = None
+    if cfg.redis.url is None:
+        redis_server = EmbeddedRedis(cfg.state_dir)
+        redis_server.lock()
+        env["LLORCH_REDIS_URL"] = redis_server.url
+    metrics = SupervisorMetrics(CollectorRegistry(auto_describe=True))
+    address = f"127.0.0.1:{cfg.grpc.metrics_base_port + SUPERVISOR_METRICS_OFFSET}"
+    with _metrics_server(address, metrics.registry) as serving:
+        children = _children(cfg, path, env, address if serving else None)
+        if redis_server is not None:
+            children.insert(0, RedisChild(redis_server))
+        supervisor = Supervisor(children, metrics)
+        supervisors.append(supervisor)
+        try:
+            return _supervise(supervisor, cfg, redis_server, where, token_expr, lambda: stopping)
+        finally:
+            supervisor.stop()
+            if redis_server is not None:
+                redis_server.stop()
+
+
+def _supervise(
+    supervisor: Supervisor,
+    cfg: LlorchConfig,
+    redis_server: EmbeddedRedis | None,
+    where: str,
+    token_expr: str,
+    stopping: Callable[[], bool],
+) -> int:
     url = f"http://{cfg.api.bind}"
     try:
-        if not _wait_ready(url, children):
-            print("the stack did not become ready; see the logs above", file=sys.stderr)
-            return 1
-        model = cfg.pools[0].model
-        print(
-            f"\nllama-orch is up: {url}\nAPI token: {where}\n\nTry:\n"
-            f"  curl -s -H \"Authorization: Bearer {token_expr}\" -H 'Content-Type: application/json' \\\n"
-            f'    -d \'{{"model_ref": "{model}", "prompt": "Hello", "max_tokens": 32}}\' {url}/v1/tasks\n'
-            f'  curl -N -H "Authorization: Bearer {token_expr}" {url}/v1/tasks/<task_id>/stream\n\n'
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
-        while not stopping and all(child.poll() is None for child in children):
-            time.sleep(0.2)
-        return 0 if stopping else 1
-    finally:
-        _stop(children)
+        supervisor.start()
         if redis_server is not None:
-            redis_server.stop()
+            print(
+                f"embedded Redis on 127.0.0.1:{redis_server.port} (AOF under {redis_server.dir})",
+                flush=True,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        announced, shown, next_probe = False, [""], 0.0
+        while not stopping():
+            supervisor.step()
+            now = time.monotonic()
+            if not announced and now >= next_probe:
+                if _ready(url, shown):
+                    announced = True
+                    print(_banner(cfg, url, where, token_expr), flush=True)
+                elif now > deadline:
+                    print("the stack did not become ready; see the logs above", file=sys.stderr)
+                    return 1
+                next_probe = time.monotonic() + 0.5
+            time.sleep(TICK_S)
+        return 0
+    except GaveUp as exc:
+        print(f"llorch up: {exc}", file=sys.stderr, flush=True)
+        return 1

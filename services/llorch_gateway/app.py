@@ -114,15 +114,18 @@ class Api:
 
     async def _stream_budget_headers(self, task_id: str) -> dict[str, str]:
         """X-Budget-* at stream start: the task's session's remaining budgets, where set."""
-        session_id = await self.d.store.task_field(task_id, "session_id")
-        if not session_id:
+        record = await self.d.store.task(task_id)
+        session = await self.d.store.session(record.session_id) if record and record.session_id else None
+        if session is None:
             return {}
-        fields, _ = await self.d.store.session(session_id)
+        budgets = session.budgets
         headers = {}
-        for name, header in _BUDGET_FIELDS:
-            if name in fields:
-                value = int(fields[name])
-                headers[header] = f"{value / 1_000_000:.4f}" if name == "b_cost" else str(value)
+        if budgets.tokens is not None:
+            headers["X-Budget-Tokens-Remaining"] = str(budgets.tokens)
+        if budgets.time_ms is not None:
+            headers["X-Budget-Time-Remaining-Ms"] = str(budgets.time_ms)
+        if budgets.cost_micro is not None:
+            headers["X-Budget-Cost-Remaining"] = f"{budgets.cost_micro / 1_000_000:.4f}"
         return headers
 
     async def session(self, request: web.Request) -> web.Response:
@@ -184,6 +187,10 @@ class Api:
     async def metrics(self, request: web.Request) -> web.Response:
         host = self.d.cfg.grpc.scheduler.rpartition(":")[0]
         components = {"scheduler": f"{host}:{self.d.cfg.grpc.metrics_base_port}"}
+        import os  # the supervisor's address: set by `llorch up` on its gateway child only
+
+        if supervisor := os.environ.get("LLORCH_SUPERVISOR_METRICS"):
+            components["supervisor"] = supervisor
         try:
             reply = await self.d.scheduler.list_pools(timeout_s=2.0)
             components.update({f"pool-manager@{a}": a for a in reply.metrics_addresses})
@@ -191,13 +198,6 @@ class Api:
             pass  # the scheduler's own scrape will report it down
         body = await self.d.metrics.union(self.d.http, components)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-_BUDGET_FIELDS = (
-    ("b_tokens", "X-Budget-Tokens-Remaining"),
-    ("b_time", "X-Budget-Time-Remaining-Ms"),
-    ("b_cost", "X-Budget-Cost-Remaining"),
-)
 
 
 def _budget_headers(result: scheduler_pb2.AdmitResponse) -> dict[str, str]:

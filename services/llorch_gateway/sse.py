@@ -14,7 +14,8 @@ import re
 from aiohttp import web
 
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.store import READ_PAGE, TERMINAL_EVENTS, Event, Store
+from llorch.events import TERMINAL as TERMINAL_EVENTS
+from llorch.store import READ_PAGE, Event, Store
 
 from .edge import CORRELATION_HEADER
 from .feed import RESYNC, EventFeed, Subscription

@@ -22,7 +22,7 @@ from .eventlog import EventLog
 from .executor import Executor
 from .faults import PoolError
 from .metrics import PoolMetrics
-from .service import PoolManagerService, Pools, register_forever, renew_leases_forever
+from .service import PoolManagerService, Pools, Registration, renew_leases_forever
 from .supervisor import Replica
 from .topology import resolve_devices
 
@@ -53,7 +53,7 @@ async def build_pools(
 
     def changed() -> None:
         if holder:
-            holder[0].changed.set()
+            holder[0].on_change()
 
     def unservable(pool: PoolConfig, code: PoolError, message: str) -> None:
         errors[pool.id] = (code.value, message, int(time.time() * 1000))
@@ -107,16 +107,23 @@ async def serve(
                 )
 
             loops = [r.run() for r in pools.replicas.values()]
-            reports = register_forever(
+            registration = Registration(
                 cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
             )
             async with (
-                background(*loops, reports, renew_leases_forever(store, executor), executor.watch()),
+                background(
+                    *loops, registration.run(), renew_leases_forever(store, executor), executor.watch()
+                ),
                 grpc_server(address, token, register),  # exits first: stop serving, then stop the loops
             ):
                 log.info(
                     "pool manager listening", extra={"event": "pool_manager_started", "address": address}
                 )
                 await stop.wait()
+                # Shutdown drains: no new Start, running tasks finish within the grace period or end
+                # with WORKER_RESET, and the scheduler hears they finished before the stream closes.
+                pools.drain()
+                await executor.drain()
+                await registration.flush()
             await events.aclose()
         probe.close()

@@ -1,7 +1,16 @@
 """Run dispatched tasks through their replica's adapter and append the events to the task's log.
 
-Events go through the pool manager's :class:`EventLog` (batched across tasks). When an append is
-refused (a cancel's terminal event stood first) the engine stream is closed at once, which frees the slot.
+Every event is built by :mod:`llorch.events` and goes through the pool manager's :class:`EventLog`
+(batched across tasks). When an append is refused (a cancel's terminal event stood first) the engine
+stream is closed at once, which frees the slot.
+
+A task is reported finished (and leaves ``running``, whose ids the scheduler's lease sweeper spares,
+and ``leases``, which the renewal loop extends) only once its log is written: while Redis is away its
+events wait in the event log, and a task still streaming after :data:`~.eventlog.APPEND_GIVE_UP_S`
+of outage is cut off with WORKER_RESET, written when the store is back.
+
+Shutdown (:meth:`Executor.drain`): Start is refused from then on, running tasks get a grace period to
+finish, and the rest end with WORKER_RESET saying the pool manager shut down.
 """
 
 from __future__ import annotations
@@ -11,33 +20,32 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from json.encoder import encode_basestring
+from typing import Final
 
-from redis.exceptions import RedisError
-
+from llorch import events
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
-from llorch.errors import Code, OrchestratorError
-from llorch.store import now_ms
+from llorch.errors import Code, JsonValue, OrchestratorError
+from llorch.resilience import STORE_ERRORS
+from llorch.store import TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
-from .eventlog import EventLog, TaskWriter
+from .eventlog import APPEND_GIVE_UP_S, EventLog, TaskWriter
 from .metrics import PoolMetrics
-from .supervisor import Replica
+from .supervisor import Replica, ReplicaState
 
 log = logging.getLogger(__name__)
 
 DECODE_METRICS_EVERY_S = 1.0
+DRAIN_GRACE_S: Final = 8.0
+"""On shutdown, how long running tasks may go on before they are ended with WORKER_RESET. With
+DRAIN_WRITE_S and the final report's wait (service.FINAL_REPORT_S) a drain takes at most 13 s: within
+the 15 s `llorch up` gives a child after SIGTERM, and no task waits for the scheduler's lost-manager timer."""
+DRAIN_WRITE_S: Final = 3.0
+"""Then how long the cut-off tasks get to write their terminal event (Redis may be away)."""
 
-
-def _json(payload: Mapping[str, object]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
-def _token_json(text: str, i: int) -> str:
-    """`{"t":...,"i":...}` without a dict and an encoder pass per token (the hot path)."""
-    return f'{{"t":{encode_basestring(text)},"i":{i}}}'
+SHUTDOWN = "the pool manager shut down before the task finished"
+LOG_UNREACHABLE = f"the event log (Redis) was unreachable for more than {APPEND_GIVE_UP_S:g} s"
 
 
 @dataclass
@@ -53,15 +61,18 @@ class Progress:
     replica_id: str = ""
     tokens: int = 0
     first_token_ms: int = 0
-    expired: Code | None = None
+    expired: OrchestratorError | None = None  # why the executor cut the run off (None: an Abort)
+    streaming: bool = True  # False once the run only waits for its log: no cut-off any more
     retry: bool = False
-    budget: dict[str, object] | None = None  # the session's budgets at dispatch, parsed once
+    budget: dict[str, JsonValue] | None = None  # the session's budgets at dispatch, parsed once
 
-    def overdue(self, now: float) -> Code | None:
+    def overdue(self, now: float) -> OrchestratorError | None:
         if now >= self.deadline_at:
-            return Code.DEADLINE_UNMET
+            return OrchestratorError(Code.DEADLINE_UNMET, "the task passed its deadline")
         if now >= self.wall_at or now - self.last_event_at >= self.idle_s:
-            return Code.DECODE_TIMEOUT
+            return OrchestratorError(
+                Code.DECODE_TIMEOUT, "the engine stopped producing tokens within the pool's timeouts"
+            )
         return None
 
 
@@ -84,10 +95,16 @@ class Executor:
         self._progress: dict[str, Progress] = {}
         self.queue_depths: dict[str, int] = {}  # replica set -> queued tasks, for decode metrics
         self.leases: dict[str, str] = {}  # task_id -> replica set id
+        self.draining = False
 
     def try_start(self, request: poolmgr_pb2.GenerateRequest) -> asyncio.Task[Outcome] | None:
         replica = self.replicas.get(request.replica_id)
-        if replica is None or replica.state != "Ready" or len(replica.running) >= replica.slots_total:
+        if (
+            self.draining
+            or replica is None
+            or replica.state != ReplicaState.READY
+            or len(replica.running) >= replica.slots_total
+        ):
             return None
         replica.running.add(request.task_id)
         task = asyncio.create_task(self._run(request, replica))
@@ -127,56 +144,111 @@ class Executor:
         One scan of the running tasks every ``interval_s`` instead of a timer per token, which
         would cost a timer-heap operation per token.
         """
-        loop = asyncio.get_running_loop()
         ticks = 0
-        while True:
-            await asyncio.sleep(interval_s)
-            ticks += 1
-            if ticks % round(DECODE_METRICS_EVERY_S / interval_s) == 0:
-                await self._refresh_queue_depths()
-            now = loop.time()
-            for task_id, progress in list(self._progress.items()):
-                code = progress.overdue(now)
-                task = self.running.get(task_id)
-                if code is not None and progress.expired is None and task is not None:
-                    progress.expired = code
-                    task.cancel()
-                    replica = self.replicas.get(progress.replica_id)
-                    if code == Code.DECODE_TIMEOUT and replica is not None:
-                        replica.suspect()
+        depths: asyncio.Task[None] | None = None
+        failing = False
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                ticks += 1
+                if ticks % round(DECODE_METRICS_EVERY_S / interval_s) == 0 and (
+                    depths is None or depths.done()
+                ):
+                    depths = asyncio.create_task(
+                        self._refresh_queue_depths()
+                    )  # a frozen Redis never stalls us
+                try:
+                    self._scan()
+                except Exception:  # a bug: keep watching (logged once, not every tick)
+                    if not failing:
+                        log.exception("watchdog scan failed", extra={"event": "watchdog_failed"})
+                    failing = True
+                else:
+                    failing = False
+        finally:
+            if depths is not None:
+                depths.cancel()
+
+    def _scan(self) -> None:
+        """Cut off every run past its limits, or past APPEND_GIVE_UP_S of unreachable event log."""
+        now = asyncio.get_running_loop().time()
+        log_lost = self.events.down_s >= APPEND_GIVE_UP_S
+        lost_cut = 0
+        for task_id, progress in list(self._progress.items()):
+            why = progress.overdue(now)
+            if why is None and log_lost:
+                why = OrchestratorError(Code.WORKER_RESET, LOG_UNREACHABLE)
+            if why is None or not self._cut(task_id, why):
+                continue
+            if why.message == LOG_UNREACHABLE:
+                lost_cut += 1
+            replica = self.replicas.get(progress.replica_id)
+            if why.code == Code.DECODE_TIMEOUT and replica is not None:
+                replica.suspect()
+        if lost_cut:
+            log.warning(
+                f"{lost_cut} tasks cut off: the event log is unreachable",
+                extra={"event": "event_log_unreachable"},
+            )
+
+    def _cut(self, task_id: str, why: OrchestratorError) -> bool:
+        """Stop a streaming run; it ends with ``why``. False when it is not streaming (any more)."""
+        progress = self._progress.get(task_id)
+        task = self.running.get(task_id)
+        if progress is None or task is None or not progress.streaming or progress.expired is not None:
+            return False
+        progress.expired = why
+        task.cancel()
+        return True
 
     async def _refresh_queue_depths(self) -> None:
         for rs in set(self.leases.values()):
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*STORE_ERRORS):
                 self.queue_depths[rs] = sum(await self.events.store.queue_depths(rs))
 
     def abort(self, task_id: str) -> bool:
         task = self.running.get(task_id)
         if task is None:
             return False
-        task.cancel()
+        progress = self._progress.get(task_id)
+        if progress is None or (progress.streaming and progress.expired is None):
+            task.cancel()  # the scheduler wrote the terminal event; a run past its stream just ends
         return True
+
+    async def drain(self, grace_s: float = DRAIN_GRACE_S, write_s: float = DRAIN_WRITE_S) -> int:
+        """Shutdown: refuse new tasks, let running ones finish within ``grace_s``, then end the rest
+        with WORKER_RESET (the pool manager shut down) and wait up to ``write_s`` for their logs.
+        Returns how many were cut off."""
+        self.draining = True
+        if self.running:
+            log.info(f"draining {len(self.running)} running tasks", extra={"event": "drain_started"})
+            await asyncio.wait(list(self.running.values()), timeout=grace_s)
+        cut = [t for t in list(self.running) if self._cut(t, OrchestratorError(Code.WORKER_RESET, SHUTDOWN))]
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=write_s)
+        if cut or self.running:
+            log.warning(
+                f"drain cut {len(cut)} tasks off; {len(self.running)} could not write their end",
+                extra={"event": "drain_ended"},
+            )
+        return len(cut)
 
     async def _run(self, req: poolmgr_pb2.GenerateRequest, replica: Replica) -> Outcome:
         pool = replica.pool
         labels = (pool.engine, replica.engine_version, pool.id, replica.replica_id)
         writer = self.events.writer(req.task_id)
         writer.add(
-            "metrics",
-            _json(
-                {
-                    "phase": "dispatch",
-                    "pool_id": pool.id,
-                    "replica_id": replica.replica_id,
-                    "engine": pool.engine,
-                    "engine_version": replica.engine_version,
-                    "kv_warmth": req.kv_warm,
-                    "kv_migrated": False,
-                    "queue_time_ms": req.queue_time_ms,
-                    "seed": req.seed,
-                    "determinism": req.determinism,
-                    "sampler_profile_version": req.sampler_profile_version,
-                }
+            events.EventName.METRICS,
+            events.dispatch(
+                pool_id=pool.id,
+                replica_id=replica.replica_id,
+                engine=pool.engine,
+                engine_version=replica.engine_version,
+                kv_warmth=req.kv_warm,
+                queue_time_ms=req.queue_time_ms,
+                seed=req.seed,
+                determinism=req.determinism,
+                sampler_profile_version=req.sampler_profile_version,
             ),
         )
         self.metrics.tasks_started.labels(*labels, req.priority).inc()
@@ -199,15 +271,11 @@ class Executor:
             if progress.expired is None:
                 code = Code.CANCELED.value  # Abort: the scheduler already wrote the terminal event
             else:
-                code = progress.expired.value
-                message = (
-                    "the task passed its deadline"
-                    if progress.expired == Code.DEADLINE_UNMET
-                    else "the engine stopped producing tokens within the pool's timeouts"
-                )
-                self._error(writer, replica, OrchestratorError(progress.expired, message), progress.tokens)
+                code = progress.expired.code.value
+                self._error(writer, replica, progress.expired, progress.tokens)
         finally:
-            await writer.close()
+            progress.streaming = False
+            await writer.close()  # reported finished only once the log is written
             if progress.tokens:
                 self.metrics.tokens_out.labels(*labels).inc(progress.tokens)
         if code and code != Code.CANCELED.value and not progress.retry:
@@ -235,12 +303,15 @@ class Executor:
                 progress.last_event_at = loop.time()
                 if isinstance(item, Token):
                     i = progress.tokens
-                    writer.add("token", _token_json(item.text, i), tokens_out=str(i + 1))
+                    writer.add(events.EventName.TOKEN, events.token(item.text, i), tokens_out=i + 1)
                     progress.tokens = i + 1
                     if i == 0:
                         progress.first_token_ms = self._first_token(req, replica, writer)
                     if i == 0 or progress.last_event_at - progress.metrics_at >= DECODE_METRICS_EVERY_S:
-                        writer.add("metrics", self._decode_metrics(req, progress, progress.last_event_at))
+                        writer.add(
+                            events.EventName.METRICS,
+                            self._decode_metrics(req, progress, progress.last_event_at),
+                        )
                     if writer.rejected:
                         return Code.CANCELED.value
                 elif isinstance(item, Finished):
@@ -301,16 +372,13 @@ class Executor:
             per_token_s = (now - progress.started_at) / progress.tokens
             need_s = max(0, req.max_tokens - progress.tokens) * per_token_s
             on_time = 1.0 if need_s <= left_s else round(left_s / need_s, 3)
-        payload: dict[str, object] = {
-            "phase": "decode",
-            "queue_depth": self.queue_depths.get(req.replica_set_id, 0),
-            "on_time_probability": on_time,
-            "kv_warmth": req.kv_warm,
-            "tokens_out_so_far": progress.tokens,
-        }
-        if progress.budget is not None:  # the session's remaining budgets (reservation already taken)
-            payload["budget"] = progress.budget
-        return _json(payload)
+        return events.decode(
+            queue_depth=self.queue_depths.get(req.replica_set_id, 0),
+            on_time_probability=on_time,
+            kv_warmth=req.kv_warm,
+            tokens_out_so_far=progress.tokens,
+            budgets=progress.budget,  # the session's remaining budgets (reservation already taken)
+        )
 
     def _end(
         self,
@@ -325,22 +393,20 @@ class Executor:
         pool = replica.pool
         decode_ms = int((time.monotonic() - started) * 1000)
         if tokens == 0:
-            writer.add("metrics", self._decode_metrics(req, progress, progress.last_event_at))
+            writer.add(events.EventName.METRICS, self._decode_metrics(req, progress, progress.last_event_at))
         writer.add(
-            "end",
-            _json(
-                {
-                    "tokens_out": tokens,
-                    "decode_ms": decode_ms,
-                    "tokens_in": fin.tokens_in,
-                    "queue_time_ms": req.queue_time_ms,
-                    "first_token_ms": first_token_ms,
-                    "finish_reason": fin.finish_reason,
-                    "pool_id": pool.id,
-                    "replica_id": replica.replica_id,
-                }
+            events.EventName.END,
+            events.end(
+                tokens_out=tokens,
+                decode_ms=decode_ms,
+                tokens_in=fin.tokens_in,
+                queue_time_ms=req.queue_time_ms,
+                first_token_ms=first_token_ms,
+                finish_reason=fin.finish_reason,
+                pool_id=pool.id,
+                replica_id=replica.replica_id,
             ),
-            "succeeded",
+            TaskState.SUCCEEDED,
         )
         labels = (pool.engine, replica.engine_version, pool.id)
         self.metrics.tokens_in.labels(*labels, replica.replica_id).inc(fin.tokens_in)
@@ -348,14 +414,7 @@ class Executor:
 
     @staticmethod
     def _error(writer: TaskWriter, replica: Replica, exc: OrchestratorError, tokens: int) -> None:
-        payload = {
-            "code": exc.code.value,
-            "message": exc.message,
-            "retriable": exc.retriable,
-            "tokens_out": tokens,
-            "engine": replica.pool.engine,
-            "pool_id": replica.pool.id,
-            "replica_id": replica.replica_id,
-        }
-        data = _json(payload)
-        writer.add("error", data, "failed", error=data)
+        data = events.error(
+            exc, tokens, engine=replica.pool.engine, pool_id=replica.pool.id, replica_id=replica.replica_id
+        )
+        writer.add(events.EventName.ERROR, data, TaskState.FAILED)

@@ -51,6 +51,7 @@ _DRIVER_FAULT: Final = re.compile(
 class Failure:
     code: PoolError
     message: str
+    permanent: bool = False  # a configuration error: retrying cannot help (the replica goes to Failed)
 
     @property
     def kind(self) -> str:

@@ -3,7 +3,8 @@
 VRAM: every masked device's free memory minus `vram.headroom_mib` must cover its share of
 model bytes x `vram.factor` (x 1.1 per VRAM OOM seen, ORCH-3039) + the KV reserve; a vLLM pool
 needs `--gpu-memory-utilization` x the device's total instead. RAM: MemAvailable must cover
-model bytes x `ram_factor`. The numbers go into the reason, so `last_error` says what to change.
+model bytes x `ram_factor`. The numbers go into the reason, so `last_error` says what to change. A need
+that exceeds a device's total memory (before any OOM bump) can never load: that failure is permanent.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def check(
                 return Failure(PoolError.INSUFFICIENT_VRAM, short)
         return Plan(per_device)
     need = vram_need(pool, size, bump)
+    never = gpu.check_vram_total(present, vram_need(pool, size, 1.0), headroom, pool.tensor_split)
+    if never is not None:
+        return Failure(PoolError.INSUFFICIENT_VRAM, never, permanent=True)
     short = gpu.check_vram(present, need, headroom, pool.tensor_split)
     if short is not None:
         return Failure(PoolError.INSUFFICIENT_VRAM, short)

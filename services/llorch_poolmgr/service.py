@@ -9,28 +9,42 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
-from redis.exceptions import RedisError
 
 from llorch.config import PoolConfig
+from llorch.resilience import Outage, until_done
 from llorch.rpc import metadata, unary
-from llorch.store import Store
+from llorch.store import LEASE_MS, Store
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 from .executor import Executor
 from .metrics import PoolMetrics
-from .supervisor import Replica
+from .supervisor import Replica, ReplicaState
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 HEARTBEAT_S = 2.0
-_STATE_ORDER = ("Ready", "SelfTest", "Preloading", "Backoff", "Unavailable", "Stopped")
+DRAINING = "Draining"  # a Ready replica of a pool manager that is shutting down: no new dispatch
+_STATE_ORDER = (
+    ReplicaState.READY,
+    DRAINING,
+    ReplicaState.SELFTEST,
+    ReplicaState.PRELOADING,
+    ReplicaState.BACKOFF,
+    ReplicaState.UNAVAILABLE,
+    ReplicaState.FAILED,
+    ReplicaState.STOPPED,
+)
 LEASE_RENEW_S = 5.0
-LEASE_MS = 15_000
+REGISTER_BACKOFF_S = (0.5, 5.0)  # first and longest wait between registration attempts
+FINAL_REPORT_S = 2.0  # on shutdown, how long to wait for the scheduler to take the last report
 
 
 class Pools:
-    """This manager's pools and replicas, rendered as the scheduler's PoolState messages."""
+    """This manager's pools and replicas, rendered as the scheduler's PoolState messages.
+
+    Rendering (:meth:`states`) has no side effects; :meth:`on_change` (called on every replica state
+    change) updates the pool gauges and wakes the registration stream."""
 
     def __init__(
         self,
@@ -42,6 +56,25 @@ class Pools:
         self.metrics = metrics
         self.errors = errors or {}  # pool_id -> (code, message, at_ms) for pools that cannot start
         self.changed = asyncio.Event()
+        self.draining = False
+        self.update_gauges()
+
+    def on_change(self) -> None:
+        self.update_gauges()
+        self.changed.set()
+
+    def update_gauges(self) -> None:
+        """`pool_ready` and `circuit_open` per pool, from the replicas' states."""
+        for cfg, _digest, replicas in self.pools:
+            ready = any(self._replica_state(r) == ReplicaState.READY for r in replicas)
+            self.metrics.pool_ready.labels(cfg.id).set(1 if ready else 0)
+            circuit_open = any(r.circuit == "open" for r in replicas)
+            self.metrics.circuit_open.labels(cfg.id).set(1 if circuit_open else 0)
+
+    def drain(self) -> None:
+        """Shutdown: report Ready replicas as Draining so that the scheduler dispatches no more here."""
+        self.draining = True
+        self.on_change()
 
     @property
     def replicas(self) -> dict[str, Replica]:
@@ -50,13 +83,14 @@ class Pools:
     def states(self) -> list[types_pb2.PoolState]:
         return [self._state(cfg, digest, replicas) for cfg, digest, replicas in self.pools]
 
+    def _replica_state(self, replica: Replica) -> str:
+        return DRAINING if self.draining and replica.state == "Ready" else str(replica.state)
+
     def _state(self, cfg: PoolConfig, digest: str, replicas: list[Replica]) -> types_pb2.PoolState:
-        ready = [r for r in replicas if r.state == "Ready"]
-        states = {r.state for r in replicas}
-        state = next((s for s in _STATE_ORDER if s in states), "Unavailable")  # no replicas: see last_error
-        self.metrics.pool_ready.labels(cfg.id).set(1 if ready else 0)
-        circuit_open = any(r.circuit == "open" for r in replicas)
-        self.metrics.circuit_open.labels(cfg.id).set(1 if circuit_open else 0)
+        ready = [r for r in replicas if self._replica_state(r) == ReplicaState.READY]
+        states = {self._replica_state(r) for r in replicas}
+        state = next((str(s) for s in _STATE_ORDER if s in states), ReplicaState.UNAVAILABLE.value)
+        circuit_open = any(r.circuit == "open" for r in replicas)  # no replicas: see last_error
         devices = replicas[0].device_labels if replicas else _config_devices(cfg)
         pool = types_pb2.PoolState(
             pool_id=cfg.id,
@@ -82,7 +116,7 @@ class Pools:
         for r in replicas:
             replica = pool.replicas.add(
                 replica_id=r.replica_id,
-                state=r.state,
+                state=self._replica_state(r),
                 pid=r.pid,
                 port=r.port,
                 slots_total=r.slots_total,
@@ -177,53 +211,109 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         return poolmgr_pb2.ResumeResponse(found=False)
 
 
-async def register_forever(
-    scheduler_address: str,
-    token: str,
-    manager_id: str,
-    address: str,
-    metrics_address: str,
-    pools: Pools,
-    executor: Executor,
-) -> None:
-    """Keep one RegisterPoolManager stream open; report at connect, on change and every heartbeat."""
-    while True:
-        try:
-            async with grpc.aio.insecure_channel(scheduler_address) as channel:
-                stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                call = stub.RegisterPoolManager(
-                    _reports(manager_id, address, metrics_address, pools, executor), metadata=metadata(token)
+class Registration:
+    """The RegisterPoolManager stream to the scheduler: a report at connect, on change and every
+    heartbeat, kept open (reconnecting with backoff, the outage logged once) for the process's life.
+
+    Reports are numbered; the scheduler acks each in order, so :meth:`flush` can wait until it took
+    everything reported so far (the finished tasks of a shutdown drain)."""
+
+    def __init__(
+        self,
+        scheduler_address: str,
+        token: str,
+        manager_id: str,
+        address: str,
+        metrics_address: str,
+        pools: Pools,
+        executor: Executor,
+    ) -> None:
+        self.scheduler_address = scheduler_address
+        self.token = token
+        self.manager_id = manager_id
+        self.address = address
+        self.metrics_address = metrics_address
+        self.pools = pools
+        self.executor = executor
+        self.outage = Outage("scheduler (registration stream)")
+        self.sent = 0  # reports handed to a stream
+        self.acked = 0  # the newest report the scheduler acked
+        self._acked = asyncio.Event()
+
+    async def run(self) -> None:
+        wait_s = REGISTER_BACKOFF_S[0]
+        while True:
+            try:
+                await self._stream()
+            except grpc.aio.AioRpcError as exc:
+                self.outage.failed(exc)
+                log.debug(
+                    "scheduler stream closed", extra={"event": "register_retry", "code": exc.code().name}
                 )
-                async for _ack in call:
-                    pass
-        except grpc.aio.AioRpcError as exc:
-            log.info("scheduler stream closed", extra={"event": "register_retry", "code": exc.code().name})
-        await asyncio.sleep(0.5)
+            except Exception as exc:  # never let the registration die: the scheduler would lose us
+                self.outage.failed(exc)
+                log.exception("registration stream failed", extra={"event": "register_retry"})
+            await asyncio.sleep(wait_s)
+            wait_s = min(REGISTER_BACKOFF_S[1], wait_s * 2) if self.outage.down else REGISTER_BACKOFF_S[0]
 
+    async def _stream(self) -> None:
+        async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            in_flight: list[int] = []
+            call = stub.RegisterPoolManager(self._reports(in_flight), metadata=metadata(self.token))
+            async for _ack in call:
+                self.outage.recovered()
+                if in_flight:
+                    self.acked = in_flight.pop(0)
+                    self._acked.set()
 
-async def _reports(
-    manager_id: str, address: str, metrics_address: str, pools: Pools, executor: Executor
-) -> AsyncIterator[scheduler_pb2.PoolManagerReport]:
-    while True:
-        pools.changed.clear()
-        finished, executor.finished = executor.finished, []
-        yield scheduler_pb2.PoolManagerReport(
-            manager_id=manager_id,
-            address=address,
-            metrics_address=metrics_address,
-            pools=pools.states(),
-            running_task_ids=sorted(executor.running),
-            finished=finished,
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pools.changed.wait(), HEARTBEAT_S)
+    async def _reports(self, in_flight: list[int]) -> AsyncIterator[scheduler_pb2.PoolManagerReport]:
+        executor = self.executor
+        while True:
+            self.pools.changed.clear()
+            finished, executor.finished = executor.finished, []
+            self.sent += 1
+            in_flight.append(self.sent)
+            yield scheduler_pb2.PoolManagerReport(
+                manager_id=self.manager_id,
+                address=self.address,
+                metrics_address=self.metrics_address,
+                pools=self.pools.states(),
+                running_task_ids=sorted(executor.running),
+                finished=finished,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pools.changed.wait(), HEARTBEAT_S)
+
+    async def flush(self, timeout_s: float = FINAL_REPORT_S) -> bool:
+        """Send a report now and wait (bounded) until the scheduler acked it."""
+        target = self.sent + 1
+        self.pools.changed.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.acked < target:
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 async def renew_leases_forever(store: Store, executor: Executor) -> None:
-    while True:
-        await asyncio.sleep(LEASE_RENEW_S)
+    """Extend the running tasks' leases every LEASE_RENEW_S. Through a Redis outage it retries with
+    backoff (logged once), so the leases are renewed as soon as Redis is back."""
+    outage = Outage("redis (lease renewal)")
+
+    async def renew() -> None:
         by_set: dict[str, list[str]] = {}
         for task_id, rs in executor.leases.items():
             by_set.setdefault(rs, []).append(task_id)
-        with contextlib.suppress(RedisError):
+        if by_set:
             await store.renew_leases(by_set, LEASE_MS)
+
+    while True:
+        await asyncio.sleep(LEASE_RENEW_S)
+        try:
+            await until_done(renew, outage)
+        except Exception:  # a bug, not an outage: keep renewing
+            log.exception("lease renewal failed", extra={"event": "lease_renewal_failed"})

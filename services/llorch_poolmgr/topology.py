@@ -4,7 +4,8 @@ One pool manager per device mask that fixed pools name (`[0]`, `[1]`, `[0, 1]` f
 for CPU pools (`devices: cpu`) — in that order, so manager n listens on `pool_manager_base_port + n`.
 An `auto` pool is placed after the fixed pools, in config order, on the single GPU with the most free
 VRAM that passes its VRAM check, counting what the pools placed before it will take (the probe's free
-memory minus their predicted need; the running engines' own use is already in the probe). It then
+memory minus their predicted need; the running engines' own use is already in the probe). A fixed pool
+whose need exceeds its devices' total memory never loads, so it takes nothing. It then
 belongs to that GPU's manager. With no GPU that fits, a mock pool runs on the CPU manager and any
 other pool stays unplaced: its manager reports INSUFFICIENT_VRAM with the reason.
 """
@@ -45,12 +46,23 @@ def _need(pool: PoolConfig, models: dict[str, Path]) -> int:
     return vram_need(pool, size, 1.0) * pool.replicas
 
 
+def _never_fits(pool: PoolConfig, models: dict[str, Path], devices: list[gpu.GpuDevice]) -> bool:
+    """A fixed pool whose need exceeds its devices' total memory: a configuration error (defect 5)."""
+    if not devices or pool.engine == "vllm" or len(devices) != len(pool.devices or []):
+        return False
+    need = _need(pool, models) // pool.replicas
+    return gpu.check_vram_total(devices, need, pool.vram.headroom_mib * MIB, pool.tensor_split) is not None
+
+
 def place_auto(cfg: LlorchConfig, devices: list[gpu.GpuDevice]) -> dict[str, int]:
     """Auto pool id → GPU index (UNPLACED when none fits), deterministic for equal inputs."""
     models = {m.id: Path(m.path) for m in cfg.catalog.models}
     free = {dev.index: dev.free_bytes for dev in devices}
+    by_index = {dev.index: dev for dev in devices}
     for pool in cfg.pools:
         if isinstance(pool.devices, list):
+            if _never_fits(pool, models, [by_index[i] for i in pool.devices if i in by_index]):
+                continue  # it will never load (its manager reports it Failed): it takes nothing
             share = _need(pool, models) // len(pool.devices)
             for index in pool.devices:
                 if index in free:

@@ -14,16 +14,20 @@ from llorch.config import LlorchConfig
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
 from llorch.rpc import load_internal_token
 from llorch.store import Store
+from llorch.throttle import BackoffClamp
 from llorch.v1 import scheduler_pb2_grpc
 
 from .admission import Admission
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, DispatchSettings
 from .estimator import Estimator
+from .leases import LeaseSweeper
 from .metrics import SchedulerMetrics
+from .queueing import QueueFront
 from .queuewatch import QueueWatch
 from .registry import PoolRegistry
 from .service import SchedulerService
 from .sessions import Sessions
+from .throttles import Throttles
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +44,33 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     host = cfg.grpc.scheduler.rpartition(":")[0]
     registry = PoolRegistry()
     sched = cfg.scheduler
-    estimator = Estimator(
-        sched.ewma_alpha, sched.prior_ms_per_token, sched.backoff_min_ms, sched.backoff_max_ms
-    )
+    clamp = BackoffClamp(sched.backoff_min_ms, sched.backoff_max_ms)
+    estimator = Estimator(sched.ewma_alpha, sched.prior_ms_per_token, clamp)
+    served = {p.model for p in cfg.pools}
+    served_models = [m.id for m in cfg.catalog.models if m.id in served]
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
-            sessions = Sessions(cfg, store, registry)
+            sessions = Sessions(cfg.sessions, store, registry)
             watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
-            admission = Admission(cfg, store, registry, estimator, metrics, watch, sessions)
-            dispatcher = Dispatcher(cfg, store, registry, admission, estimator, token, sessions)
+            throttles = Throttles(cfg.pools, cfg.api.tokens, clamp, metrics)
+            front = QueueFront(cfg.pools, cfg.sse.retention_s, store, estimator, metrics, sessions)
+            admission = Admission(
+                sched,
+                cfg.queue.soft_watermark,
+                served_models,
+                store,
+                registry,
+                estimator,
+                metrics,
+                watch,
+                sessions,
+                front,
+                throttles,
+            )
+            dispatcher = Dispatcher(
+                DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
+            )
+            sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired)
             service = SchedulerService(
                 store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token, sessions
             )
@@ -57,7 +79,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
                 scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
 
             async with (
-                background(dispatcher.run(), _gauges(service), watch.run()),
+                background(dispatcher.run(), sweeper.run(), _gauges(service), watch.run()),
                 grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops
             ):
                 log.info(

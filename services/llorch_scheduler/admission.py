@@ -1,24 +1,27 @@
 """Admission: resolve the replica set, run the guardrails, create the task and enqueue it atomically.
 
 The gateway has already checked the request's shape; this checks it against what is served, in SPEC
-§5.1's order. `started` is always seq 0: the dispatcher's mark-running step refuses a task whose
-`started` has not landed yet and puts it back at the head of its class.
+§5.1's order. The record, its `started` event (seq 0) and the queue entry are one store step, so a
+crash leaves either nothing or a complete queued task.
+
+The queue position is known only inside that step, so `started` is offered for a small window of
+positions around the one this process expects (its last view of the queue); under concurrent
+admissions and dispatches the real position lands in it, and one outside takes the nearest frame's
+prediction, which the next queued `metrics` frame corrects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from llorch.config import LlorchConfig
+from llorch import events
+from llorch.config import SchedulerConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
-from llorch.store import Priority, SessionBudgets, Store, now_ms
-from llorch.throttle import TokenWindow
-from llorch.v1 import scheduler_pb2
+from llorch.store import AdmitStatus, NewTask, Priority, SessionBudgets, Store, TaskRequest, now_ms
 
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
@@ -26,11 +29,18 @@ from .queueing import QueueFront
 from .queuewatch import QueueWatch
 from .registry import PoolRegistry, SetInfo, set_of
 from .sessions import Sessions
+from .submission import Submission
+from .throttles import Throttles
 
 log = logging.getLogger(__name__)
 
 _PENDING_TTL_S = 7 * 24 * 3600
 """Safety TTL of a record that has not ended yet; a terminal event shortens it to the retention."""
+COMING_STATES = frozenset({"Preloading", "SelfTest", "Backoff", "Starting", "Loading", "Reloading"})
+"""Pool states on the way to Ready by themselves (SPEC §4 POOL_UNREADY); the others (Stopped, Drained,
+Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABLE)."""
+STARTED_WINDOW = 4
+"""How many queue positions, from one before the expected one, admission offers a `started` for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,95 +57,75 @@ class Admitted:
 class Admission:
     def __init__(
         self,
-        cfg: LlorchConfig,
+        limits: SchedulerConfig,
+        soft_watermark: float,
+        served_models: Sequence[str],
         store: Store,
         registry: PoolRegistry,
         estimator: Estimator,
         metrics: SchedulerMetrics,
         watch: QueueWatch,
         sessions: Sessions,
+        front: QueueFront,
+        throttles: Throttles,
     ) -> None:
-        self.cfg = cfg
+        """``limits``: the scheduler's defaults and bounds (max tokens, deadlines); ``served_models``:
+        the catalog models some pool serves (named in INVALID_PARAMS for an unknown model_ref)."""
+        self.limits = limits
+        self.soft_watermark = soft_watermark
+        self.served_models = sorted(served_models)
         self.store = store
         self.registry = registry
         self.estimator = estimator
         self.metrics = metrics
         self.watch = watch
         self.sessions = sessions
-        self.front = QueueFront(cfg, store, estimator, metrics, sessions)
-        self.windows = {t.name: TokenWindow(t.tokens_per_min) for t in cfg.api.tokens if t.tokens_per_min}
-        served = {p.model for p in cfg.pools}
-        self.served_models = sorted(m.id for m in cfg.catalog.models if m.id in served)
+        self.front = front
+        self.throttles = throttles
 
-    async def admit(self, req: scheduler_pb2.AdmitRequest) -> Admitted:
+    async def admit(self, req: Submission) -> Admitted:
         task_id = req.task_id or new_task_id()
         if not is_valid_id(task_id):
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-        if req.task_id and await self.store.task_exists(task_id):  # a minted UUID4 cannot collide
-            raise _task_exists(task_id)
         info = self._resolve(req)
-        priority: Priority = "batch" if req.priority == "batch" else "interactive"
-        max_tokens = req.max_tokens or self.cfg.scheduler.default_max_tokens
-        deadline_ms = req.deadline_ms or self.cfg.scheduler.default_deadline_ms
-        prompt = req.prompt if req.HasField("prompt") else (req.inputs[0] if req.inputs else "")
+        priority = req.priority
+        max_tokens = req.max_tokens or self.limits.default_max_tokens
+        deadline_ms = req.deadline_ms or self.limits.default_deadline_ms
+        prompt = req.text
         self._guardrails(req, info, max_tokens, deadline_ms, prompt)
-        seed = req.seed if req.HasField("seed") else default_seed(task_id)
-        determinism = self._determinism(req, info)
-        fields = {
-            "state": "queued",
-            "rs": info.rs,
-            "priority": priority,
-            "model_ref": req.model_ref,
-            "session_id": req.session_id,
-            "engine": info.engine,
-            "created_ms": str(now_ms()),
-            "deadline_ms": str(deadline_ms),
-            "request": json.dumps(
-                {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "determinism": determinism}
-            ),
-        }
-        tokens = req.expected_tokens or max_tokens
+        seed = default_seed(task_id) if req.seed is None else req.seed
         prompt_est = _prompt_est(prompt, req.inputs)
+        task = NewTask(
+            task_id=task_id,
+            rs=info.rs,
+            priority=priority,
+            model_ref=req.model_ref,
+            session_id=req.session_id,
+            engine=info.engine,
+            deadline_ms=deadline_ms,
+            request=TaskRequest(
+                prompt,
+                max_tokens,
+                seed,
+                self._determinism(req, info),
+                kv_cold=req.kv_hint == "cold",
+                prompt_est=prompt_est,
+            ),
+        )
+        tokens = req.expected_tokens or max_tokens
         budgets = await self.sessions.admit(req, task_id, info, prompt_est, max_tokens)
-        window = self.windows.get(req.client)
         try:
-            self.front.throttle(info, priority)
-            self._reserve_tokens(window, task_id, info, prompt_est, max_tokens)
+            self.throttles.check_rate(info, priority)
+            self.throttles.reserve_tokens(req.client, task_id, info, prompt_est, max_tokens)
             self._check_deadline(info, priority, tokens, deadline_ms)
-            admitted = await self._enqueue(task_id, fields, info, priority, tokens, deadline_ms)
+            admitted = await self._enqueue(task, info, tokens)
         except OrchestratorError:
-            if window is not None:
-                window.release(task_id)
+            self.throttles.release(task_id)
             await self.sessions.undo(task_id)
             raise
         return replace(admitted, budgets=budgets)
 
-    def _reserve_tokens(
-        self, window: TokenWindow | None, task_id: str, info: SetInfo, prompt_est: int, max_tokens: int
-    ) -> None:
-        """The caller's `tokens_per_min` (SPEC §2.5, §5.1 check 9)."""
-        if window is None:
-            return
-        wait_ms = window.reserve(task_id, prompt_est, max_tokens)
-        if wait_ms:
-            sched = self.cfg.scheduler
-            backoff = min(sched.backoff_max_ms, max(sched.backoff_min_ms, wait_ms))
-            self.metrics.tasks_rejected.labels(info.engine, Code.ADMISSION_REJECT.value).inc()
-            self.metrics.backpressure.labels(info.engine, "rate-limit").inc()
-            raise OrchestratorError(
-                Code.ADMISSION_REJECT,
-                f"this API token may use {window.limit} tokens per minute; retry after {backoff} ms",
-                engine=info.engine,
-                policy_label="rate-limit",
-                retry_after_ms=backoff,
-            )
-
-    def settle(self, task_id: str, tokens_out: int) -> None:
-        """Correct a tokens_per_min reservation to what the task really produced."""
-        for window in self.windows.values():
-            window.settle(task_id, tokens_out)
-
-    def _resolve(self, req: scheduler_pb2.AdmitRequest) -> SetInfo:
+    def _resolve(self, req: Submission) -> SetInfo:
         members = self.registry.pools_for_model(req.model_ref)
         if not members:
             if req.model_ref in self.served_models:
@@ -151,10 +141,19 @@ class Admission:
             )
         ready = [(m, p) for m, p in members if self.registry.is_ready(m, p)]
         if not ready:
+            coming = [p for m, p in members if not m.connected or p.state in COMING_STATES]
+            if not coming:  # every member is stopped, drained or circuit-open: only an operator helps
+                raise OrchestratorError(
+                    Code.POOL_UNAVAILABLE,
+                    f"every pool serving {req.model_ref} is stopped, drained or circuit-open; "
+                    "resume one (POST /v1/pools/{id}/resume)",
+                    pool_id=min(p.pool_id for _, p in members),
+                )
             raise OrchestratorError(
                 Code.POOL_UNREADY,
                 f"no replica serving {req.model_ref} is Ready yet; retry shortly",
                 retry_after_ms=1000,
+                pool_id=min(p.pool_id for p in coming),
             )
         if req.sampler_profile_version:
             ready = [(m, p) for m, p in ready if p.sampler_profile_version == req.sampler_profile_version]
@@ -177,7 +176,7 @@ class Admission:
             )
         return info
 
-    def _determinism(self, req: scheduler_pb2.AdmitRequest, info: SetInfo) -> str:
+    def _determinism(self, req: Submission, info: SetInfo) -> str:
         """`strict` when the set can do it (not vllm, every replica one slot: OC-ADAPT-5010)."""
         capable = info.engine != "vllm" and info.single_slot
         if req.determinism == "strict" and not capable:
@@ -187,7 +186,7 @@ class Admission:
         return req.determinism or ("strict" if capable else "best_effort")
 
     def _guardrails(
-        self, req: scheduler_pb2.AdmitRequest, info: SetInfo, max_tokens: int, deadline_ms: int, prompt: str
+        self, req: Submission, info: SetInfo, max_tokens: int, deadline_ms: int, prompt: str
     ) -> None:
         if req.ctx > info.ctx:
             raise invalid("ctx", f"ctx must be between 0 and {info.ctx} for this model")
@@ -203,56 +202,61 @@ class Admission:
             )
         if deadline_ms <= 0:
             raise OrchestratorError(Code.DEADLINE_UNMET, "deadline_ms must be > 0", predicted_start_ms=0)
-        if deadline_ms > self.cfg.scheduler.max_deadline_ms:
-            raise invalid("deadline_ms", f"deadline_ms must be at most {self.cfg.scheduler.max_deadline_ms}")
+        if deadline_ms > self.limits.max_deadline_ms:
+            raise invalid("deadline_ms", f"deadline_ms must be at most {self.limits.max_deadline_ms}")
 
-    async def _enqueue(
-        self,
-        task_id: str,
-        fields: dict[str, str],
-        info: SetInfo,
-        priority: Priority,
-        tokens: int,
-        deadline_ms: int,
-    ) -> Admitted:
-        """Enqueue first (a full queue costs one round trip), then create the record with `started`.
-
-        The dispatcher may claim the task before its record exists; mark_running then puts it back.
-        """
-        rs = info.rs
+    async def _enqueue(self, task: NewTask, info: SetInfo, tokens: int) -> Admitted:
+        rs, priority, deadline_ms = info.rs, task.priority, task.deadline_ms
         slots_total, _ = self.registry.slots(rs)
-        result = await self.front.enqueue(task_id, info, priority, now_ms() + deadline_ms, slots_total)
+        first = max(0, self.watch.depth_ahead(rs, priority) - 1)
+        window = [
+            self._prediction(rs, position, slots_total, tokens, deadline_ms)
+            for position in range(first, first + STARTED_WINDOW)
+        ]
+        started = [
+            events.started(task.task_id, position, predicted, on_time, priority)
+            for position, (predicted, on_time) in enumerate(window, start=first)
+        ]
+        limits = self.front.limits(info)
+        result = await self.store.admit(
+            task, limits, now_ms() + deadline_ms, (first, started), _PENDING_TTL_S
+        )
+        if result.evicted:
+            await self.front.evict(info, result.evicted, slots_total)
+        if result.status == AdmitStatus.EXISTS:
+            raise _task_exists(task.task_id)
+        if result.status == AdmitStatus.FULL:
+            raise self.front.full(info, limits, result, slots_total)
+        self.front.enqueued(info, priority)
         position = result.position
-        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens)
-        on_time = self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
-        started = {
-            "task_id": task_id,
-            "queue_position": position,
-            "predicted_start_ms": predicted,
-            "on_time_probability": on_time,
-            "priority": priority,
-        }
-        data = json.dumps(started, separators=(",", ":"))
-        created = await self.store.create_task(task_id, fields, _PENDING_TTL_S, data)
-        if not created:
-            await self.store.dequeue(rs, task_id)
-            raise _task_exists(task_id)
-        if created == 1:  # 2: displaced by a concurrent admission already; its stream says so
-            self.watch.admitted(task_id, rs, priority, tokens, deadline_ms, position)
+        in_window = first <= position < first + STARTED_WINDOW
+        predicted, on_time = (
+            window[position - first]
+            if in_window
+            else self._prediction(rs, position, slots_total, tokens, deadline_ms)
+        )
+        # -1: `started` carried a neighbour's prediction, so the next scan sends this position's frame.
+        self.watch.admitted(task.task_id, rs, priority, tokens, deadline_ms, position if in_window else -1)
         backoff = 0
-        if result.depth >= self.cfg.queue.soft_watermark * self.front.limits(info).capacity:
+        if result.depth >= self.soft_watermark * limits.capacity:
             backoff = self.estimator.backoff_ms(rs, slots_total)
         log.info(
             "task admitted",
             extra={
                 "event": "admission_accepted",
-                "task_id": task_id,
+                "task_id": task.task_id,
                 "queue_position": position,
                 "predicted_start_ms": predicted,
                 "engine": info.engine,
             },
         )
-        return Admitted(task_id, rs, position, predicted, backoff, on_time)
+        return Admitted(task.task_id, rs, position, predicted, backoff, on_time)
+
+    def _prediction(
+        self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int
+    ) -> tuple[int, float]:
+        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens)
+        return predicted, self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
 
     def _check_deadline(self, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int) -> None:
         """SPEC §5.1 check 11: refuse a task whose predicted start already misses its deadline."""

@@ -12,36 +12,54 @@ store's append-unless-terminal step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc.aio
-from redis.exceptions import RedisError
 
-from llorch.config import LlorchConfig
-from llorch.errors import RETRIABLE, Code
+from llorch import events
+from llorch.config import LlorchConfig, SamplerProfile
+from llorch.errors import Code, OrchestratorError
+from llorch.resilience import Outage, until_done
 from llorch.rpc import DEFAULT_DEADLINE_S, metadata
-from llorch.store import Claim, Store, now_ms
+from llorch.store import LEASE_MS, Claim, Placement, Store, TaskRecord, TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
-from .admission import Admission
 from .estimator import Estimator
 from .inventory import SloWindow
+from .metrics import SchedulerMetrics
 from .registry import Candidate, PoolRegistry
 from .sessions import Sessions, budget_json
+from .throttles import Throttles
 
 log = logging.getLogger(__name__)
 
-LEASE_MS = 15_000
 RECONCILE_AFTER_S = 10.0
 """A task dispatched longer ago than this that its manager does not report running has ended."""
 LOST_GRACE_S = 3.0
 """How long a pool manager whose stream broke has to come back before its tasks end."""
+STORE_ATTEMPTS = 5
+"""Tries of a store step on a report's path before it is left to the lease sweeper."""
 _CANCEL_REASONS = {Code.DECODE_TIMEOUT.value: "watchdog", Code.DEADLINE_UNMET.value: "deadline"}
-SWEEP_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    sampler_profiles: Mapping[str, SamplerProfile]
+    dispatch_attempts: int
+    max_batch_wait_ms: int  # 0: no aging
+    retention_s: int
+
+    @classmethod
+    def of(cls, cfg: LlorchConfig) -> DispatchSettings:
+        return cls(
+            cfg.sampler_profiles,
+            cfg.scheduler.dispatch_attempts,
+            cfg.queue.max_batch_wait_ms or 0,
+            cfg.sse.retention_s,
+        )
 
 
 @dataclass
@@ -55,53 +73,56 @@ class InFlight:
 class Dispatcher:
     def __init__(
         self,
-        cfg: LlorchConfig,
+        settings: DispatchSettings,
         store: Store,
         registry: PoolRegistry,
-        admission: Admission,
         estimator: Estimator,
-        internal_token: str,
         sessions: Sessions,
+        throttles: Throttles,
+        metrics: SchedulerMetrics,
+        internal_token: str,
     ) -> None:
+        self.settings = settings
         self.sessions = sessions
-        self.cfg = cfg
         self.store = store
         self.registry = registry
-        self.admission = admission
         self.estimator = estimator
+        self.throttles = throttles
+        self.metrics = metrics
         self.token = internal_token
         self._wake = asyncio.Event()
         self._inflight: dict[str, InFlight] = {}
         self._attempts: dict[str, int] = {}
         self._retried: dict[str, str] = {}  # task_id -> the replica that reset under it
         self.slo = SloWindow()
+        self.outage = Outage("redis (dispatcher)")
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        sweeper = asyncio.create_task(self._sweep_forever())
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                for rs in self.registry.replica_sets():
-                    await self._fill(rs)
-        finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+        """Fill every set on each wake. A Redis outage pauses the loop (retried with backoff, logged
+        once); it resumes by itself when Redis is back."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await until_done(self._fill_all, self.outage)
+
+    async def _fill_all(self) -> None:
+        for rs in self.registry.replica_sets():
+            await self._fill(rs)
 
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently."""
         while candidates := self.registry.candidates(rs):
             claims = await self.store.claim(
-                rs, LEASE_MS, sum(c.slots_free for c in candidates), self.cfg.queue.max_batch_wait_ms or 0
+                rs, LEASE_MS, sum(c.slots_free for c in candidates), self.settings.max_batch_wait_ms
             )
             if not claims:
                 return
             placed: list[tuple[Claim, Candidate, bool]] = []
             for claim in claims:
-                warm = self._warm(claim.task_id)
+                warm = await self._warm(claim.task_id)
                 best = self.registry.candidates(rs, warm)
                 if not best:  # a replica left while we claimed
                     await self.store.requeue_head(rs, claim)
@@ -110,39 +131,25 @@ class Dispatcher:
                 target = next((c for c in best if c.replica.replica_id != avoid), best[0])
                 self.registry.occupy(target.replica.replica_id, target.pool.pool_id, claim.task_id)
                 placed.append((claim, target, target.replica.replica_id == warm))
-            settled = await asyncio.gather(
-                *(self._dispatch(rs, claim, target, warm) for claim, target, warm in placed)
-            )
-            if not all(settled):
-                return  # one was put back until its admission finishes; that admission wakes us
+            await asyncio.gather(*(self._dispatch(rs, claim, target, warm) for claim, target, warm in placed))
 
-    def _warm(self, task_id: str) -> str | None:
+    async def _warm(self, task_id: str) -> str | None:
         """The replica holding this task's session KV: its last replica, same engine process."""
-        last = self.sessions.warm_replica(task_id)
+        last = await self.sessions.warm_replica(task_id)
         if last is None or self.registry.replica_pid(last[0]) != last[1]:
             return None
         return last[0]
 
-    async def _dispatch(self, rs: str, claim: Claim, target: Candidate, warm: bool) -> bool:
-        """Place one claimed task; False when it went back to the queue (its `started` not written yet)."""
+    async def _dispatch(self, rs: str, claim: Claim, target: Candidate, warm: bool) -> None:
+        """Place one claimed task."""
         task_id = claim.task_id
         record = await self.store.mark_running(
-            task_id,
-            {
-                "state": "running",
-                "manager": target.manager.address,
-                "pool_id": target.pool.pool_id,
-                "replica_id": target.replica.replica_id,
-                "dispatched_ms": str(now_ms()),
-            },
+            task_id, Placement(target.manager.address, target.pool.pool_id, target.replica.replica_id)
         )
-        if not record:
+        if record is None:  # canceled (or expired) while it was being claimed
             self.registry.release(target.replica.replica_id, task_id)
-            if record is False:
-                await self.store.requeue_head(rs, claim)
-                return False
-            await self.store.release_lease(rs, task_id)  # canceled (or expired) while queued
-            return True
+            await self.store.release_lease(rs, task_id)
+            return
         request = self._generate_request(rs, task_id, record, target, claim)
         request.kv_warm = warm
         budgets = await self.sessions.dispatched(
@@ -160,27 +167,26 @@ class Dispatcher:
                 "start failed", extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name}
             )
             await self._lost(task_id)
-            return True
+            return
         if not reply.accepted:
             self._forget(task_id)
             await self._refused(rs, claim)
             self.wake()
-        return True
 
     def _generate_request(
-        self, rs: str, task_id: str, record: dict[str, str], target: Candidate, claim: Claim
+        self, rs: str, task_id: str, record: TaskRecord, target: Candidate, claim: Claim
     ) -> poolmgr_pb2.GenerateRequest:
-        body = json.loads(record["request"])
-        profile = self.cfg.sampler_profiles[target.pool.sampler_profile_version]
-        admitted = int(record["created_ms"])
+        body = record.request
+        profile = self.settings.sampler_profiles[target.pool.sampler_profile_version]
+        admitted = record.created_ms
         return poolmgr_pb2.GenerateRequest(
             task_id=task_id,
             pool_id=target.pool.pool_id,
             replica_id=target.replica.replica_id,
             replica_set_id=rs,
-            prompt=body["prompt"],
-            max_tokens=body["max_tokens"],
-            seed=body["seed"],
+            prompt=body.prompt,
+            max_tokens=body.max_tokens,
+            seed=body.seed,
             sampler=types_pb2.Sampler(
                 temperature=profile.temperature,
                 top_k=profile.top_k,
@@ -189,12 +195,12 @@ class Dispatcher:
                 repeat_penalty=profile.repeat_penalty,
             ),
             sampler_profile_version=target.pool.sampler_profile_version,
-            determinism=body.get("determinism") or "best_effort",
+            determinism=body.determinism,
             priority=claim.priority,
             admitted_ms=admitted,
             queue_time_ms=max(0, now_ms() - admitted),
-            deadline_at_ms=admitted + int(record["deadline_ms"]),
-            session_id=record.get("session_id", ""),
+            deadline_at_ms=admitted + record.deadline_ms,
+            session_id=record.session_id,
             attempt=1 if task_id in self._retried else 0,
         )
 
@@ -207,21 +213,36 @@ class Dispatcher:
         return flight
 
     async def finished(self, done: types_pb2.TaskFinished) -> None:
-        """A pool manager reported a task's end: its terminal event is in the log; free the slot."""
+        """A pool manager reported a task's end: its terminal event is in the log; free the slot.
+
+        In-memory bookkeeping comes first; the store steps after it are retried briefly, and if Redis
+        stays away the task's lease, still held, lets the sweeper finish the job (its terminal event
+        already stands, so the sweeper only releases the lease)."""
         flight = self._inflight.pop(done.task_id, None)
-        if flight is None:
+        if flight is None:  # dispatched before this scheduler started: settle from the record
+            await until_done(lambda: self._finished_unknown(done), self.outage, attempts=STORE_ATTEMPTS)
             return
         self.registry.release(flight.target.replica.replica_id, done.task_id)
         if done.retry and done.task_id not in self._retried:
-            await self._retry(flight, done.task_id)
+            await until_done(lambda: self._retry(flight, done.task_id), self.outage, attempts=STORE_ATTEMPTS)
             return
         self._retried.pop(done.task_id, None)
         self.slo.record(flight.rs, done)
-        await self.sessions.settle(done.task_id, done.tokens_out)
         self.estimator.finished(flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code)
         self._count_ending(flight.target, done.code)
-        self.admission.settle(done.task_id, done.tokens_out)
-        await self.store.release_lease(flight.rs, done.task_id)
+        self.throttles.settle(done.task_id, done.tokens_out)
+        self.wake()
+        await self.sessions.settle(done.task_id, done.tokens_out)
+        await until_done(
+            lambda: self.store.release_lease(flight.rs, done.task_id), self.outage, attempts=STORE_ATTEMPTS
+        )
+
+    async def _finished_unknown(self, done: types_pb2.TaskFinished) -> None:
+        record = await self.store.task(done.task_id)
+        if record is None:
+            return
+        await self.sessions.settle_record(record, done.tokens_out)
+        await self.store.release_lease(record.rs, done.task_id)
         self.wake()
 
     async def _retry(self, flight: InFlight, task_id: str) -> None:
@@ -230,7 +251,7 @@ class Dispatcher:
         self.estimator.finished(flight.rs, task_id, 0, 0, ok=False)
         self._retried[task_id] = flight.target.replica.replica_id
         log.info("task retried", extra={"event": "task_retry", "task_id": task_id})
-        await self.store.append(task_id, [], fields={"state": "queued"})
+        await self.store.requeued(task_id)
         await self.store.requeue_head(flight.rs, flight.claim)
         self.wake()
 
@@ -278,52 +299,33 @@ class Dispatcher:
         reason = _CANCEL_REASONS.get(code)
         if reason is not None:
             pool = target.pool
-            self.admission.metrics.tasks_canceled.labels(
+            self.metrics.tasks_canceled.labels(
                 pool.engine, pool.engine_version, pool.pool_id, target.replica.replica_id, reason
             ).inc()
 
     async def _refused(self, rs: str, claim: Claim) -> None:
         attempts = self._attempts.get(claim.task_id, 0) + 1
-        if attempts >= self.cfg.scheduler.dispatch_attempts:
+        if attempts >= self.settings.dispatch_attempts:
             self._attempts.pop(claim.task_id, None)
             await self._fail(
                 claim.task_id, Code.REPLICA_EXHAUSTED, "every replica refused the task for capacity"
             )
             return
         self._attempts[claim.task_id] = attempts
-        await self.store.append(claim.task_id, [], fields={"state": "queued"})
+        await self.store.requeued(claim.task_id)
         await self.store.requeue_head(rs, claim)
 
     async def _fail(
         self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = ""
     ) -> None:
-        payload: dict[str, object] = {"code": code.value, "message": message, "retriable": code in RETRIABLE}
-        if engine:
-            payload["engine"] = engine
-        if pool_id:
-            payload["pool_id"] = pool_id
-        await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
-        if self.sessions.holds(task_id):
-            await self.sessions.settle(task_id, int((await self.store.task(task_id)).get("tokens_out", "0")))
+        payload = events.error(OrchestratorError(code, message), engine=engine, pool_id=pool_id)
+        await self.store.terminate(task_id, TaskState.FAILED, payload, self.settings.retention_s)
+        record = await self.store.task(task_id)
+        if record is not None:
+            await self.sessions.settle_record(record, record.tokens_out)
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            with contextlib.suppress(
-                RedisError
-            ):  # a Redis blip must not stop the sweeper; next round retries
-                await self.sweep()
-
-    async def sweep(self) -> None:
-        """End every task whose lease expired (its pool manager stopped renewing) with WORKER_RESET."""
-        running = self.registry.running_tasks()
-        for rs, task_id in await self.store.expired_leases():
-            if task_id in running:  # its pool manager is alive and still reports it: renewals were late
-                await self.store.renew_leases({rs: [task_id]}, LEASE_MS)
-                continue
-            await self._fail(
-                task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding"
-            )
-            await self.store.release_lease(rs, task_id)
-            self._forget(task_id)
-            log.warning("lease expired", extra={"event": "lease_expired", "task_id": task_id})
+    async def lease_expired(self, rs: str, task_id: str) -> None:
+        """The sweeper found the task's lease lapsed with no manager running it: it ends typed."""
+        await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
+        await self.store.release_lease(rs, task_id)
+        self._forget(task_id)

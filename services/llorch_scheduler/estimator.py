@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llorch.throttle import BackoffClamp
+
 MIN_CV = 0.15
 """Floor of the service time's coefficient of variation: never claim more certainty than this."""
 
@@ -35,8 +37,7 @@ class SetModel:
 class Estimator:
     alpha: float
     prior_ms_per_token: float
-    backoff_min_ms: int
-    backoff_max_ms: int
+    clamp: BackoffClamp
     sets: dict[str, SetModel] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
 
@@ -129,4 +130,4 @@ class Estimator:
         first = self.starts_ms(rs, 1, slots_total, 1)[0]
         if first == 0:
             first = int(self._mean_task_ms(rs, 1))
-        return min(self.backoff_max_ms, max(self.backoff_min_ms, first))
+        return self.clamp(first)

@@ -1,15 +1,16 @@
-"""The queue side of admission: limits from config, per-class rate limits, the full-queue policies
-(reject, drop-lru with the evicted task's terminal event) and the 429 contract (SPEC §5.1, §2.2)."""
+"""The queue side of admission: limits from config, the full-queue policies (reject, drop-lru with the
+evicted task's terminal event) and the 429 contract (SPEC §5.1, §2.2)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
-from llorch.config import LlorchConfig
+from llorch import events
+from llorch.config import PoolConfig
 from llorch.errors import Code, OrchestratorError
 from llorch.metrics import QUEUE_REPLICA
-from llorch.store import Enqueued, Priority, QueueLimits, Store
-from llorch.throttle import TokenBucket
+from llorch.store import Admitted, Priority, QueueLimits, Store, TaskState
 
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
@@ -22,19 +23,19 @@ log = logging.getLogger(__name__)
 class QueueFront:
     def __init__(
         self,
-        cfg: LlorchConfig,
+        pools: Sequence[PoolConfig],
+        retention_s: int,
         store: Store,
         estimator: Estimator,
         metrics: SchedulerMetrics,
         sessions: Sessions,
     ) -> None:
-        self.cfg = cfg
+        self.retention_s = retention_s
         self.store = store
         self.estimator = estimator
         self.metrics = metrics
         self.sessions = sessions
-        self._pools = {p.id: p for p in cfg.pools}
-        self._buckets: dict[tuple[str, Priority], TokenBucket] = {}
+        self._pools = {p.id: p for p in pools}
 
     def limits(self, info: SetInfo) -> QueueLimits:
         """Capacities summed over the set's member pools; a class cap defaults to the pool's capacity."""
@@ -49,52 +50,23 @@ class QueueFront:
 
         return QueueLimits(capacity, cap("interactive"), cap("batch"), info.full_policy)
 
-    def throttle(self, info: SetInfo, priority: Priority) -> None:
-        """Per-class `rate_limit_rps`, summed over the set's members: 429 rate-limit when exceeded."""
-        members = [self._pools[p] for p in info.pool_ids if p in self._pools]
-        rps = sum(getattr(p.admission, priority).rate_limit_rps or 0.0 for p in members)
-        if rps <= 0:
-            return
-        bucket = self._buckets.setdefault((info.rs, priority), TokenBucket(rps))
-        wait_ms = bucket.take()
-        if wait_ms:
-            backoff = min(self.cfg.scheduler.backoff_max_ms, max(self.cfg.scheduler.backoff_min_ms, wait_ms))
-            self._count_rejection(info, Code.ADMISSION_REJECT, "rate-limit")
-            raise OrchestratorError(
-                Code.ADMISSION_REJECT,
-                f"{priority} tasks for this model are limited to {rps:g}/s; retry after {backoff} ms",
-                engine=info.engine,
-                policy_label="rate-limit",
-                retry_after_ms=backoff,
-            )
-
-    async def enqueue(
-        self, task_id: str, info: SetInfo, priority: Priority, deadline_at_ms: int, slots_total: int
-    ) -> Enqueued:
-        limits = self.limits(info)
-        result = await self.store.enqueue(info.rs, task_id, priority, limits, deadline_at_ms)
-        if result.evicted:
-            await self._evict(info, result.evicted, slots_total)
-        if result.position < 0:
-            raise self._full(info, limits, result, slots_total)
+    def enqueued(self, info: SetInfo, priority: Priority) -> None:
         self.metrics.tasks_enqueued.labels(
             info.engine, info.engine_version, info.rs, QUEUE_REPLICA, priority
         ).inc()
-        return result
 
-    async def _evict(self, info: SetInfo, victim: str, slots_total: int) -> None:
+    async def evict(self, info: SetInfo, victim: str, slots_total: int) -> None:
         """End the displaced batch task with QUEUE_FULL_DROP_LRU; then drop its parked lease."""
         backoff = self.estimator.backoff_ms(info.rs, slots_total)
-        payload = {
-            "code": Code.QUEUE_FULL_DROP_LRU.value,
-            "retriable": True,
-            "policy_label": "drop-lru",
-            "retry_after_ms": backoff,
-            "engine": info.engine,
-            "message": "evicted from a full queue by a newer task (drop-lru); resubmit later",
-        }
-        # The victim's own admission may not have created its record yet: tombstone=True.
-        await self.store.terminate(victim, "failed", payload, self.cfg.sse.retention_s, tombstone=True)
+        exc = OrchestratorError(
+            Code.QUEUE_FULL_DROP_LRU,
+            "evicted from a full queue by a newer task (drop-lru); resubmit later",
+            policy_label="drop-lru",
+            retry_after_ms=backoff,
+        )
+        await self.store.terminate(
+            victim, TaskState.FAILED, events.error(exc, engine=info.engine), self.retention_s
+        )
         await self.store.release_lease(info.rs, victim)
         await self.sessions.settle(victim, 0)
         self._count_rejection(info, Code.QUEUE_FULL_DROP_LRU, "drop-lru")
@@ -108,8 +80,8 @@ class QueueFront:
             },
         )
 
-    def _full(
-        self, info: SetInfo, limits: QueueLimits, result: Enqueued, slots_total: int
+    def full(
+        self, info: SetInfo, limits: QueueLimits, result: Admitted, slots_total: int
     ) -> OrchestratorError:
         backoff = self.estimator.backoff_ms(info.rs, slots_total)
         drop_lru = limits.policy == "drop-lru"

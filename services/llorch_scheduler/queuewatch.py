@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from llorch import events
 from llorch.config import LlorchConfig
-from llorch.errors import Code
+from llorch.errors import Code, OrchestratorError
 from llorch.metrics import QUEUE_REPLICA
-from llorch.store import Priority, Store, now_ms
+from llorch.store import Priority, Store, TaskState, now_ms
 
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
@@ -91,14 +91,8 @@ class QueueWatch:
                 continue
             waiting.position = position
             budget = waiting.deadline_at_ms - now_ms()
-            payload = {
-                "phase": "queued",
-                "queue_position": position,
-                "predicted_start_ms": start,
-                "queue_depth": len(order),
-                "on_time_probability": self.estimator.on_time_probability(rs, start, waiting.tokens, budget),
-            }
-            frames.append((task_id, json.dumps(payload, separators=(",", ":"))))
+            on_time = self.estimator.on_time_probability(rs, start, waiting.tokens, budget)
+            frames.append((task_id, events.queued(position, start, len(order), on_time)))
         if frames:
             await self.store.append_queued_frames(frames)
         queued = set(order)
@@ -106,17 +100,15 @@ class QueueWatch:
             del self.waiting[task_id]
 
     async def _expire(self, rs: str, task_id: str) -> None:
-        payload = {
-            "code": Code.DEADLINE_UNMET.value,
-            "retriable": False,
-            "message": "the task's deadline passed while it was queued",
-        }
+        exc = OrchestratorError(Code.DEADLINE_UNMET, "the task's deadline passed while it was queued")
         # Terminal first, then out of the queue: a crash in between leaves an ended task that the
         # dispatcher skips, never a live task that nothing will end.
-        previous, _ = await self.store.terminate(task_id, "failed", payload, self.cfg.sse.retention_s)
+        ended = await self.store.terminate(
+            task_id, TaskState.FAILED, events.error(exc), self.cfg.sse.retention_s
+        )
         await self.store.dequeue(rs, task_id)
         await self.sessions.settle(task_id, 0)
-        if previous == "queued":
+        if ended.previous == TaskState.QUEUED:
             info = self.registry.set_info(rs)
             engine, version = (info.engine, info.engine_version) if info else ("none", "")
             self.metrics.tasks_canceled.labels(engine, version, rs, QUEUE_REPLICA, "deadline").inc()

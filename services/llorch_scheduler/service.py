@@ -11,17 +11,18 @@ from typing import Any
 import grpc.aio
 
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.metrics import QUEUE_REPLICA
 from llorch.rpc import metadata, unary
-from llorch.store import Priority, Store
+from llorch.store import Store, TaskState
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from . import inventory
 from .admission import Admission
+from .cancel import Canceller
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry, set_of
 from .sessions import Sessions, cost_text
+from .submission import submission_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         sessions: Sessions,
     ) -> None:
         self.sessions = sessions
+        self.canceller = Canceller(store, sessions, metrics, registry.set_info, self.abort, retention_s)
         self.store = store
         self.registry = registry
         self.admission = admission
@@ -54,7 +56,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Admit(
         self, request: scheduler_pb2.AdmitRequest, context: Context
     ) -> scheduler_pb2.AdmitResponse:
-        admitted = await self.admission.admit(request)
+        admitted = await self.admission.admit(submission_of(request))
         self.dispatcher.wake()
         reply = scheduler_pb2.AdmitResponse(
             task_id=admitted.task_id,
@@ -78,29 +80,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Cancel(
         self, request: scheduler_pb2.CancelRequest, context: Context
     ) -> scheduler_pb2.CancelResponse:
-        """Write the terminal CANCELED first; only then answer; then abort the engine request."""
-        task_id = request.task_id
-        payload = {"code": Code.CANCELED.value, "message": "canceled by the client", "retriable": False}
-        previous, manager = await self.store.terminate(task_id, "canceled", payload, self.retention_s)
-        if not previous:
-            raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
-        if previous in ("queued", "running"):
-            record = await self.store.task(task_id)
-            rs = record.get("rs", "")
-            info = self.registry.set_info(rs)
-            engine, version = (
-                (info.engine, info.engine_version) if info else (record.get("engine", "none"), "")
-            )
-            pool_id = record.get("pool_id", rs)
-            replica_id = record.get("replica_id", QUEUE_REPLICA)
-            self.metrics.tasks_canceled.labels(engine, version, pool_id, replica_id, "client").inc()
-            await self.sessions.settle(task_id, int(record.get("tokens_out", "0")))
-            log.info("task canceled", extra={"event": "task_canceled", "task_id": task_id, "state": previous})
-            if previous == "queued":
-                await self.store.dequeue(rs, task_id)
-            elif manager:
-                self._spawn(self._abort(manager, task_id))
-        return scheduler_pb2.CancelResponse(previous_state=previous)
+        previous = await self.canceller.cancel(request.task_id)
+        return scheduler_pb2.CancelResponse(previous_state=previous.value)
+
+    def abort(self, manager_address: str, task_id: str) -> None:
+        """Abort a task's engine request on its pool manager, in the background."""
+        self._spawn(self._abort(manager_address, task_id))
 
     async def _abort(self, address: str, task_id: str) -> None:
         manager = self.registry.manager_by_address(address)
@@ -125,29 +110,27 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetTaskRequest, context: Context
     ) -> scheduler_pb2.TaskStatus:
         record = await self.store.task(request.task_id)
-        if not record:
+        if record is None:
             raise OrchestratorError(Code.NOT_FOUND, f"task {request.task_id} is unknown or expired")
         status = scheduler_pb2.TaskStatus(
             task_id=request.task_id,
-            session_id=record.get("session_id", ""),
-            state=record.get("state", ""),
-            priority=record.get("priority", ""),
-            model_ref=record.get("model_ref", ""),
-            replica_set_id=record.get("rs", ""),
-            pool_id=record.get("pool_id", ""),
-            replica_id=record.get("replica_id", ""),
-            tokens_out=int(record.get("tokens_out", "0")),
-            error_json=record.get("error", ""),
+            session_id=record.session_id,
+            state=record.state.value,
+            priority=record.priority,
+            model_ref=record.model_ref,
+            replica_set_id=record.rs,
+            pool_id=record.pool_id,
+            replica_id=record.replica_id,
+            tokens_out=record.tokens_out,
+            error_json=record.error_json,
         )
-        if status.state == "queued":
-            priority: Priority = "batch" if status.priority == "batch" else "interactive"
-            position = await self.store.queue_position(status.replica_set_id, request.task_id, priority)
+        if record.state == TaskState.QUEUED:
+            position = await self.store.queue_position(record.rs, request.task_id, record.priority)
             if position is not None:
                 status.queue_position = position
-                total, _ = self.registry.slots(status.replica_set_id)
-                body = json.loads(record["request"])
+                total, _ = self.registry.slots(record.rs)
                 status.predicted_start_ms = self.admission.estimator.predicted_start_ms(
-                    status.replica_set_id, position, total, int(body["max_tokens"])
+                    record.rs, position, total, record.request.max_tokens
                 )
         return status
 
@@ -188,12 +171,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """Remove the session; evict its KV on its last replica's idle slots (queued and running
         tasks of the session go on)."""
         held = await self.store.session_delete(request.session_id)
-        self.sessions.forget(request.session_id)
-        replica_id = held.get("replica_id", "")
+        replica_id = held.replica_id if held else ""
         found = self.registry.find_replica(replica_id) if replica_id else None
         if found is not None and found[0].connected:
             self._spawn(self._erase_kv(found[0].stub, replica_id))
-        return scheduler_pb2.DeleteSessionResponse(existed=bool(held))
+        return scheduler_pb2.DeleteSessionResponse(existed=held is not None)
 
     async def _erase_kv(self, stub: poolmgr_pb2_grpc.PoolManagerAsyncStub, replica_id: str) -> None:
         try:

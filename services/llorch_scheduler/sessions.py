@@ -19,12 +19,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from llorch.config import LlorchConfig
+from llorch.config import SessionsConfig
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.store import SessionBudgets, Store
-from llorch.v1 import scheduler_pb2
+from llorch.store import SessionBudgets, Store, TaskRecord, now_ms
 
 from .registry import PoolRegistry, SetInfo
+from .submission import Submission
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,15 @@ class _Held:
 
 
 class Sessions:
-    def __init__(self, cfg: LlorchConfig, store: Store, registry: PoolRegistry) -> None:
+    def __init__(self, cfg: SessionsConfig, store: Store, registry: PoolRegistry) -> None:
         self.cfg = cfg
         self.store = store
         self.registry = registry
         self._held: dict[str, _Held] = {}  # task_id -> its session reservation
-        self._last: dict[str, tuple[str, int]] = {}  # session_id -> (replica_id, engine pid)
 
     async def admit(
         self,
-        req: scheduler_pb2.AdmitRequest,
+        req: Submission,
         task_id: str,
         info: SetInfo,
         prompt_est: int,
@@ -91,38 +90,40 @@ class Sessions:
             task_id,
             (tokens, cost_micro(tokens, per_1k)),
             self._initial(req),
-            self.cfg.sessions.ttl_ms,
-            self.cfg.sessions.max_turns,
+            self.cfg.ttl_ms,
+            self.cfg.max_turns,
         )
         if isinstance(result, tuple):
             raise _refusal(req.session_id, *result)
         self._held[task_id] = _Held(req.session_id, prompt_est, req.kv_hint == "cold")
         return result
 
-    def _initial(self, req: scheduler_pb2.AdmitRequest) -> tuple[int | None, int | None, int | None]:
-        defaults = self.cfg.sessions.budgets
+    def _initial(self, req: Submission) -> tuple[int | None, int | None, int | None]:
+        defaults = self.cfg.budgets
         tokens, time_ms, cost = defaults.tokens, defaults.time_ms, defaults.cost
-        if req.HasField("budget"):
-            own = req.budget
-            tokens = own.tokens if own.HasField("tokens") else tokens
-            time_ms = own.time_ms if own.HasField("time_ms") else time_ms
-            cost = own.cost if own.HasField("cost") else cost
+        own = req.budget
+        if own is not None:
+            tokens = own.tokens if own.tokens is not None else tokens
+            time_ms = own.time_ms if own.time_ms is not None else time_ms
+            cost = own.cost if own.cost is not None else cost
         return tokens, time_ms, None if cost is None else round(cost * MICRO)
 
     async def undo(self, task_id: str) -> None:
         """The admission was refused after the reservation: give back the turn and the reservation."""
         held = self._held.pop(task_id, None)
         if held is not None:
-            await self.store.session_settle(
-                held.session_id, task_id, (0, 0), 0, self.cfg.sessions.ttl_ms, undo=True
-            )
+            await self.store.session_settle(held.session_id, task_id, (0, 0), 0, self.cfg.ttl_ms, undo=True)
 
-    def warm_replica(self, task_id: str) -> tuple[str, int] | None:
-        """(replica_id, pid) this task's session last ran on, unless it asked for a cold start."""
+    async def warm_replica(self, task_id: str) -> tuple[str, int] | None:
+        """(replica_id, engine pid) this task's session last ran on, unless it asked for a cold start.
+        Kept in the session's record, so affinity survives a scheduler restart."""
         held = self._held.get(task_id)
         if held is None or held.cold:
             return None
-        return self._last.get(held.session_id)
+        record = await self.store.session(held.session_id)
+        if record is None or not record.replica_id:
+            return None
+        return record.replica_id, record.replica_pid
 
     async def dispatched(
         self, task_id: str, replica_id: str, pid: int, cost_per_1k: float
@@ -133,9 +134,8 @@ class Sessions:
             return {}
         held.dispatched_at = time.monotonic()
         held.cost_per_1k = cost_per_1k
-        self._last[held.session_id] = (replica_id, pid)
-        fields = await self.store.session_set(held.session_id, {"replica_id": replica_id})
-        return budget_view(_budgets(fields))
+        record = await self.store.session_ran_on(held.session_id, replica_id, pid)
+        return budget_view(record.budgets) if record else {}
 
     async def settle(self, task_id: str, tokens_out: int) -> None:
         """The task ended: refund what it did not use, charge its time; a no-op for sessionless tasks."""
@@ -149,45 +149,53 @@ class Sessions:
             task_id,
             (used, cost_micro(used, held.cost_per_1k)),
             time_ms,
-            self.cfg.sessions.ttl_ms,
+            self.cfg.ttl_ms,
         )
 
-    def holds(self, task_id: str) -> bool:
-        return task_id in self._held
-
-    def forget(self, session_id: str) -> None:
-        self._last.pop(session_id, None)
+    async def settle_record(self, record: TaskRecord, tokens_out: int) -> None:
+        """:meth:`settle` for a task this process may not hold (admitted or dispatched before a
+        restart): what it used comes from its record. Each reservation settles once (the store's
+        step), so settling a task twice is harmless."""
+        if record.task_id in self._held:
+            await self.settle(record.task_id, tokens_out)
+            return
+        if not record.session_id:
+            return
+        dispatched = record.dispatched_ms > 0
+        used = record.request.prompt_est + tokens_out if dispatched else 0
+        per_1k = next(
+            (p.cost_per_1k_tokens for _, p in self.registry.pools() if p.pool_id == record.pool_id), 0.0
+        )
+        await self.store.session_settle(
+            record.session_id,
+            record.task_id,
+            (used, cost_micro(used, per_1k)),
+            max(0, now_ms() - record.dispatched_ms) if dispatched else 0,
+            self.cfg.ttl_ms,
+        )
 
     async def info(self, session_id: str) -> dict[str, object]:
-        fields, ttl = await self.store.session(session_id)
-        if not fields:
+        record = await self.store.session(session_id)
+        if record is None:
             raise OrchestratorError(Code.NOT_FOUND, f"session {session_id} is unknown or expired")
-        replica = fields.get("replica_id") or None
-        last = self._last.get(session_id)
+        replica = record.replica_id or None
         return {
             "session_id": session_id,
-            "ttl_ms_remaining": max(0, ttl),
-            "turns": int(fields["turns"]),
-            "max_turns": int(fields["max_turns"]),
-            "kv_bytes": int(fields.get("tokens_held", "0")) * _bytes_per_token(self.registry, replica),
-            "kv_warmth": last is not None and self.registry.replica_pid(last[0]) == last[1],
-            "model_ref": fields["model_ref"],
+            "ttl_ms_remaining": record.ttl_ms,
+            "turns": record.turns,
+            "max_turns": record.max_turns,
+            "kv_bytes": record.tokens_held * _bytes_per_token(self.registry, replica),
+            "kv_warmth": replica is not None and self.registry.replica_pid(replica) == record.replica_pid,
+            "model_ref": record.model_ref,
             "replica_id": replica,
-            "created_ms": int(fields["created_ms"]),
-            **budget_view(_budgets(fields)),
+            "created_ms": record.created_ms,
+            **budget_view(record.budgets),
         }
 
 
 def _bytes_per_token(registry: PoolRegistry, replica_id: str | None) -> int:
     found = registry.find_replica(replica_id)
     return int(found[1].kv_bytes_per_token) if found else 0
-
-
-def _budgets(fields: dict[str, str]) -> SessionBudgets:
-    def opt(name: str) -> int | None:
-        return int(fields[name]) if name in fields else None
-
-    return SessionBudgets(int(fields.get("turns", "0")), opt("b_tokens"), opt("b_time"), opt("b_cost"))
 
 
 def _refusal(session_id: str, what: str, detail: str) -> OrchestratorError:

@@ -42,7 +42,8 @@ async def test_budget_is_reserved_refunded_exactly_and_exhaustion_is_403_before_
     events = await client.events(body["task_id"])
     assert events[-1].event == "end" and events[-1].data["tokens_out"] == 5
     decode = next(e.data for e in events if e.event == "metrics" and e.data.get("phase") == "decode")
-    assert decode["budget"] == {"tokens_budget_remaining": 58, "cost_budget_remaining": 0.916}
+    assert decode["tokens_budget_remaining"] == 58 and decode["cost_budget_remaining"] == 0.916  # top level
+    assert "budget" not in decode and "time_budget_remaining_ms" not in decode  # SPEC §3, defect 2
 
     async def refunded() -> bool:
         return (await _session(http, stack, "s1"))[1].get("tokens_budget_remaining") == 93

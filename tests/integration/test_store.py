@@ -9,7 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llorch.store import QueueLimits, Store
+from llorch import events
+from llorch.errors import Code, OrchestratorError
+from llorch.store import (
+    AdmitStatus,
+    Admitted,
+    Append,
+    NewTask,
+    Placement,
+    Priority,
+    QueueLimits,
+    Refused,
+    Store,
+    TaskRequest,
+    TaskState,
+)
 
 
 @pytest.fixture
@@ -18,40 +32,80 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
         yield s
 
 
-async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
-    assert await store.create_task("a", {"state": "queued"}, 60)
-    assert not await store.create_task("a", {"state": "queued"}, 60)  # TASK_EXISTS
-    assert (
-        await store.append(
-            "a", [("started", "{}", ""), ("token", '{"t":"x","i":0}', "")], {"tokens_out": "1"}
-        )
-        == 1
-    )
-    prev, _ = await store.terminate(
-        "a", "canceled", {"code": "CANCELED", "message": "m", "retriable": False}, 60
-    )
-    assert prev == "queued"
-    assert await store.append("a", [("token", '{"t":"y","i":1}', "")]) == -1
-    assert await store.append("unknown", [("token", "{}", "")]) == -2
-    events = await store.read_events("a", -1)
-    assert [(e.seq, e.name) for e in events] == [(0, "started"), (1, "token"), (2, "error")]
-    assert '"tokens_out":1' in events[-1].data
-    assert (await store.task("a"))["state"] == "canceled"
-    assert 0 < await store.client.ttl(store.keys.events("a")) <= 60
-    assert await store.read_events("a", 1) == events[2:]
-
-
 def _limits(
     capacity: int, policy: str = "reject", ci: int | None = None, cb: int | None = None
 ) -> QueueLimits:
     return QueueLimits(capacity, ci or capacity, cb or capacity, policy)
 
 
+async def _admit(
+    store: Store,
+    task_id: str,
+    priority: str = "interactive",
+    limits: QueueLimits | None = None,
+    deadline_at_ms: int = 10**13,
+    rs: str = "rs",
+) -> Admitted:
+    """Admit with a `started` window of positions 0..3 whose payloads name their position."""
+    prio: Priority = "batch" if priority == "batch" else "interactive"
+    task = NewTask(task_id, rs, prio, "m", "", "mock", 60_000, TaskRequest("p", 4, 1, "best_effort"))
+    window = [events.started(task_id, p, 10 * p, 1.0, prio) for p in range(4)]
+    return await store.admit(task, limits or _limits(8), deadline_at_ms, (0, window), 60)
+
+
+async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
+    assert (await _admit(store, "a")).status == AdmitStatus.OK
+    assert (await _admit(store, "a")).status == AdmitStatus.EXISTS
+    assert (
+        await store.append(Append("a", [("token", '{"t":"x","i":0}', "")], tokens_out=1, batch_id="b1")) == 1
+    )
+    assert await store.append(Append("a", [("token", '{"t":"x","i":0}', "")], 1, "b1")) == 1  # a retry
+    ended = await store.terminate(
+        "a", TaskState.CANCELED, events.error(OrchestratorError(Code.CANCELED, "m")), 60
+    )
+    assert ended.previous == TaskState.QUEUED and ended.was_live
+    assert await store.append(Append("a", [("token", '{"t":"y","i":1}', "")])) == Refused.ENDED
+    assert await store.append(Append("unknown", [("token", "{}", "")])) == Refused.UNKNOWN
+    log = await store.read_events("a", -1)
+    assert [(e.seq, e.name) for e in log] == [(0, "started"), (1, "token"), (2, "error")]
+    assert '"tokens_out":1' in log[-1].data
+    record = await store.task("a")
+    assert record is not None and record.state == TaskState.CANCELED and record.tokens_out == 1
+    assert 0 < await store.client.ttl(store.keys.events("a")) <= 60
+    assert await store.read_events("a", 1) == log[2:]
+    again = await store.terminate(
+        "a", TaskState.FAILED, events.error(OrchestratorError(Code.INTERNAL, "x")), 60
+    )
+    assert again.previous == TaskState.CANCELED and not again.was_live
+    assert (await store.terminate("nope", TaskState.FAILED, "{}", 60)).previous is None
+
+
+async def test_admission_is_one_step_record_started_and_queue_entry(store: Store) -> None:
+    """ADMIT writes all three or nothing: a refusal leaves no record, no log and no queue entry, and
+    `started` names the position the task really got (from the offered window)."""
+    for n in range(3):
+        assert (await _admit(store, f"t{n}", limits=_limits(3))).position == n
+    refused = await _admit(store, "t3", limits=_limits(3))
+    assert refused.status == AdmitStatus.FULL and refused.position == -1
+    assert await store.task("t3") is None and await store.read_events("t3", -1) == []
+    for n in range(3):
+        record = await store.task(f"t{n}")
+        assert record is not None and record.state == TaskState.QUEUED and record.rs == "rs"
+        assert record.request == TaskRequest("p", 4, 1, "best_effort")
+        [started] = await store.read_events(f"t{n}", -1)
+        assert started.seq == 0 and events.validate("started", started.data).queue_position == n  # type: ignore[attr-defined]
+    # Past the window, the last offered payload stands (the queue watch then sends the true position).
+    for n in range(3, 6):
+        await _admit(store, f"u{n}")
+    [started] = await store.read_events("u5", -1)
+    assert events.validate("started", started.data).queue_position == 3  # type: ignore[attr-defined]
+
+
 async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store: Store) -> None:
     order = [("b1", "batch"), ("i1", "interactive"), ("b2", "batch"), ("i2", "interactive")]
-    positions = [(await store.enqueue("rs", t, p, _limits(4), 10**13)).position for t, p in order]  # type: ignore[arg-type]
+    positions = [(await _admit(store, t, p, _limits(4))).position for t, p in order]
     assert positions == [0, 0, 2, 1]
-    assert (await store.enqueue("rs", "x", "interactive", _limits(4), 10**13)).position == -1
+    assert (await _admit(store, "x", "interactive", _limits(4))).position == -1
     assert await store.queue_depths("rs") == (2, 2)
     claimed = []
     while claims := await store.claim("rs", 10_000, limit=3):
@@ -62,7 +116,7 @@ async def test_enqueue_respects_capacity_and_claim_is_strict_priority_fifo(store
 
 async def test_requeue_restores_the_place_and_dequeue_removes(store: Store) -> None:
     for t in ("a", "b", "c"):
-        await store.enqueue("rs", t, "interactive", _limits(8), 10**13)
+        await _admit(store, t)
     [first] = await store.claim("rs", 10_000)
     await store.requeue_head("rs", first)
     assert await store.leased("rs") == []
@@ -71,15 +125,15 @@ async def test_requeue_restores_the_place_and_dequeue_removes(store: Store) -> N
 
 
 async def test_overdue_queued_tasks_are_listed(store: Store) -> None:
-    await store.enqueue("rs", "late", "interactive", _limits(8), 1)
-    await store.enqueue("rs", "fine", "interactive", _limits(8), 10**13)
+    await _admit(store, "late", deadline_at_ms=1)
+    await _admit(store, "fine")
     assert await store.overdue_queued("rs") == ["late"]
 
 
 async def test_aged_batch_task_goes_before_newer_interactive(store: Store) -> None:
-    await store.enqueue("rs", "old-batch", "batch", _limits(8), 10**13)
+    await _admit(store, "old-batch", "batch")
     await store.client.zadd(store.keys.queue_admitted("rs"), {"old-batch": 1})  # admitted long ago
-    await store.enqueue("rs", "new-interactive", "interactive", _limits(8), 10**13)
+    await _admit(store, "new-interactive")
     strict = await store.claim("rs", 10_000, limit=1, max_batch_wait_ms=0)
     assert [c.task_id for c in strict] == ["new-interactive"]
     await store.requeue_head("rs", strict[0])
@@ -114,7 +168,7 @@ async def test_queue_matches_a_reference_model(
             continue
         task_id = f"t{n}"
         before = await store.queue_depths("rs")
-        result = await store.enqueue("rs", task_id, op, limits, 10**13)  # type: ignore[arg-type]
+        result = await _admit(store, task_id, op, limits)
         cap = limits.batch_capacity if op == "batch" else limits.interactive_capacity
         class_full = len(model[op]) >= cap
         full = len(model["interactive"]) + len(model["batch"]) >= capacity
@@ -145,17 +199,17 @@ async def test_every_append_is_published_in_the_feed_format(store: Store) -> Non
     feed = EventFeed(store)
     async with store.subscribe_events() as pubsub:
         with feed.subscribe("p") as sub:
-            assert await store.create_task("p", {"state": "queued"}, 60)
-            await store.append("p", [("started", '{"a":"x\\u001fy"}', "")])
+            await _admit(store, "p")
+            await store.append(Append("p", [("metrics", '{"a":"x\\u001fy"}', "")]))
             await store.append_many(
-                [("p", [("token", '{"t":" hi","i":0}', ""), ("token", "{}", "")], {})], 60
+                [Append("p", [("token", '{"t":" hi","i":0}', ""), ("token", "{}", "")])], 60
             )
             await store.terminate(
-                "p", "canceled", {"code": "CANCELED", "message": "m", "retriable": False}, 60
+                "p", TaskState.CANCELED, events.error(OrchestratorError(Code.CANCELED, "m")), 60
             )
             delivered = []
             deadline = time.monotonic() + 30
-            while len(delivered) < 4 and time.monotonic() < deadline:
+            while len(delivered) < 5 and time.monotonic() < deadline:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if message is not None:  # None: the subscribe confirmation, or nothing yet
                     feed._dispatch(message["data"])
@@ -164,10 +218,10 @@ async def test_every_append_is_published_in_the_feed_format(store: Store) -> Non
 
 
 async def test_queued_frames_land_only_while_queued(store: Store) -> None:
-    assert await store.create_task("q", {"state": "queued"}, 60)
-    await store.append("q", [("started", "{}", "")])
+    await _admit(store, "q")
     await store.append_queued_frames([("q", '{"phase":"queued","queue_position":0}')])
-    assert await store.mark_running("q", {"state": "running"})
+    record = await store.mark_running("q", Placement("m:1", "pool", "r0"))
+    assert record is not None and record.state == TaskState.RUNNING and record.replica_id == "r0"
     await store.append_queued_frames([("q", '{"phase":"queued","queue_position":0}')])
     assert [e.name for e in await store.read_events("q", -1)] == ["started", "metrics"]
 
@@ -226,34 +280,38 @@ async def test_session_budgets_match_a_reference_model(
             left["cost"] += reserved[1] - used[1]
             used_total["tokens"] += used[0]
             used_total["cost"] += used[1]
-        fields, ttl = await store.session("s")
-        if fields:
-            assert int(fields["b_tokens"]) == left["tokens"] >= 0
-            assert int(fields["b_cost"]) == left["cost"] >= 0
-            assert 0 < ttl <= 600_000
+        session = await store.session("s")
+        if session is not None:
+            assert session.budgets.tokens == left["tokens"] >= 0
+            assert session.budgets.cost_micro == left["cost"] >= 0
+            assert 0 < session.ttl_ms <= 600_000
     for task_id, reserved in list(held.items()):
         assert await store.session_settle("s", task_id, (0, 0), 0, 600_000)
         left["tokens"] += reserved[0]
         left["cost"] += reserved[1]
     if turns:
-        fields, _ = await store.session("s")
-        assert int(fields["b_tokens"]) == tokens - used_total["tokens"] == left["tokens"]
-        assert int(fields["b_cost"]) == cost - used_total["cost"] == left["cost"]
+        session = await store.session("s")
+        assert session is not None
+        assert session.budgets.tokens == tokens - used_total["tokens"] == left["tokens"]
+        assert session.budgets.cost_micro == cost - used_total["cost"] == left["cost"]
 
 
 async def test_a_refused_first_turn_leaves_no_session_and_undo_gives_the_turn_back(store: Store) -> None:
     await store.client.flushdb()
     assert await store.session_admit("s", "m", "t0", (10, 0), (5, None, None), 60_000, 8) == ("tokens", "5")
-    assert (await store.session("s"))[0] == {}
+    assert await store.session("s") is None
     admitted = await store.session_admit("s", "m", "t1", (3, 0), (5, 1000, None), 60_000, 8)
     assert not isinstance(admitted, tuple) and admitted.turns == 1 and admitted.time_ms == 1000
     assert await store.session_admit("s", "other", "t2", (1, 0), (5, None, None), 60_000, 8) == ("model", "m")
     assert await store.session_settle("s", "t1", (0, 0), 0, 60_000, undo=True)
-    fields, _ = await store.session("s")
-    assert fields["turns"] == "0" and fields["b_tokens"] == "5"
+    session = await store.session("s")
+    assert session is not None and session.turns == 0 and session.budgets.tokens == 5
     again = await store.session_admit("s", "m", "t3", (1, 0), (5, None, None), 60_000, 8)
     assert not isinstance(again, tuple)
     assert await store.session_settle("s", "t3", (1, 0), 1500, 60_000)  # time charged, floor 0
-    fields, _ = await store.session("s")
-    assert fields["b_time"] == "0"
+    session = await store.session("s")
+    assert session is not None and session.budgets.time_ms == 0
+    ran = await store.session_ran_on("s", "r1", 4242)
+    assert ran is not None and (ran.replica_id, ran.replica_pid) == ("r1", 4242)
+    assert await store.session_ran_on("gone", "r1", 1) is None
     assert await store.session_admit("s", "m", "t4", (1, 0), (5, None, None), 60_000, 8) == ("time_ms", "0")

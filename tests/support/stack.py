@@ -20,6 +20,7 @@ from llorch import gpu
 from llorch.config import load_config
 from llorch_poolmgr.topology import manager_args, plan_managers
 
+from .events_schema import check_event
 from .procs import Proc, free_port, python_module, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +222,9 @@ async def sse_frames(content: aiohttp.StreamReader) -> AsyncIterator[SseEvent]:
             continue
         if line == "":
             if fields:
-                yield SseEvent(int(fields["id"]), fields["event"], json.loads(fields["data"]))
+                data = json.loads(fields["data"])
+                check_event(fields["event"], data)
+                yield SseEvent(int(fields["id"]), fields["event"], data)
                 fields = {}
             continue
         key, _, value = line.partition(": ")

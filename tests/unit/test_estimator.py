@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llorch.throttle import BackoffClamp
 from llorch_scheduler.estimator import Estimator
 
 
@@ -19,9 +20,7 @@ from llorch_scheduler.estimator import Estimator
 def test_single_position_matches_the_list_schedule(
     running_ms: list[int], slots: int, position: int, tokens: int
 ) -> None:
-    est = Estimator(
-        alpha=0.2, prior_ms_per_token=25, backoff_min_ms=250, backoff_max_ms=60000, clock=lambda: 7.0
-    )
+    est = Estimator(alpha=0.2, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000), clock=lambda: 7.0)
     for n, expected in enumerate(running_ms):
         est.started("rs", f"r{n}", expected // 25 or 1)
     schedule = est.starts_ms("rs", position + 1, slots, tokens)
@@ -30,7 +29,7 @@ def test_single_position_matches_the_list_schedule(
 
 
 def test_on_time_probability_is_monotone_in_the_deadline() -> None:
-    est = Estimator(alpha=0.2, prior_ms_per_token=25, backoff_min_ms=250, backoff_max_ms=60000)
+    est = Estimator(alpha=0.2, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000))
     probabilities = [
         est.on_time_probability("rs", 100, 40, deadline) for deadline in (50, 900, 1100, 1500, 5000)
     ]
@@ -40,7 +39,7 @@ def test_on_time_probability_is_monotone_in_the_deadline() -> None:
 
 
 def test_learning_moves_the_rate_towards_what_was_observed() -> None:
-    est = Estimator(alpha=0.5, prior_ms_per_token=25, backoff_min_ms=250, backoff_max_ms=60000)
+    est = Estimator(alpha=0.5, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000))
     for n in range(10):
         est.started("rs", f"t{n}", 10)
         est.finished("rs", f"t{n}", tokens_out=10, decode_ms=50, ok=True)

@@ -20,6 +20,7 @@ from llorch.gpu.probe import (
 from llorch.gpu.sizing import (
     check_ram,
     check_vram,
+    check_vram_total,
     kv_reserve_estimate,
     mem_available_bytes,
     pick_auto_device,
@@ -39,6 +40,7 @@ __all__ = [
     "ProbeKind",
     "check_ram",
     "check_vram",
+    "check_vram_total",
     "kv_reserve_estimate",
     "mem_available_bytes",
     "open_probe",

@@ -78,6 +78,21 @@ def check_vram(
     return "; ".join(short) or None
 
 
+def check_vram_total(
+    devices: Sequence[GpuDevice], need: int, headroom_bytes: int, shares: Sequence[float] | None
+) -> str | None:
+    """Why ``need`` bytes could never fit ``devices``, even with nothing else on them: each device's
+    share of the need plus the headroom exceeds its TOTAL memory. That is a configuration error, not a
+    transient shortage (defect 5). None when an empty device would do."""
+    empty = [
+        GpuDevice(d.index, d.name, d.uuid, d.total_bytes, d.total_bytes, 0, d.utilization) for d in devices
+    ]
+    short = check_vram(empty, need, headroom_bytes, shares)
+    if short is None:
+        return None
+    return short.replace(" MiB free,", " MiB in total,") + ": it can never fit; lower the pool's VRAM need"
+
+
 def check_ram(model_bytes: int, ram_factor: float, mem_available: int) -> str | None:
     """Why host RAM is short for the model (MemAvailable < model bytes * ``ram_factor``), or None."""
     need = model_bytes * _exact(ram_factor)

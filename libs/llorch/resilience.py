@@ -1,0 +1,90 @@
+"""Long-lived loops that outlive their dependencies' faults (a Redis restart, a dropped connection).
+
+:func:`until_done` retries one step with jittered exponential backoff until it succeeds, and an
+:class:`Outage` logs a dependency's outage once when it starts and once when it ends, however many
+attempts fail in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, ConnectionError, OSError)
+"""What a lost or restarting Redis raises through redis-py."""
+
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+class Outage:
+    """One warning when ``what`` starts failing, one info line with the duration when it recovers."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down_since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, exc: BaseException | None) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning(
+                "dependency lost",
+                extra={"event": "outage_started", "what": self.what, "error": type(exc).__name__},
+            )
+
+    def recovered(self) -> None:
+        if self.down_since is not None:
+            down_ms = int((time.monotonic() - self.down_since) * 1000)
+            self.down_since = None
+            log.info(
+                "dependency back", extra={"event": "outage_ended", "what": self.what, "down_ms": down_ms}
+            )
+
+
+async def until_done(
+    step: Callable[[], Awaitable[T]],
+    outage: Outage,
+    errors: tuple[type[BaseException], ...] = STORE_ERRORS,
+    attempts: int | None = None,
+) -> T:
+    """Run ``step`` until it succeeds (or ``attempts`` ran out: the last error is raised)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        outage.failed(state.outcome.exception() if state.outcome else None)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_exponential_jitter(
+            multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S, jitter=BACKOFF_INITIAL_S
+        ),
+        stop=stop_never if attempts is None else stop_after_attempt(attempts),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+    async def attempt() -> T:  # a coroutine function, so tenacity awaits what ``step`` returns
+        return await step()
+
+    result: T = await retrying(attempt)
+    outage.recovered()
+    return result

@@ -1,0 +1,341 @@
+"""Admission, Dispatcher, Sessions and the lease sweeper built directly, against a real Redis.
+
+Each is wired from its narrow collaborators the way the composition root wires it, with a registry fed
+the pool reports a pool manager would send. The pool manager's address is a closed port where a test
+needs a dispatch to fail the way it fails when a pool manager is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llorch.config import GREEDY_V1, SchedulerConfig, SessionsConfig, validate_config
+from llorch.errors import Code, OrchestratorError
+from llorch.store import LEASE_MS, Placement, Store, TaskState
+from llorch.throttle import BackoffClamp
+from llorch.v1 import types_pb2
+from llorch_cli.embedded_redis import EmbeddedRedis
+from llorch_scheduler.admission import Admission
+from llorch_scheduler.dispatcher import Dispatcher, DispatchSettings
+from llorch_scheduler.estimator import Estimator
+from llorch_scheduler.leases import LeaseSweeper
+from llorch_scheduler.metrics import SchedulerMetrics
+from llorch_scheduler.queueing import QueueFront
+from llorch_scheduler.queuewatch import QueueWatch
+from llorch_scheduler.registry import PoolRegistry, set_of
+from llorch_scheduler.sessions import Sessions
+from llorch_scheduler.submission import Budget, Submission
+from llorch_scheduler.throttles import Throttles
+from tests.support.events_schema import check_event
+from tests.support.procs import free_port, wait_until
+
+MODEL = "mock-tiny"
+
+
+def _pool(
+    state: str = "Ready", pool_id: str = "p1", capacity: int = 4, policy: str = "reject"
+) -> types_pb2.PoolState:
+    return types_pb2.PoolState(
+        pool_id=pool_id,
+        engine="mock",
+        engine_version="mock-1",
+        model_ref=MODEL,
+        model_digest="sha256:0",
+        ctx=2048,
+        sampler_profile_version="greedy-v1",
+        state=state,
+        replicas=[types_pb2.ReplicaState(replica_id=f"{pool_id}-r0", state=state, slots_total=1, pid=42)],
+        queue_capacity=capacity,
+        full_policy=policy,
+        max_tokens_limit=1024,
+        live=True,
+        workloads=["completion"],
+    )
+
+
+@dataclass
+class Parts:
+    store: Store
+    registry: PoolRegistry
+    admission: Admission
+    dispatcher: Dispatcher
+    sessions: Sessions
+    sweeper: LeaseSweeper
+
+    def report(self, *pools: types_pb2.PoolState, address: str = "") -> None:
+        self.registry.update("pm-0", address or f"127.0.0.1:{free_port()}", "127.0.0.1:1", list(pools))
+
+
+def _build(store: Store, capacity: int = 4, policy: str = "reject") -> Parts:
+    """The scheduler's object graph, as serve() builds it (pool config comes from the reports)."""
+    cfg = validate_config(
+        {
+            "version": 1,
+            "catalog": {"models": [{"id": MODEL, "path": str(Path(__file__))}]},
+            "pools": [
+                {
+                    "id": "p1",
+                    "engine": "mock",
+                    "model": MODEL,
+                    "devices": "cpu",
+                    "queue": {"capacity": capacity, "full_policy": policy},
+                }
+            ],
+        }
+    )
+    metrics = SchedulerMetrics(CollectorRegistry())
+    registry = PoolRegistry()
+    clamp = BackoffClamp(250, 60_000)
+    estimator = Estimator(0.2, 25, clamp)
+    sessions = Sessions(SessionsConfig(), store, registry)
+    watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
+    throttles = Throttles(cfg.pools, [], clamp, metrics)
+    front = QueueFront(cfg.pools, 60, store, estimator, metrics, sessions)
+    admission = Admission(
+        SchedulerConfig(),
+        0.8,
+        [MODEL],
+        store,
+        registry,
+        estimator,
+        metrics,
+        watch,
+        sessions,
+        front,
+        throttles,
+    )
+    settings = DispatchSettings({"greedy-v1": GREEDY_V1}, 1, 0, 60)
+    dispatcher = Dispatcher(settings, store, registry, estimator, sessions, throttles, metrics, "token")
+    sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired)
+    return Parts(store, registry, admission, dispatcher, sessions, sweeper)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    async with Store.connect(redis_url, prefix="u:") as s:
+        await s.client.flushdb()
+        yield s
+
+
+def _request(**fields: Any) -> Submission:
+    return replace(Submission(model_ref=MODEL, prompt="hello", max_tokens=8), **fields)
+
+
+async def _log(store: Store, task_id: str) -> list[tuple[str, dict[str, object]]]:
+    out = []
+    for event in await store.read_events(task_id, -1):
+        data = json.loads(event.data)
+        check_event(event.name, data)
+        out.append((event.name, data))
+    return out
+
+
+# -- Admission ----------------------------------------------------------------------------------------
+
+
+async def test_admission_writes_record_started_and_queue_entry_together(store: Store) -> None:
+    parts = _build(store)
+    parts.report(_pool())
+    first = await parts.admission.admit(_request())
+    second = await parts.admission.admit(_request(task_id="chosen-id", priority="batch"))
+    assert (first.queue_position, second.queue_position) == (0, 1)
+    for admitted in (first, second):
+        record = await store.task(admitted.task_id)
+        assert record is not None and record.state == TaskState.QUEUED and record.rs == admitted.rs
+        [(name, started)] = await _log(store, admitted.task_id)
+        assert name == "started" and started["queue_position"] == admitted.queue_position
+        assert started["predicted_start_ms"] == admitted.predicted_start_ms
+    assert await store.queue_depths(first.rs) == (1, 1)
+
+
+async def test_a_known_task_id_is_refused_without_a_second_queue_entry(store: Store) -> None:
+    parts = _build(store)
+    parts.report(_pool())
+    admitted = await parts.admission.admit(_request(task_id="dup"))
+    with pytest.raises(OrchestratorError) as err:
+        await parts.admission.admit(_request(task_id="dup"))
+    assert err.value.code == Code.TASK_EXISTS
+    assert await store.queue_depths(admitted.rs) == (1, 0)
+    assert [name for name, _ in await _log(store, "dup")] == ["started"]
+
+
+async def test_a_full_queue_writes_nothing(store: Store) -> None:
+    parts = _build(store, capacity=1)
+    parts.report(_pool(capacity=1))
+    await parts.admission.admit(_request())
+    with pytest.raises(OrchestratorError) as err:
+        await parts.admission.admit(_request(task_id="refused"))
+    assert err.value.code == Code.ADMISSION_REJECT and err.value.context["retry_after_ms"] >= 250
+    assert await store.task("refused") is None and await store.read_events("refused", -1) == []
+
+
+async def test_drop_lru_ends_the_displaced_batch_task_typed(store: Store) -> None:
+    parts = _build(store, capacity=1, policy="drop-lru")
+    parts.report(_pool(capacity=1, policy="drop-lru"))
+    victim = await parts.admission.admit(_request(priority="batch"))
+    newer = await parts.admission.admit(_request(priority="interactive"))
+    log = await _log(store, victim.task_id)
+    assert [name for name, _ in log] == ["started", "error"]
+    assert log[-1][1]["code"] == "QUEUE_FULL_DROP_LRU" and log[-1][1]["retriable"] is True
+    assert await store.queue_depths(newer.rs) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "retriable"),
+    [
+        ("Stopped", Code.POOL_UNAVAILABLE, False),
+        ("Unavailable", Code.POOL_UNAVAILABLE, False),  # its circuit is open
+        ("Draining", Code.POOL_UNAVAILABLE, False),
+        ("Preloading", Code.POOL_UNREADY, True),
+        ("Backoff", Code.POOL_UNREADY, True),
+    ],
+)
+async def test_no_ready_pool_is_unready_or_unavailable_by_what_it_waits_for(
+    store: Store, state: str, code: Code, retriable: bool
+) -> None:
+    """Defect 3: a pool that only an operator can bring back is POOL_UNAVAILABLE with its pool_id."""
+    parts = _build(store)
+    parts.report(_pool(state=state))
+    with pytest.raises(OrchestratorError) as err:
+        await parts.admission.admit(_request())
+    assert err.value.code == code and err.value.retriable is retriable
+    assert err.value.context["pool_id"] == "p1"
+
+
+async def test_an_unknown_model_names_the_served_ones(store: Store) -> None:
+    parts = _build(store)
+    parts.report(_pool())
+    with pytest.raises(OrchestratorError) as err:
+        await parts.admission.admit(_request(model_ref="nope"))
+    assert err.value.code == Code.INVALID_PARAMS and err.value.context["served_models"] == [MODEL]
+
+
+# -- Sessions -----------------------------------------------------------------------------------------
+
+
+async def test_session_affinity_survives_a_scheduler_restart(store: Store) -> None:
+    """Defect 6: where a session last ran is in its Redis record, not in one process's memory."""
+    parts = _build(store)
+    parts.report(_pool())
+    first = await parts.admission.admit(_request(session_id="s1"))
+    await parts.sessions.dispatched(first.task_id, "p1-r0", 42, 0.0)
+    await parts.sessions.settle(first.task_id, 3)
+
+    restarted = _build(store)  # a new process: nothing carried over in memory
+    restarted.report(_pool())
+    second = await restarted.admission.admit(_request(session_id="s1"))
+    assert await restarted.sessions.warm_replica(second.task_id) == ("p1-r0", 42)
+    info = await restarted.sessions.info("s1")
+    assert info["kv_warmth"] is True and info["replica_id"] == "p1-r0" and info["turns"] == 2
+    cold = await restarted.admission.admit(_request(session_id="s1", kv_hint="cold"))
+    assert await restarted.sessions.warm_replica(cold.task_id) is None
+
+
+# -- Dispatcher and the sweeper -----------------------------------------------------------------------
+
+
+async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(store: Store) -> None:
+    parts = _build(store)
+    parts.report(_pool())  # its address is a closed port
+    admitted = await parts.admission.admit(_request())
+    run = asyncio.create_task(parts.dispatcher.run())
+    try:
+        parts.dispatcher.wake()
+
+        async def ended() -> bool:
+            record = await store.task(admitted.task_id)
+            return record is not None and not record.live
+
+        await wait_until(ended, 60, "the dispatch to fail")
+    finally:
+        run.cancel()
+    log = await _log(store, admitted.task_id)
+    assert [name for name, _ in log] == ["started", "error"]
+    assert log[-1][1]["code"] == "WORKER_RESET" and log[-1][1]["pool_id"] == "p1"
+    assert await store.leased(admitted.rs) == []
+
+
+async def test_the_sweeper_ends_a_task_whose_lease_lapsed(store: Store) -> None:
+    parts = _build(store)
+    parts.report(_pool())
+    admitted = await parts.admission.admit(_request())
+    [claim] = await store.claim(admitted.rs, lease_ms=-1)  # claimed by a scheduler that then died
+    assert await parts.sweeper.sweep() == 1
+    log = await _log(store, claim.task_id)
+    assert log[-1][0] == "error" and log[-1][1]["code"] == "WORKER_RESET"
+    assert await store.leased(admitted.rs) == [] and await parts.sweeper.sweep() == 0
+
+
+async def test_the_sweeper_renews_a_lease_its_manager_still_reports(store: Store) -> None:
+    parts = _build(store)
+    admitted_rs = set_of(_pool())
+    parts.report(_pool())
+    admitted = await parts.admission.admit(_request())
+    await store.claim(admitted_rs, lease_ms=-1)
+    parts.registry.update("pm-0", "127.0.0.1:1", "127.0.0.1:1", [_pool()], frozenset({admitted.task_id}))
+    assert await parts.sweeper.sweep() == 0
+    record = await store.task(admitted.task_id)
+    assert record is not None and record.live
+    assert await store.leased(admitted_rs) == [admitted.task_id]
+    assert LEASE_MS > 0
+
+
+async def test_dispatch_resumes_by_itself_after_a_redis_restart(tmp_path: Path) -> None:
+    """Issue 10 finding 1: the dispatcher loop outlives a Redis restart (AOF keeps the queue)."""
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        async with Store.connect(server.url, prefix="r:") as store:
+            parts = _build(store)
+            parts.report(_pool())
+            run = asyncio.create_task(parts.dispatcher.run())
+            try:
+                await store.client.config_set("appendfsync", "always")
+                server.stop()
+                parts.dispatcher.wake()  # the fill fails: Redis is gone
+
+                async def paused() -> bool:
+                    return parts.dispatcher.outage.down
+
+                await wait_until(paused, 30, "the dispatcher to notice the outage")
+                assert not run.done()
+                server.start()
+                admitted = await parts.admission.admit(_request())
+                parts.dispatcher.wake()
+
+                async def ended() -> bool:
+                    record = await store.task(admitted.task_id)
+                    return record is not None and not record.live
+
+                await wait_until(ended, 60, "a dispatch after the restart")
+                assert not parts.dispatcher.outage.down and not run.done()
+            finally:
+                run.cancel()
+    finally:
+        server.stop()
+
+
+async def test_a_restarted_scheduler_settles_a_session_task_it_never_saw_dispatched(store: Store) -> None:
+    """The end of a task dispatched before a restart refunds its session's unused reservation."""
+    parts = _build(store)
+    parts.report(_pool())
+    admitted = await parts.admission.admit(_request(session_id="s2", budget=Budget(tokens=100)))
+    session = await store.session("s2")
+    assert session is not None and session.budgets.tokens == 100 - (2 + 8)  # prompt_est + max_tokens
+    [claim] = await store.claim(admitted.rs, LEASE_MS)
+    await store.mark_running(claim.task_id, Placement("127.0.0.1:1", "p1", "p1-r0"))
+
+    restarted = _build(store)
+    restarted.report(_pool())
+    await restarted.dispatcher.finished(types_pb2.TaskFinished(task_id=claim.task_id, tokens_out=3))
+    session = await store.session("s2")
+    assert session is not None and session.budgets.tokens == 100 - (2 + 3)
+    assert await store.leased(admitted.rs) == []
