@@ -100,6 +100,8 @@ class ApiConfig(_Model):
     public_base_url: str | None = None
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     probes_require_auth: bool = False
+    keepalive_timeout_s: float = Field(default=15.0, gt=0)  # idle connections, and a request head
+    body_timeout_s: float = Field(default=15.0, gt=0)  # the whole body, counted from its head
     tokens: list[ApiToken] = []
 
     @model_validator(mode="after")

@@ -469,6 +469,13 @@ class Store:
         )
         return [_event(entry_id, body) for entry_id, body in entries]
 
+    async def last_event(self, task_id: str) -> Event | None:
+        """The last event in the task's log, if any."""
+        entries = cast(
+            list[tuple[str, dict[str, str]]], await self.client.xrevrange(self.keys.events(task_id), count=1)
+        )
+        return _event(*entries[0]) if entries else None
+
     @asynccontextmanager
     async def subscribe_events(self) -> AsyncIterator[PubSub]:
         """A pub/sub connection on the live-events channel (see the module docstring)."""

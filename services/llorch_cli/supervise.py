@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -32,8 +31,6 @@ from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from llorch.logs import JsonFormatter
-
 from .embedded_redis import EmbeddedRedis, die_with_parent_preexec
 
 log = logging.getLogger(__name__)
@@ -45,18 +42,6 @@ GIVE_UP_EXITS: Final = 5
 GIVE_UP_WINDOW_S: Final = 60.0
 STOP_GRACE_S: Final = 15.0
 REDIS_READY_S: Final = 10.0
-EXTRA_FIELDS: Final = ("child", "attempt", "delay_ms")
-
-
-class SupervisorFormatter(JsonFormatter):
-    """The JSON line of llorch.logs plus the supervisor's own fields (child, attempt, delay_ms)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = json.loads(super().format(record))
-        for name in EXTRA_FIELDS:
-            if name in record.__dict__:
-                line[name] = record.__dict__[name]
-        return json.dumps(line, default=str, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

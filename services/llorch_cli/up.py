@@ -43,7 +43,6 @@ from .supervise import (
     RedisChild,
     ServiceChild,
     Supervisor,
-    SupervisorFormatter,
     SupervisorMetrics,
 )
 
@@ -113,8 +112,6 @@ def _banner(cfg: LlorchConfig, url: str, where: str, token_expr: str) -> str:
 
 def _setup_logging(cfg: LlorchConfig) -> None:
     setup_logging("up", cfg.telemetry.log_level, cfg.telemetry.log_file)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(SupervisorFormatter("up"))
 
 
 def _children(cfg: LlorchConfig, path: Path, env: dict[str, str], metrics_address: str | None) -> list[Child]:

@@ -15,6 +15,7 @@ from llorch.store import Store
 
 from .app import Deps, build_app
 from .auth import Authenticator, load_tokens
+from .edge import EdgeRunner
 from .feed import EventFeed
 from .metrics import GatewayMetrics
 from .scheduler_client import SchedulerClient
@@ -36,7 +37,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
         feed_task = asyncio.create_task(feed.run())
         await feed.connected.wait()
         deps = Deps(cfg, store, scheduler, auth, GatewayMetrics(CollectorRegistry()), http, feed)
-        runner = web.AppRunner(build_app(deps), access_log=None, shutdown_timeout=2)
+        runner = EdgeRunner(build_app(deps), keepalive_timeout_s=cfg.api.keepalive_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, host, int(port), backlog=1024)
         await site.start()

@@ -16,7 +16,7 @@ from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
 from .auth import Authenticator
-from .edge import MAX_BODY, METRICS, edge
+from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
 from .metrics import GatewayMetrics
 from .models import TaskRequest, parse_json_object, parse_model
@@ -172,14 +172,20 @@ class Api:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        redis_ok = await self.d.store.ping()
+        # Redis counts as up only while both this gateway's store and its live-event feed reach it.
+        redis_ok = self.d.feed.connected.is_set() and await self.d.store.ping()
         try:
             reply = await self.d.scheduler.list_pools(timeout_s=2.0)
             scheduler_ok = True
             ready = sum(1 for view in reply.pools if view.state.state == "Ready")
         except OrchestratorError:
             scheduler_ok, ready = False, 0
-        checks = {"redis": redis_ok, "scheduler": scheduler_ok, "pools_ready": ready}
+        checks = {
+            "redis": redis_ok,
+            "feed": self.d.feed.connected.is_set(),
+            "scheduler": scheduler_ok,
+            "pools_ready": ready,
+        }
         if redis_ok and scheduler_ok and ready:
             return _json({"status": "ready", "checks": checks})
         return _json({"status": "not_ready", "checks": checks}, 503)
@@ -270,10 +276,11 @@ def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
 
 def build_app(deps: Deps) -> web.Application:
     app = web.Application(
-        middlewares=[edge, deps.auth.middleware], client_max_size=deps.cfg.api.max_body_bytes
+        middlewares=[edge, deps.auth.middleware, read_body], client_max_size=deps.cfg.api.max_body_bytes
     )
     app[METRICS] = deps.metrics
     app[MAX_BODY] = deps.cfg.api.max_body_bytes
+    app[BODY_TIMEOUT] = deps.cfg.api.body_timeout_s
     api = Api(deps)
     app.router.add_post("/v1/tasks", api.submit)
     app.router.add_get("/v1/tasks/{task_id}", api.status)

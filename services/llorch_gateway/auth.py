@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .edge import Handler
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+"""What an offered token may consist of: visible ASCII (RFC 6750 b64token is a subset)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,16 @@ class Authenticator:
             raise OrchestratorError(
                 Code.UNAUTHENTICATED, "send the API token as Authorization: Bearer <token>"
             )
-        candidate = offered.encode()
+        if not _TOKEN_CHARS.fullmatch(offered):
+            # Bytes that are not visible ASCII (non-UTF-8 arrives as surrogate escapes) can match no
+            # token; refuse them as a malformed credential, and never echo or encode them.
+            log.info(
+                "auth failed", extra={"event": "auth_failed", "reason": "malformed", "route": request.path}
+            )
+            raise OrchestratorError(
+                Code.UNAUTHENTICATED, "the API token must be visible ASCII: Authorization: Bearer <token>"
+            )
+        candidate = offered.encode("ascii")
         matched = ""
         for token in self.tokens:  # compare against every token; no early exit
             if hmac.compare_digest(candidate, token.value) and not matched:

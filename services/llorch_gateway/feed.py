@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Iterator
 
-from redis.exceptions import RedisError
-
+from llorch.resilience import BACKOFF_INITIAL_S, BACKOFF_MAX_S, STORE_ERRORS, Outage
 from llorch.store import US, Event, Store
 
 log = logging.getLogger(__name__)
@@ -66,19 +66,31 @@ class EventFeed:
                     del self._subs[task_id]
 
     async def run(self) -> None:
+        """Follow the live-events channel forever: Redis restarts and dropped connections are retried
+        with jittered exponential backoff; an outage is logged once when it starts and once when it
+        ends, however many attempts fail. ``connected`` is set only while subscribed."""
+        outage = Outage("redis (gateway event feed)")
+        delay = BACKOFF_INITIAL_S
         while True:
             try:
                 async with self.store.subscribe_events() as pubsub:
                     self.connected.set()
+                    outage.recovered()
+                    delay = BACKOFF_INITIAL_S
                     for subs in list(self._subs.values()):
                         for sub in subs:
-                            sub.push([])
+                            sub.push([])  # re-read: messages may have been lost while down
                     async for message in pubsub.listen():
                         self._dispatch(message["data"])
-            except RedisError as exc:
+            except STORE_ERRORS as exc:
+                outage.failed(exc)
+            except Exception as exc:  # the feed must outlive anything it is sent
+                log.warning("event feed error", extra={"event": "feed_error", "error": type(exc).__name__})
+                outage.failed(exc)
+            finally:
                 self.connected.clear()
-                log.warning("event feed lost", extra={"event": "feed_reconnect", "error": type(exc).__name__})
-                await asyncio.sleep(0.5)
+            await asyncio.sleep(delay + random.uniform(0, BACKOFF_INITIAL_S))
+            delay = min(BACKOFF_MAX_S, delay * 2)
 
     def _dispatch(self, data: str) -> None:
         task_id, _, rest = data.partition(US)

@@ -4,11 +4,26 @@ Frames are assembled from the stored event name and its already-encoded JSON: no
 client. Live events come from the gateway's :class:`EventFeed`; the log fills any gap. Reading never
 consumes events, so any number of clients may follow one task, from any position, and a client that
 goes away affects nothing.
+
+Resuming (``Last-Event-ID: N``):
+
+- N before the last event: the events after N are replayed, then followed live.
+- N at or past the terminal event of a finished task (what EventSource sends after a clean close):
+  the terminal event is sent again, with its own id, and the stream closes at once. A client that
+  lost its state learns the outcome; none is left waiting on heartbeats until retention expires.
+- N past the last event of a running task: the events up to N are not sent (SPEC §3: "wait for the
+  next one"), events after N follow as usual, and the terminal event is always sent when it comes,
+  even when its seq is at or below N, so the stream can never outlive its task.
+
+Once the 200 has started, an error (a Redis error, say) can no longer become an HTTP response: the
+stream ends with the comment ``: error <CODE>`` and the connection is closed, so the client sees a
+clean end of the body, reconnects with its Last-Event-ID and resumes from the log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 from aiohttp import web
@@ -19,6 +34,8 @@ from llorch.store import READ_PAGE, Event, Store
 
 from .edge import CORRELATION_HEADER
 from .feed import RESYNC, EventFeed, Subscription
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT = b": hb\n\n"
 _EVENT_ID = re.compile(r"-?[0-9]{1,18}")
@@ -35,6 +52,12 @@ def parse_last_event_id(request: web.Request) -> int:
     return int(value)
 
 
+def error_comment(code: Code) -> bytes:
+    """The terminal comment of a stream cut by a server-side error (not an `error` event: the task
+    itself has not failed)."""
+    return f": error {code.value}\n\n".encode()
+
+
 async def relay(
     request: web.Request,
     store: Store,
@@ -49,6 +72,7 @@ async def relay(
         replay = await store.read_events(task_id, after)
         if not replay and not await store.task_exists(task_id):
             raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
+        last = await store.last_event(task_id) if not replay and after >= 0 else None
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -58,22 +82,54 @@ async def relay(
             }
         )
         await response.prepare(request)
-        with contextlib.suppress(ConnectionResetError):
-            stream = _Stream(response, store, task_id, after)
+        try:
+            ahead = not replay and after >= 0 and (last is None or last.seq < after)
+            log_at = (last.seq if last is not None else -1) if ahead else after
+            stream = _Stream(response, store, task_id, after, log_at)
+            if last is not None and last.name in TERMINAL_EVENTS:
+                await stream.write_terminal(last)  # a reconnect at or past the end of a finished task
+                return response
             ended = await stream.write(replay)
             if not ended and len(replay) >= READ_PAGE:
                 ended = await stream.catch_up()
             if not ended:
                 await stream.follow(sub, heartbeat_s)
+        except ConnectionResetError:
+            pass  # the client went away; the task is not affected
+        except Exception as exc:  # after the 200 an error can only end the stream
+            log.warning(
+                "stream cut by an error",
+                extra={"event": "sse_aborted", "task_id": task_id, "error": type(exc).__name__},
+            )
+            await abort_stream(response, Code.INTERNAL)
     return response
 
 
+async def abort_stream(response: web.StreamResponse, code: Code) -> None:
+    """End a started stream with ``: error <code>`` and close its connection (no keep-alive)."""
+    response.force_close()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write(error_comment(code))
+        await response.write_eof()
+
+
+def _frame(e: Event) -> str:
+    return f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n"
+
+
 class _Stream:
-    def __init__(self, response: web.StreamResponse, store: Store, task_id: str, after: int) -> None:
+    """One client's position: ``after``, the last seq it has, and ``log_at``, the last seq read from
+    the log. They differ only for a client that resumed past the end of a running task: events up
+    to its id are read but not sent, except the terminal event."""
+
+    def __init__(
+        self, response: web.StreamResponse, store: Store, task_id: str, after: int, log_at: int
+    ) -> None:
         self.response = response
         self.store = store
         self.task_id = task_id
         self.after = after
+        self.log_at = log_at
 
     async def follow(self, sub: Subscription, heartbeat_s: float) -> None:
         while True:
@@ -85,33 +141,41 @@ class _Stream:
                     return  # retention expired while the client waited
                 await self.response.write(HEARTBEAT)
                 continue
-            fresh = [e for e in delivered if e.seq > self.after]
+            fresh = [e for e in delivered if e.seq > self.log_at]
             if fresh and await self.write(fresh):
                 return
-            gap = any(e is RESYNC for e in delivered) or (fresh and self.after < fresh[-1].seq)
+            gap = any(e is RESYNC for e in delivered) or (fresh and self.log_at < fresh[-1].seq)
             if gap and await self.catch_up():  # a gap or a reconnect: the log decides
                 return
 
     async def catch_up(self) -> bool:
-        """Write everything in the log after ``after``; True once the terminal event is written."""
-        while events := await self.store.read_events(self.task_id, self.after):
+        """Write everything in the log after ``log_at``; True once the terminal event is written."""
+        while events := await self.store.read_events(self.task_id, self.log_at):
             if await self.write(events):
                 return True
         return False
 
     async def write(self, events: list[Event]) -> bool:
+        """Write the events that continue the log; True (and the body ends) after the terminal one."""
         frames = []
         ended = False
         for e in events:
-            if e.seq != self.after + 1:
+            if e.seq != self.log_at + 1:
                 break
-            frames.append(f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n")
-            self.after = e.seq
-            if e.name in TERMINAL_EVENTS:
-                ended = True
+            self.log_at = e.seq
+            ended = e.name in TERMINAL_EVENTS
+            if e.seq > self.after or ended:
+                frames.append(_frame(e))
+                self.after = max(self.after, e.seq)
+            if ended:
                 break
         if frames:
             await self.response.write("".join(frames).encode())
         if ended:
             await self.response.write_eof()
         return ended
+
+    async def write_terminal(self, event: Event) -> None:
+        """The terminal event again, for a client that resumed at or past it; then the body ends."""
+        await self.response.write(_frame(event).encode())
+        await self.response.write_eof()

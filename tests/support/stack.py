@@ -102,7 +102,8 @@ class Stack:
             "grpc": {
                 "scheduler": f"127.0.0.1:{_free_ports([0], taken)}",
                 "pool_manager_base_port": _free_ports(range(MANAGERS), taken),
-                "metrics_base_port": _free_ports([0, *range(10, 10 + MANAGERS)], taken),
+                # +0 scheduler, +1 the supervisor of `llorch up`, +10.. pool managers
+                "metrics_base_port": _free_ports([0, 1, *range(10, 10 + MANAGERS)], taken),
             },
             "redis": {"url": redis_url},
             "sse": {"heartbeat_s": 1, "retention_s": 60, "queued_metrics_interval_ms": 1000},
