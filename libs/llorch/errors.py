@@ -112,6 +112,14 @@ class OrchestratorError(Exception):
         return f"OrchestratorError({self.code.value}, {self.message!r})"
 
 
+def store_unavailable() -> OrchestratorError:
+    """What a request that needed Redis while it was away answers: 503, retriable, with a backoff
+    (a store restart is as transient as a pool not Ready yet)."""
+    return OrchestratorError(
+        Code.POOL_UNREADY, "the task store (Redis) is unavailable; retry shortly", retry_after_ms=1000
+    )
+
+
 def invalid(field: str, message: str, **context: JsonValue) -> OrchestratorError:
     """Shorthand for the most common error: 400 INVALID_PARAMS naming the field."""
     return OrchestratorError(Code.INVALID_PARAMS, message, field=field, **context)

@@ -72,19 +72,19 @@ return {t[3], t[5] or ''}
 """
 
 # The queue of one replica set. KEYS (all tagged {rs}): q:interactive, q:batch, qseq, qage (admitted
-# epoch ms), qdl (deadline epoch ms), lease. Scores of q:* are the set's admission sequence.
+# epoch ms), qdl (deadline epoch ms), lease, evicted. Scores of q:* are the set's admission sequence.
 
 # Admission in one step: the id check, the capacity check with drop-lru eviction, the record, its
 # `started` event (seq 0) and the queue entry. A crash before it leaves nothing; after it, a complete
-# queued task. KEYS: task, events, then the six queue keys above.
+# queued task. KEYS: task, events, then the seven queue keys above.
 # ARGV: ttl_s, channel, task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms,
 # first position of the `started` window, window size n, n encoded `started` payloads (one per position
 # from the first; a position outside the window takes the nearest), then the record's field pairs.
 # Returns {status, position, depth_interactive, depth_batch, evicted_task_id or ''} with status ok,
 # exists (the id is still known) or full: the class cap is full, or the queue is full and the policy
 # (reject, or drop-lru with no queued batch task) leaves nothing to displace. Under drop-lru the oldest
-# queued batch task is evicted; it is parked in the lease set for 10 s, so if the caller dies before
-# ending it the lease sweeper does.
+# queued batch task is evicted; it is parked in `evicted` for 10 s, so if the caller dies before
+# ending it the sweeper does.
 ADMIT: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', -1, 0, 0, ''} end
 local ni = redis.call('ZCARD', KEYS[3])
@@ -102,7 +102,7 @@ if ni + nb >= cap then
   evicted = redis.call('ZPOPMIN', KEYS[4])[1]
   redis.call('ZREM', KEYS[6], evicted)
   redis.call('ZREM', KEYS[7], evicted)
-  redis.call('ZADD', KEYS[8], tonumber(ARGV[8]) + 10000, evicted)
+  redis.call('ZADD', KEYS[9], tonumber(ARGV[8]) + 10000, evicted)
   nb = nb - 1
 end
 local position = ni

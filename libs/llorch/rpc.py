@@ -19,8 +19,9 @@ from typing import Any, Final, TypeVar, cast
 
 import grpc
 import grpc.aio
+from redis.exceptions import RedisError
 
-from llorch.errors import Code, OrchestratorError
+from llorch.errors import Code, OrchestratorError, store_unavailable
 from llorch.logs import correlation_id_var
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,12 @@ def unary(
         except OrchestratorError as exc:
             await abort_with(context, exc)
             raise  # abort() raises; this line keeps type checkers honest
+        except RedisError as exc:  # Redis is away (restarting): the caller should retry, not give up
+            log.warning(
+                "store unavailable", extra={"event": "store_unavailable", "error": type(exc).__name__}
+            )
+            await abort_with(context, store_unavailable())
+            raise
 
     return wrapper
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -236,6 +236,9 @@ class Keys:
 
     def lease(self, rs: str) -> str:
         return f"{self.prefix}lease:{{{rs}}}"
+
+    def evicted(self, rs: str) -> str:
+        return f"{self.prefix}evicted:{{{rs}}}"
 
     def queue_admitted(self, rs: str) -> str:
         return f"{self.prefix}qage:{{{rs}}}"
@@ -497,6 +500,7 @@ class Store:
             k.queue_admitted(rs),
             k.queue_deadlines(rs),
             k.lease(rs),
+            k.evicted(rs),
         ]
 
     async def claim(self, rs: str, lease_ms: int, limit: int = 1, max_batch_wait_ms: int = 0) -> list[Claim]:
@@ -574,6 +578,28 @@ class Store:
     async def release_lease(self, rs: str, task_id: str) -> None:
         await self.client.zrem(self.keys.lease(rs), task_id)
 
+    async def requeue_claimed(self, record: TaskRecord) -> None:
+        """Put back a task that was claimed but never dispatched (its claimer died or lost Redis): at
+        the head of its class, its lease dropped."""
+        await self._requeue(
+            keys=self._queue_keys(record.rs),
+            args=[
+                record.task_id,
+                record.priority,
+                0,
+                record.created_ms,
+                record.created_ms + record.deadline_ms,
+            ],
+        )
+
+    async def expired_evictions(self) -> list[tuple[str, str]]:
+        """``(rs, task_id)`` of drop-lru victims whose terminal event the evicting admission did not
+        confirm in time (it died, or lost Redis)."""
+        return await self._expired(self.keys.evicted)
+
+    async def release_eviction(self, rs: str, task_id: str) -> None:
+        await self.client.zrem(self.keys.evicted(rs), task_id)
+
     # -- sessions ----------------------------------------------------------------------------------
 
     async def session_admit(
@@ -641,11 +667,14 @@ class Store:
 
     async def expired_leases(self) -> list[tuple[str, str]]:
         """``(rs, task_id)`` of every lease past its expiry."""
+        return await self._expired(self.keys.lease)
+
+    async def _expired(self, key: Callable[[str], str]) -> list[tuple[str, str]]:
         sets = cast(set[str], await self.client.smembers(self.keys.replica_sets()))
         now = now_ms()
         expired: list[tuple[str, str]] = []
         for rs in sorted(sets):
-            ids = cast(list[str], await self.client.zrangebyscore(self.keys.lease(rs), "-inf", now))
+            ids = cast(list[str], await self.client.zrangebyscore(key(rs), "-inf", now))
             expired.extend((rs, task_id) for task_id in ids)
         return expired
 

@@ -29,8 +29,9 @@ from typing import Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from redis.exceptions import RedisError
 
-from llorch.errors import Code, OrchestratorError
+from llorch.errors import Code, OrchestratorError, store_unavailable
 from llorch.ids import correlation_id
 from llorch.logs import correlation_id_var
 
@@ -135,6 +136,13 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = error_response(_from_http(exc, request), request)
         except (ConnectionResetError, TimeoutError):
             raise
+        except RedisError as exc:  # Redis is away: tell the client to retry (a stream ends itself)
+            if request.writer.output_size > 0:
+                raise ConnectionResetError("the response had started; connection closed") from None
+            log.warning(
+                "store unavailable", extra={"event": "store_unavailable", "error": type(exc).__name__}
+            )
+            response = error_response(store_unavailable(), request)
         except Exception:  # the edge of the service: never a traceback to a client
             if request.writer.output_size > 0:
                 # The response has started: a second one would land inside its body. Drop the

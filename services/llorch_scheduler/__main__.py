@@ -70,7 +70,9 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
             dispatcher = Dispatcher(
                 DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
             )
-            sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired)
+            sweeper = LeaseSweeper(
+                store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction
+            )
             service = SchedulerService(
                 store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token, sessions
             )

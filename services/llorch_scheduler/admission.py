@@ -252,6 +252,12 @@ class Admission:
         )
         return Admitted(task.task_id, rs, position, predicted, backoff, on_time)
 
+    async def finish_eviction(self, rs: str, victim: str) -> None:
+        """End a drop-lru victim whose evicting admission died before it could (the sweeper's call)."""
+        info = self.registry.set_info(rs)
+        if info is not None:  # else the set's pools are not back yet: the next sweep retries
+            await self.front.evict(info, victim, self.registry.slots(rs)[0])
+
     def _prediction(
         self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int
     ) -> tuple[int, float]:

@@ -121,16 +121,21 @@ class Dispatcher:
             if not claims:
                 return
             placed: list[tuple[Claim, Candidate, bool]] = []
-            for claim in claims:
-                warm = await self._warm(claim.task_id)
-                best = self.registry.candidates(rs, warm)
-                if not best:  # a replica left while we claimed
-                    await self.store.requeue_head(rs, claim)
-                    continue
-                avoid = self._retried.get(claim.task_id)
-                target = next((c for c in best if c.replica.replica_id != avoid), best[0])
-                self.registry.occupy(target.replica.replica_id, target.pool.pool_id, claim.task_id)
-                placed.append((claim, target, target.replica.replica_id == warm))
+            try:
+                for claim in claims:
+                    warm = await self._warm(claim.task_id)
+                    best = self.registry.candidates(rs, warm)
+                    if not best:  # a replica left while we claimed
+                        await self.store.requeue_head(rs, claim)
+                        continue
+                    avoid = self._retried.get(claim.task_id)
+                    target = next((c for c in best if c.replica.replica_id != avoid), best[0])
+                    self.registry.occupy(target.replica.replica_id, target.pool.pool_id, claim.task_id)
+                    placed.append((claim, target, target.replica.replica_id == warm))
+            except BaseException:  # the claims keep their leases: the sweeper returns them
+                for claim, target, _ in placed:
+                    self.registry.release(target.replica.replica_id, claim.task_id)
+                raise
             await asyncio.gather(*(self._dispatch(rs, claim, target, warm) for claim, target, warm in placed))
 
     async def _warm(self, task_id: str) -> str | None:
@@ -143,18 +148,24 @@ class Dispatcher:
     async def _dispatch(self, rs: str, claim: Claim, target: Candidate, warm: bool) -> None:
         """Place one claimed task."""
         task_id = claim.task_id
-        record = await self.store.mark_running(
-            task_id, Placement(target.manager.address, target.pool.pool_id, target.replica.replica_id)
-        )
-        if record is None:  # canceled (or expired) while it was being claimed
+        try:
+            record = await self.store.mark_running(
+                task_id, Placement(target.manager.address, target.pool.pool_id, target.replica.replica_id)
+            )
+            if record is None:  # canceled (or expired) while it was being claimed
+                self.registry.release(target.replica.replica_id, task_id)
+                await self.store.release_lease(rs, task_id)
+                return
+            request = self._generate_request(rs, task_id, record, target, claim)
+            request.kv_warm = warm
+            budgets = await self.sessions.dispatched(
+                task_id, target.replica.replica_id, target.replica.pid, target.pool.cost_per_1k_tokens
+            )
+        except BaseException:
+            # Redis went away mid-dispatch: free the slot; the task's lease is still held, so the
+            # sweeper puts it back in its queue (never marked running) or ends it typed.
             self.registry.release(target.replica.replica_id, task_id)
-            await self.store.release_lease(rs, task_id)
-            return
-        request = self._generate_request(rs, task_id, record, target, claim)
-        request.kv_warm = warm
-        budgets = await self.sessions.dispatched(
-            task_id, target.replica.replica_id, target.replica.pid, target.pool.cost_per_1k_tokens
-        )
+            raise
         request.budget_json = budget_json(budgets)
         self._inflight[task_id] = InFlight(rs, claim, target, time.monotonic())
         self.estimator.started(rs, task_id, request.max_tokens)
@@ -325,7 +336,14 @@ class Dispatcher:
             await self.sessions.settle_record(record, record.tokens_out)
 
     async def lease_expired(self, rs: str, task_id: str) -> None:
-        """The sweeper found the task's lease lapsed with no manager running it: it ends typed."""
+        """The sweeper found the task's lease lapsed with no manager running it. Never dispatched
+        (claimed by a scheduler that died or lost Redis): back to its queue. Else it ends typed."""
+        record = await self.store.task(task_id)
+        if record is not None and record.state == TaskState.QUEUED:
+            await self.store.requeue_claimed(record)
+            log.info("claim returned", extra={"event": "claim_returned", "task_id": task_id})
+            self.wake()
+            return
         await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
         await self.store.release_lease(rs, task_id)
         self._forget(task_id)

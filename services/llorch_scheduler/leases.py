@@ -3,8 +3,9 @@
 
 A dispatched task holds a lease in its set's lease set; its pool manager renews it while the task runs.
 When a lease expires and no connected pool manager reports the task running, the task ends with
-WORKER_RESET. This covers what a crash forgot: a pool manager that died, a scheduler restart, a claim
-whose reply was lost in a Redis restart, a drop-lru victim whose evicting admission died.
+WORKER_RESET; a task that was claimed but never dispatched (its record still says queued: the claimer
+died, or lost Redis mid-dispatch) goes back to the head of its class instead. A drop-lru victim whose
+evicting admission died before ending it is ended with QUEUE_FULL_DROP_LRU.
 
 The sweeper is its own loop: it never dies with the dispatcher, and a Redis outage only pauses it.
 """
@@ -29,12 +30,15 @@ class LeaseSweeper:
         store: Store,
         running: Callable[[], frozenset[str] | set[str]],
         expire: Callable[[str, str], Awaitable[None]],
+        evicted: Callable[[str, str], Awaitable[None]],
     ) -> None:
         """``running``: the task ids connected pool managers report running; ``expire(rs, task_id)``
-        ends a task whose lease lapsed."""
+        settles a task whose lease lapsed (requeued if never dispatched, else ended);
+        ``evicted(rs, task_id)`` ends a drop-lru victim its evicting admission left unended."""
         self.store = store
         self.running = running
         self.expire = expire
+        self.evicted = evicted
         self.outage = Outage("redis (lease sweeper)")
 
     async def run(self) -> None:
@@ -53,4 +57,7 @@ class LeaseSweeper:
             await self.expire(rs, task_id)
             ended += 1
             log.warning("lease expired", extra={"event": "lease_expired", "task_id": task_id})
+        for rs, task_id in await self.store.expired_evictions():
+            await self.evicted(rs, task_id)
+            ended += 1
         return ended

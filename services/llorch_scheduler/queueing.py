@@ -56,7 +56,7 @@ class QueueFront:
         ).inc()
 
     async def evict(self, info: SetInfo, victim: str, slots_total: int) -> None:
-        """End the displaced batch task with QUEUE_FULL_DROP_LRU; then drop its parked lease."""
+        """End the displaced batch task with QUEUE_FULL_DROP_LRU; then drop its parked entry."""
         backoff = self.estimator.backoff_ms(info.rs, slots_total)
         exc = OrchestratorError(
             Code.QUEUE_FULL_DROP_LRU,
@@ -67,7 +67,7 @@ class QueueFront:
         await self.store.terminate(
             victim, TaskState.FAILED, events.error(exc, engine=info.engine), self.retention_s
         )
-        await self.store.release_lease(info.rs, victim)
+        await self.store.release_eviction(info.rs, victim)
         await self.sessions.settle(victim, 0)
         self._count_rejection(info, Code.QUEUE_FULL_DROP_LRU, "drop-lru")
         log.info(

@@ -583,6 +583,8 @@ class Outcome:
                         f"stream differs from the log: {trace.task_id}: {live[-3:]} vs {logged[-3:]}"
                     )
         failed.extend(f"store: {p}" for p in self.store_problems)
+        # A refusal during a fault must say "retry" (503 with Retry-After), never a bare 500.
+        failed.extend(f"refused with {k} x{n}" for k, n in self.refused.items() if ":500:" in k)
         not_ended = [t for t in self.after if self.traces[t].outcome != "end"]
         if len(self.after) < self.after_wanted:
             failed.append(f"only {len(self.after)} of {self.after_wanted} tasks admitted after recovery")

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from llorch import events
 from llorch.config import GREEDY_V1, SchedulerConfig, SessionsConfig, validate_config
 from llorch.errors import Code, OrchestratorError
-from llorch.store import LEASE_MS, Placement, Store, TaskState
+from llorch.store import LEASE_MS, NewTask, Placement, QueueLimits, Store, TaskRequest, TaskState
 from llorch.throttle import BackoffClamp
 from llorch.v1 import types_pb2
 from llorch_cli.embedded_redis import EmbeddedRedis
@@ -114,7 +115,7 @@ def _build(store: Store, capacity: int = 4, policy: str = "reject") -> Parts:
     )
     settings = DispatchSettings({"greedy-v1": GREEDY_V1}, 1, 0, 60)
     dispatcher = Dispatcher(settings, store, registry, estimator, sessions, throttles, metrics, "token")
-    sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired)
+    sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
     return Parts(store, registry, admission, dispatcher, sessions, sweeper)
 
 
@@ -263,15 +264,54 @@ async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(
     assert await store.leased(admitted.rs) == []
 
 
-async def test_the_sweeper_ends_a_task_whose_lease_lapsed(store: Store) -> None:
+async def test_the_sweeper_ends_a_dispatched_task_whose_lease_lapsed(store: Store) -> None:
     parts = _build(store)
     parts.report(_pool())
     admitted = await parts.admission.admit(_request())
-    [claim] = await store.claim(admitted.rs, lease_ms=-1)  # claimed by a scheduler that then died
+    [claim] = await store.claim(admitted.rs, lease_ms=-1)  # dispatched by a scheduler that then died
+    await store.mark_running(claim.task_id, Placement("127.0.0.1:1", "p1", "p1-r0"))
     assert await parts.sweeper.sweep() == 1
     log = await _log(store, claim.task_id)
     assert log[-1][0] == "error" and log[-1][1]["code"] == "WORKER_RESET"
     assert await store.leased(admitted.rs) == [] and await parts.sweeper.sweep() == 0
+
+
+async def test_the_sweeper_returns_a_claim_that_was_never_dispatched(store: Store) -> None:
+    """A claim whose dispatch died before the record said running goes back to the head of its class."""
+    parts = _build(store)
+    parts.report(_pool())
+    first = await parts.admission.admit(_request())
+    second = await parts.admission.admit(_request())
+    [claim] = await store.claim(first.rs, lease_ms=-1)
+    assert claim.task_id == first.task_id
+    assert await parts.sweeper.sweep() == 1
+    assert await store.leased(first.rs) == []
+    record = await store.task(first.task_id)
+    assert record is not None and record.state == TaskState.QUEUED
+    assert [c.task_id for c in await store.claim(first.rs, LEASE_MS, limit=2)] == [
+        first.task_id,
+        second.task_id,
+    ]
+    assert [name for name, _ in await _log(store, first.task_id)] == ["started"]
+
+
+async def test_the_sweeper_ends_a_victim_its_evicting_admission_left(store: Store) -> None:
+    parts = _build(store, capacity=1, policy="drop-lru")
+    parts.report(_pool(capacity=1, policy="drop-lru"))
+    victim = await parts.admission.admit(_request(priority="batch"))
+    task = NewTask(
+        "newer", victim.rs, "interactive", MODEL, "", "mock", 60_000, TaskRequest("p", 4, 1, "strict")
+    )
+    started = events.started("newer", 0, 0, 1.0, "interactive")
+    limits = QueueLimits(1, 1, 1, "drop-lru")
+    # An admission that evicts, then dies before ending its victim (its parking expires at once).
+    result = await store.admit(task, limits, 10**13, (0, [started]), 60)
+    assert result.evicted == victim.task_id
+    await store.client.zadd(store.keys.evicted(victim.rs), {victim.task_id: 0})
+    assert await parts.sweeper.sweep() == 1
+    log = await _log(store, victim.task_id)
+    assert [name for name, _ in log] == ["started", "error"] and log[-1][1]["code"] == "QUEUE_FULL_DROP_LRU"
+    assert await store.expired_evictions() == []
 
 
 async def test_the_sweeper_renews_a_lease_its_manager_still_reports(store: Store) -> None:
