@@ -39,7 +39,7 @@ def only_engine(context: Any) -> dict[str, Any]:
 
 
 def device(context: Any, name: str) -> dict[str, Any]:
-    per_device = context.capabilities["concurrency"]["per_device"]
+    per_device = only_engine(context)["concurrency"]["per_device"]
     found = [d for d in per_device if d["device"] == name]
     assert len(found) == 1, per_device
     entry: dict[str, Any] = found[0]
@@ -87,7 +87,7 @@ def step_capabilities_gpu(context: Any) -> None:
     async def reported() -> bool:
         caps = await get_json(context, "/v1/capabilities")
         context.capabilities = caps
-        devices = caps["concurrency"]["per_device"]
+        devices = [d for e in caps["engines"] for d in e["concurrency"]["per_device"]]
         return bool(devices) and all(d["name"] and d["slots_total"] for d in devices)
 
     run(context, wait_until(reported, 30, "the GPU and its Ready slots to appear in /v1/capabilities"))
@@ -162,7 +162,7 @@ def step_cpu_device(context: Any, name: str, free: int, total: int) -> None:
 
 @then("{free:d} of {total:d} slots are free in total")
 def step_total_slots(context: Any, free: int, total: int) -> None:
-    concurrency = context.capabilities["concurrency"]
+    concurrency = only_engine(context)["concurrency"]
     assert concurrency["slots_free"] == free and concurrency["slots_total"] == total, concurrency
 
 

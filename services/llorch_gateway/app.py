@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from google.protobuf.json_format import MessageToDict
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
@@ -15,6 +14,7 @@ from llorch.ids import is_valid_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
+from . import render
 from .auth import Authenticator
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
@@ -99,13 +99,7 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         status = await self.d.scheduler.get_task(_path_id(request, "task_id"))
-        payload = MessageToDict(
-            status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        payload.pop("error_json", None)
-        payload["session_id"] = status.session_id or None
-        payload["error"] = json.loads(status.error_json) if status.error_json else None
-        return _json(payload)
+        return _json(render.task_status(status))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         task_id = _path_id(request, "task_id")
@@ -130,7 +124,7 @@ class Api:
 
     async def session(self, request: web.Request) -> web.Response:
         reply = await self.d.scheduler.get_session(_path_id(request, "session_id"))
-        return web.Response(text=reply.json, content_type="application/json")
+        return _json(render.session(reply))
 
     async def delete_session(self, request: web.Request) -> web.Response:
         await self.d.scheduler.delete_session(_path_id(request, "session_id"))
@@ -159,14 +153,11 @@ class Api:
 
     async def replica_sets(self, request: web.Request) -> web.Response:
         reply = await self.d.scheduler.replica_sets()
-        return web.Response(text=reply.json, content_type="application/json")
+        return _json([render.replica_set(view) for view in reply.sets])
 
     async def capabilities(self, request: web.Request) -> web.Response:
-        caps = json.loads((await self.d.scheduler.capabilities()).json)
-        limits = self.d.auth.limits(request.get("client", ""))
-        for engine in caps["engines"]:
-            engine["rate_limits"] = limits
-        return _json(caps)
+        caps = await self.d.scheduler.capabilities()
+        return _json(render.capabilities(caps, self.d.auth.limits(request.get("client", ""))))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})

@@ -55,7 +55,7 @@ class SchedulerClient:
         )
         return await self._call(call, "the scheduler")
 
-    async def get_session(self, session_id: str) -> scheduler_pb2.JsonReply:
+    async def get_session(self, session_id: str) -> scheduler_pb2.SessionInfo:
         call = self.stub.GetSession(
             scheduler_pb2.SessionRequest(session_id=session_id),
             metadata=metadata(self.token),
@@ -71,13 +71,13 @@ class SchedulerClient:
         )
         return await self._call(call, "the scheduler")
 
-    async def replica_sets(self) -> scheduler_pb2.JsonReply:
+    async def replica_sets(self) -> scheduler_pb2.ListReplicaSetsResponse:
         call = self.stub.ListReplicaSets(
             scheduler_pb2.ListReplicaSetsRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
         )
         return await self._call(call, "the scheduler")
 
-    async def capabilities(self) -> scheduler_pb2.JsonReply:
+    async def capabilities(self) -> scheduler_pb2.CapabilitiesResponse:
         call = self.stub.Capabilities(
             scheduler_pb2.CapabilitiesRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
         )

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Final
 
 from llorch.errors import Code
 from llorch.store import Store
-from llorch.v1 import types_pb2
+from llorch.v1 import scheduler_pb2, types_pb2
 
 from .registry import Manager, PoolRegistry, set_of
 
@@ -48,23 +48,26 @@ class SloWindow:
         ends = self._ends.setdefault(rs, deque())
         ends.append(_End(time.monotonic(), int(done.first_token_ms), int(done.decode_ms), done.code))
 
-    def snapshot(self, rs: str) -> dict[str, object]:
+    def snapshot(self, rs: str) -> scheduler_pb2.SloSnapshot:
         ends = self._ends.get(rs, deque())
         cutoff = time.monotonic() - self.window_s
         while ends and ends[0].at < cutoff:
             ends.popleft()
         ok = [e for e in ends if not e.code]
         late = sum(1 for e in ends if e.code == Code.DEADLINE_UNMET.value)
-        return {
-            "first_token_ms_p50": _percentile([e.first_token_ms for e in ok if e.first_token_ms], 0.5),
-            "first_token_ms_p95": _percentile([e.first_token_ms for e in ok if e.first_token_ms], 0.95),
-            "decode_ms_p50": _percentile([e.decode_ms for e in ok], 0.5),
-            "on_time_ratio": round(len(ok) / (len(ok) + late), 4) if ok or late else None,
-        }
+        first_tokens = [e.first_token_ms for e in ok if e.first_token_ms]
+        return scheduler_pb2.SloSnapshot(
+            first_token_ms_p50=_percentile(first_tokens, 0.5),
+            first_token_ms_p95=_percentile(first_tokens, 0.95),
+            decode_ms_p50=_percentile([e.decode_ms for e in ok], 0.5),
+            on_time_ratio=round(len(ok) / (len(ok) + late), 4) if ok or late else None,
+        )
 
 
-async def replica_sets(registry: PoolRegistry, store: Store, slo: SloWindow) -> list[dict[str, object]]:
-    out: list[dict[str, object]] = []
+async def replica_sets(
+    registry: PoolRegistry, store: Store, slo: SloWindow
+) -> scheduler_pb2.ListReplicaSetsResponse:
+    reply = scheduler_pb2.ListReplicaSetsResponse()
     for rs in registry.replica_sets():
         info = registry.set_info(rs)
         if info is None:
@@ -73,39 +76,30 @@ async def replica_sets(registry: PoolRegistry, store: Store, slo: SloWindow) -> 
         total, free = registry.slots(rs)
         interactive, batch = await store.queue_depths(rs)
         first = members[0]
-        out.append(
-            {
-                "id": rs,
-                "engine": info.engine,
-                "engine_version": info.engine_version,
-                "model_id": first.model_ref,
-                "model_digest": first.model_digest,
-                "ctx": info.ctx,
-                "sampler_profile_version": first.sampler_profile_version,
-                "pools": list(info.pool_ids),
-                "ready": total > 0,
-                "devices": sorted({d for p in members for d in p.devices}),
-                "determinism": "strict" if info.single_slot and info.engine != "vllm" else "best_effort",
-                "load": round((total - free) / total, 4) if total else 0.0,
-                "slots_total": total,
-                "slots_free": free,
-                "queue_depth": {"interactive": interactive, "batch": batch},
-                "queue_capacity": info.queue_capacity,
-                "full_policy": info.full_policy,
-                "slo": slo.snapshot(rs),
-            }
+        reply.sets.append(
+            scheduler_pb2.ReplicaSetView(
+                id=rs,
+                engine=info.engine,
+                engine_version=info.engine_version,
+                model_id=first.model_ref,
+                model_digest=first.model_digest,
+                ctx=info.ctx,
+                sampler_profile_version=first.sampler_profile_version,
+                pools=list(info.pool_ids),
+                ready=total > 0,
+                devices=sorted({d for p in members for d in p.devices}),
+                determinism="strict" if info.single_slot and info.engine != "vllm" else "best_effort",
+                load=round((total - free) / total, 4) if total else 0.0,
+                slots_total=total,
+                slots_free=free,
+                queue_interactive=interactive,
+                queue_batch=batch,
+                queue_capacity=info.queue_capacity,
+                full_policy=info.full_policy,
+                slo=slo.snapshot(rs),
+            )
         )
-    return out
-
-
-@dataclass
-class _Device:
-    device: str
-    name: str | None = None
-    vram_total_bytes: int | None = None
-    vram_free_bytes: int | None = None
-    slots_total: int = 0
-    slots_free: int = 0
+    return reply
 
 
 def _ready_slots(registry: PoolRegistry, manager: Manager, pool: types_pb2.PoolState) -> tuple[int, int]:
@@ -115,14 +109,19 @@ def _ready_slots(registry: PoolRegistry, manager: Manager, pool: types_pb2.PoolS
     return sum(r.slots_total for r in ready), sum(max(0, r.slots_total - registry.busy(r)) for r in ready)
 
 
-def _per_device(registry: PoolRegistry) -> list[_Device]:
-    """Slots of Ready replicas per device (a split pool counts on each of its devices)."""
-    devices: dict[str, _Device] = {}
-    for manager, pool in registry.pools():
+def _concurrency(
+    registry: PoolRegistry, pools: list[tuple[Manager, types_pb2.PoolState]]
+) -> scheduler_pb2.Concurrency:
+    """Slots of the Ready replicas of ``pools``, in all and per device (a split pool counts on each
+    of its devices)."""
+    devices: dict[str, scheduler_pb2.DeviceConcurrency] = {}
+    all_total = all_free = 0
+    for manager, pool in pools:
         total, free = _ready_slots(registry, manager, pool)
+        all_total, all_free = all_total + total, all_free + free
         seen = {t.device: t for t in pool.telemetry}
         for device in pool.devices:
-            entry = devices.setdefault(device, _Device(device))
+            entry = devices.setdefault(device, scheduler_pb2.DeviceConcurrency(device=device))
             tel = seen.get(device)
             if tel is not None and tel.name:  # a GPU the probe knows
                 entry.name = tel.name
@@ -130,43 +129,38 @@ def _per_device(registry: PoolRegistry) -> list[_Device]:
                 entry.vram_free_bytes = tel.vram_free_bytes
             entry.slots_total += total
             entry.slots_free += free
-    return [devices[k] for k in sorted(devices, key=lambda d: (not d.isdigit(), d.zfill(4)))]
+    order = sorted(devices, key=lambda d: (not d.isdigit(), d.zfill(4)))
+    return scheduler_pb2.Concurrency(
+        slots_total=all_total, slots_free=all_free, per_device=[devices[d] for d in order]
+    )
 
 
-def capabilities(registry: PoolRegistry, sessions: bool) -> dict[str, object]:
-    """Engines with at least one configured pool, and concurrency per device, as of now."""
-    by_engine: dict[str, list[types_pb2.PoolState]] = {}
-    for _, pool in registry.pools():
-        by_engine.setdefault(pool.engine, []).append(pool)
-    engines: list[dict[str, object]] = []
+def capabilities(registry: PoolRegistry, sessions: bool) -> scheduler_pb2.CapabilitiesResponse:
+    """Engines with at least one configured pool, each with its concurrency as of now (SPEC D16)."""
+    by_engine: dict[str, list[tuple[Manager, types_pb2.PoolState]]] = {}
+    for manager, pool in registry.pools():
+        by_engine.setdefault(pool.engine, []).append((manager, pool))
+    reply = scheduler_pb2.CapabilitiesResponse(api_version=API_VERSION)
     for engine in sorted(by_engine):
-        pools = by_engine[engine]
+        pools = [p for _, p in by_engine[engine]]
         strict = any(all(r.slots_total == 1 for r in p.replicas) for p in pools) and engine != "vllm"
-        engines.append(
-            {
-                "engine": engine,
-                "engine_versions": sorted({p.engine_version for p in pools if p.engine_version}),
-                "ctx_max": max(p.ctx for p in pools),
-                "supported_workloads": sorted({w for p in pools for w in p.workloads}),
-                "models": sorted({p.model_ref for p in pools}),
-                "features": {
-                    "determinism": ["strict", "best_effort"] if strict else ["best_effort"],
-                    "queue_policies": list(QUEUE_POLICIES),
-                    "sessions": sessions,
-                    "budgets": sessions,
-                    "openai_compat": False,
-                    "tensor_split": engine == "llamacpp",
-                    "kv_hint": True,
-                },
-            }
+        reply.engines.append(
+            scheduler_pb2.EngineCapability(
+                engine=engine,
+                engine_versions=sorted({p.engine_version for p in pools if p.engine_version}),
+                ctx_max=max(p.ctx for p in pools),
+                supported_workloads=sorted({w for p in pools for w in p.workloads}),
+                models=sorted({p.model_ref for p in pools}),
+                features=scheduler_pb2.EngineFeatures(
+                    determinism=["strict", "best_effort"] if strict else ["best_effort"],
+                    queue_policies=list(QUEUE_POLICIES),
+                    sessions=sessions,
+                    budgets=sessions,
+                    openai_compat=False,
+                    tensor_split=engine == "llamacpp",
+                    kv_hint=True,
+                ),
+                concurrency=_concurrency(registry, by_engine[engine]),
+            )
         )
-    slots = [_ready_slots(registry, m, p) for m, p in registry.pools()]
-    return {
-        "api_version": API_VERSION,
-        "engines": engines,
-        "concurrency": {
-            "slots_total": sum(total for total, _ in slots),
-            "slots_free": sum(free for _, free in slots),
-            "per_device": [asdict(d) for d in _per_device(registry)],
-        },
-    }
+    return reply

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +20,7 @@ from .cancel import Canceller
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry, set_of
-from .sessions import Sessions, cost_text
+from .sessions import MICRO, Sessions, cost_text
 from .submission import submission_of
 
 log = logging.getLogger(__name__)
@@ -160,9 +159,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @unary
     async def GetSession(
         self, request: scheduler_pb2.SessionRequest, context: Context
-    ) -> scheduler_pb2.JsonReply:
-        info = await self.sessions.info(request.session_id)
-        return scheduler_pb2.JsonReply(json=json.dumps(info, separators=(",", ":")))
+    ) -> scheduler_pb2.SessionInfo:
+        view = await self.sessions.info(request.session_id)
+        record, budgets = view.record, view.record.budgets
+        cost = None if budgets.cost_micro is None else round(budgets.cost_micro / MICRO, 4)
+        return scheduler_pb2.SessionInfo(
+            session_id=record.session_id,
+            ttl_ms_remaining=record.ttl_ms,
+            turns=record.turns,
+            max_turns=record.max_turns,
+            kv_bytes=view.kv_bytes,
+            kv_warmth=view.kv_warmth,
+            model_ref=record.model_ref,
+            replica_id=record.replica_id,
+            created_ms=record.created_ms,
+            tokens_budget_remaining=budgets.tokens,
+            time_budget_remaining_ms=budgets.time_ms,
+            cost_budget_remaining=cost,
+        )
 
     @unary
     async def DeleteSession(
@@ -191,16 +205,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @unary
     async def ListReplicaSets(
         self, request: scheduler_pb2.ListReplicaSetsRequest, context: Context
-    ) -> scheduler_pb2.JsonReply:
-        sets = await inventory.replica_sets(self.registry, self.store, self.dispatcher.slo)
-        return scheduler_pb2.JsonReply(json=json.dumps(sets, separators=(",", ":")))
+    ) -> scheduler_pb2.ListReplicaSetsResponse:
+        return await inventory.replica_sets(self.registry, self.store, self.dispatcher.slo)
 
     @unary
     async def Capabilities(
         self, request: scheduler_pb2.CapabilitiesRequest, context: Context
-    ) -> scheduler_pb2.JsonReply:
-        caps = inventory.capabilities(self.registry, sessions=True)
-        return scheduler_pb2.JsonReply(json=json.dumps(caps, separators=(",", ":")))
+    ) -> scheduler_pb2.CapabilitiesResponse:
+        return inventory.capabilities(self.registry, sessions=True)
 
     @unary
     async def PoolControl(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from llorch.config import SessionsConfig
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.store import SessionBudgets, Store, TaskRecord, now_ms
+from llorch.store import SessionBudgets, SessionRecord, Store, TaskRecord, now_ms
 
 from .registry import PoolRegistry, SetInfo
 from .submission import Submission
@@ -174,23 +174,25 @@ class Sessions:
             self.cfg.ttl_ms,
         )
 
-    async def info(self, session_id: str) -> dict[str, object]:
+    async def info(self, session_id: str) -> SessionView:
         record = await self.store.session(session_id)
         if record is None:
             raise OrchestratorError(Code.NOT_FOUND, f"session {session_id} is unknown or expired")
         replica = record.replica_id or None
-        return {
-            "session_id": session_id,
-            "ttl_ms_remaining": record.ttl_ms,
-            "turns": record.turns,
-            "max_turns": record.max_turns,
-            "kv_bytes": record.tokens_held * _bytes_per_token(self.registry, replica),
-            "kv_warmth": replica is not None and self.registry.replica_pid(replica) == record.replica_pid,
-            "model_ref": record.model_ref,
-            "replica_id": replica,
-            "created_ms": record.created_ms,
-            **budget_view(record.budgets),
-        }
+        return SessionView(
+            record,
+            kv_bytes=record.tokens_held * _bytes_per_token(self.registry, replica),
+            kv_warmth=replica is not None and self.registry.replica_pid(replica) == record.replica_pid,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """SessionInfo (SPEC §2.2): the stored session plus what the registry knows of its replica."""
+
+    record: SessionRecord
+    kv_bytes: int
+    kv_warmth: bool
 
 
 def _bytes_per_token(registry: PoolRegistry, replica_id: str | None) -> int:

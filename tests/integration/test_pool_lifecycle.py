@@ -235,7 +235,8 @@ async def test_gpu_telemetry_reaches_health_metrics_and_capabilities(
     assert _sample(lines, "vram_used_bytes", 'replica_id="mock-gpu-r0"', 'device="0"') == 2 * GIB
     assert _sample(lines, "gpu_utilization", 'replica_id="mock-gpu-r0"', 'device="0"') == 37.0
     caps = await _get(http, stack, "/v1/capabilities")
-    (device,) = caps["concurrency"]["per_device"]
+    (engine,) = caps["engines"]  # concurrency is per engine (SPEC D16)
+    (device,) = engine["concurrency"]["per_device"]
     assert device["device"] == "0" and device["name"] == "Fake 12GB" and device["slots_total"] == 2
     assert device["vram_total_bytes"] == 12288 << 20
     assert caps["api_version"] == "1.0.0" and caps["engines"][0]["engine"] == "mock"
@@ -282,7 +283,8 @@ async def test_one_pool_manager_per_device_and_auto_placement(
     # 16 GiB of KV only fits the 24 GB card: auto chose GPU 0 and shows it in health.
     assert devices == {"mock-auto": ["0"], "mock-cpu": ["cpu"], "mock-gpu0": ["0"], "mock-gpu1": ["1"]}
     caps = await _get(http, stack, "/v1/capabilities")
-    per_device = {d["device"]: d["slots_total"] for d in caps["concurrency"]["per_device"]}
+    (engine,) = caps["engines"]
+    per_device = {d["device"]: d["slots_total"] for d in engine["concurrency"]["per_device"]}
     assert per_device == {"0": 2, "1": 1, "cpu": 1}
 
 
