@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc.aio
 from prometheus_client import CollectorRegistry
@@ -38,50 +39,75 @@ def redis_url(cfg: LlorchConfig) -> str:
     return cfg.redis.url
 
 
-async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
-    token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
-    metrics = SchedulerMetrics(CollectorRegistry())
-    host = cfg.grpc.scheduler.rpartition(":")[0]
-    registry = PoolRegistry()
+@dataclass(frozen=True)
+class Parts:
+    """The scheduler's object graph over one store and one registry."""
+
+    sessions: Sessions
+    watch: QueueWatch
+    admission: Admission
+    dispatcher: Dispatcher
+    sweeper: LeaseSweeper
+
+
+def build(
+    cfg: LlorchConfig, store: Store, registry: PoolRegistry, metrics: SchedulerMetrics, token: str
+) -> Parts:
+    """Wire the scheduler's parts, each from its narrow collaborators (tests build them the same way)."""
     sched = cfg.scheduler
     clamp = BackoffClamp(sched.backoff_min_ms, sched.backoff_max_ms)
     estimator = Estimator(sched.ewma_alpha, sched.prior_ms_per_token, clamp)
     served = {p.model for p in cfg.pools}
     served_models = [m.id for m in cfg.catalog.models if m.id in served]
+    sessions = Sessions(cfg.sessions, store, registry)
+    watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
+    throttles = Throttles(cfg.pools, cfg.api.tokens, clamp, metrics)
+    front = QueueFront(cfg.pools, cfg.sse.retention_s, store, estimator, metrics, sessions)
+    admission = Admission(
+        sched,
+        cfg.queue.soft_watermark,
+        served_models,
+        store,
+        registry,
+        estimator,
+        metrics,
+        watch,
+        sessions,
+        front,
+        throttles,
+    )
+    dispatcher = Dispatcher(
+        DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
+    )
+    sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
+    return Parts(sessions, watch, admission, dispatcher, sweeper)
+
+
+async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
+    token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
+    metrics = SchedulerMetrics(CollectorRegistry())
+    host = cfg.grpc.scheduler.rpartition(":")[0]
+    registry = PoolRegistry()
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
-            sessions = Sessions(cfg.sessions, store, registry)
-            watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
-            throttles = Throttles(cfg.pools, cfg.api.tokens, clamp, metrics)
-            front = QueueFront(cfg.pools, cfg.sse.retention_s, store, estimator, metrics, sessions)
-            admission = Admission(
-                sched,
-                cfg.queue.soft_watermark,
-                served_models,
+            parts = build(cfg, store, registry, metrics, token)
+            service = SchedulerService(
                 store,
                 registry,
-                estimator,
+                parts.admission,
+                parts.dispatcher,
                 metrics,
-                watch,
-                sessions,
-                front,
-                throttles,
-            )
-            dispatcher = Dispatcher(
-                DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
-            )
-            sweeper = LeaseSweeper(
-                store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction
-            )
-            service = SchedulerService(
-                store, registry, admission, dispatcher, metrics, cfg.sse.retention_s, token, sessions
+                cfg.sse.retention_s,
+                token,
+                parts.sessions,
             )
 
             def register(server: grpc.aio.Server) -> None:
                 scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
 
+            loops = (parts.dispatcher.run(), parts.sweeper.run(), _gauges(service), parts.watch.run())
             async with (
-                background(dispatcher.run(), sweeper.run(), _gauges(service), watch.run()),
+                background(*loops),
                 grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops
             ):
                 log.info(

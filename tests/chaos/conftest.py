@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import ChaosRedis, ChaosStack
+from tests.chaos.harness import ChaosStack
+from tests.support.restartable_redis import RestartableRedis
 
 
 @pytest.fixture
 async def chaos_stack(tmp_path: Path) -> AsyncIterator[ChaosStack]:
-    redis = ChaosRedis(tmp_path / "redis")
+    redis = RestartableRedis(tmp_path / "redis")
     await redis.start()
     stack = ChaosStack(tmp_path / "stack", redis)
     try:

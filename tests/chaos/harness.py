@@ -1,7 +1,7 @@
 """Chaos harness: a stack whose every process (Redis included) can be killed, frozen and restarted.
 
-- ``ChaosRedis``: valkey/redis-server with AOF on a fixed port and data dir; SIGKILL it and start it
-  again on the same port and data, so the services reconnect to the same URL.
+- ``RestartableRedis`` (tests/support): valkey with AOF on a fixed port and data dir, killed and
+  started again on the same port and data, so the services reconnect to the same URL.
 - ``ChaosStack``: the config comes from ``tests.support.stack.Stack`` (free ports, tokens); each service
   (scheduler, two pool managers with one pool each, gateway) is its own ``llorch`` process, started and
   restarted here with the same argv, config and ports.
@@ -29,8 +29,8 @@ import redis.asyncio as aioredis
 
 from llorch.config import load_config
 from llorch.store import Keys
-from llorch_cli.embedded_redis import server_binary
-from tests.support.procs import Proc, free_port, python_module, wait_until
+from tests.support.procs import Proc, python_module, wait_until
+from tests.support.restartable_redis import RestartableRedis
 from tests.support.stack import Stack, mock_pool
 
 TOKEN_DELAY_MS = "20"
@@ -43,64 +43,6 @@ STALL_S = 10.0
 SETTLE_TIMEOUT_S = 75.0
 """How long after recovery every admitted task has to reach its terminal event. Generous: a task whose
 pool manager vanished ends through its 15 s lease and the 2 s sweeper."""
-
-
-class ChaosRedis:
-    """A Redis server with AOF whose lifecycle the test controls (same port and data dir on restart)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Proc | None = None
-        self.starts = 0
-
-    def _argv(self) -> list[str]:
-        return [
-            server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--logfile",
-            "",
-        ]
-
-    async def start(self) -> None:
-        self.starts += 1
-        self.proc = Proc(self._argv(), self.dir / f"server-{self.starts}.log")
-        proc = self.proc
-
-        async def pong() -> bool:
-            if not proc.alive():
-                raise AssertionError(f"redis exited at start:\n{proc.log_text()[-2000:]}")
-            client = aioredis.Redis(port=self.port, socket_connect_timeout=0.5)
-            try:
-                return bool(await client.ping())
-            except aioredis.RedisError:
-                return False
-            finally:
-                await client.aclose()
-
-        await wait_until(pong, 30, f"redis on {self.port}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill(signal.SIGKILL)
-        self.proc.popen.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 def chaos_pool(pool_id: str) -> dict[str, Any]:
@@ -116,7 +58,7 @@ def chaos_pool(pool_id: str) -> dict[str, Any]:
 class ChaosStack:
     """Scheduler, one pool manager per pool (``pm-<pool>``), gateway: each its own restartable process."""
 
-    def __init__(self, workdir: Path, redis: ChaosRedis) -> None:
+    def __init__(self, workdir: Path, redis: RestartableRedis) -> None:
         self.redis = redis
         self.config = Stack(
             workdir,

@@ -6,61 +6,20 @@ reported finished (so its lease is not released) while its log is still unwritte
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from llorch.config import load_config
 from llorch.store import Store
-from llorch_cli.embedded_redis import server_binary
 from llorch_poolmgr.executor import LOG_UNREACHABLE
-from tests.support.procs import Proc, free_port, wait_until
+from tests.support.procs import wait_until
+from tests.support.restartable_redis import RestartableRedis
 from tests.support.stack import Client, Stack, mock_pool
 
 HANG_GUARD_S = 90
-
-
-class RestartableRedis:
-    """A Redis with AOF on a fixed port and data dir, so that a restart keeps the data."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Proc | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        self.starts += 1
-        argv = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        argv += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", ""]
-        proc = self.proc = Proc(argv, self.dir / f"server-{self.starts}.log")
-
-        async def pong() -> bool:
-            assert proc.alive(), proc.log_text()[-2000:]
-            client = aioredis.Redis(port=self.port, socket_connect_timeout=0.5)
-            try:
-                return bool(await client.ping())
-            except aioredis.RedisError:
-                return False
-            finally:
-                await client.aclose()
-
-        await wait_until(pong, 30, f"redis on {self.port}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill(signal.SIGKILL)
-        self.proc.popen.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 @pytest.fixture

@@ -18,23 +18,19 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from llorch import events
-from llorch.config import GREEDY_V1, SchedulerConfig, SessionsConfig, validate_config
+from llorch.config import GREEDY_V1, validate_config
 from llorch.errors import Code, OrchestratorError
 from llorch.store import LEASE_MS, NewTask, Placement, QueueLimits, Store, TaskRequest, TaskState
-from llorch.throttle import BackoffClamp
 from llorch.v1 import types_pb2
 from llorch_cli.embedded_redis import EmbeddedRedis
+from llorch_scheduler.__main__ import build
 from llorch_scheduler.admission import Admission
-from llorch_scheduler.dispatcher import Dispatcher, DispatchSettings
-from llorch_scheduler.estimator import Estimator
+from llorch_scheduler.dispatcher import Dispatcher
 from llorch_scheduler.leases import LeaseSweeper
 from llorch_scheduler.metrics import SchedulerMetrics
-from llorch_scheduler.queueing import QueueFront
-from llorch_scheduler.queuewatch import QueueWatch
 from llorch_scheduler.registry import PoolRegistry, set_of
 from llorch_scheduler.sessions import Sessions
 from llorch_scheduler.submission import Budget, Submission
-from llorch_scheduler.throttles import Throttles
 from tests.support.events_schema import check_event
 from tests.support.procs import free_port, wait_until
 
@@ -80,6 +76,9 @@ def _build(store: Store, capacity: int = 4, policy: str = "reject") -> Parts:
     cfg = validate_config(
         {
             "version": 1,
+            "sse": {"retention_s": 60},
+            "scheduler": {"dispatch_attempts": 1},
+            "sampler_profiles": {"greedy-v1": GREEDY_V1.model_dump()},
             "catalog": {"models": [{"id": MODEL, "path": str(Path(__file__))}]},
             "pools": [
                 {
@@ -88,35 +87,14 @@ def _build(store: Store, capacity: int = 4, policy: str = "reject") -> Parts:
                     "model": MODEL,
                     "devices": "cpu",
                     "queue": {"capacity": capacity, "full_policy": policy},
+                    "sampler_profile_version": "greedy-v1",
                 }
             ],
         }
     )
-    metrics = SchedulerMetrics(CollectorRegistry())
     registry = PoolRegistry()
-    clamp = BackoffClamp(250, 60_000)
-    estimator = Estimator(0.2, 25, clamp)
-    sessions = Sessions(SessionsConfig(), store, registry)
-    watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
-    throttles = Throttles(cfg.pools, [], clamp, metrics)
-    front = QueueFront(cfg.pools, 60, store, estimator, metrics, sessions)
-    admission = Admission(
-        SchedulerConfig(),
-        0.8,
-        [MODEL],
-        store,
-        registry,
-        estimator,
-        metrics,
-        watch,
-        sessions,
-        front,
-        throttles,
-    )
-    settings = DispatchSettings({"greedy-v1": GREEDY_V1}, 1, 0, 60)
-    dispatcher = Dispatcher(settings, store, registry, estimator, sessions, throttles, metrics, "token")
-    sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
-    return Parts(store, registry, admission, dispatcher, sessions, sweeper)
+    parts = build(cfg, store, registry, SchedulerMetrics(CollectorRegistry()), "token")
+    return Parts(store, registry, parts.admission, parts.dispatcher, parts.sessions, parts.sweeper)
 
 
 @pytest.fixture
@@ -235,7 +213,7 @@ async def test_session_affinity_survives_a_scheduler_restart(store: Store) -> No
     second = await restarted.admission.admit(_request(session_id="s1"))
     assert await restarted.sessions.warm_replica(second.task_id) == ("p1-r0", 42)
     info = await restarted.sessions.info("s1")
-    assert info["kv_warmth"] is True and info["replica_id"] == "p1-r0" and info["turns"] == 2
+    assert info.kv_warmth is True and info.record.replica_id == "p1-r0" and info.record.turns == 2
     cold = await restarted.admission.admit(_request(session_id="s1", kv_hint="cold"))
     assert await restarted.sessions.warm_replica(cold.task_id) is None
 
