@@ -127,6 +127,14 @@ class RedisConfig(_Model):
 
     url: Annotated[str | None, AfterValidator(rules.check_redis_url)] = None
     key_prefix: Annotated[str, StringConstraints(min_length=1)] = "llorch:"
+    cluster: bool = False  # `url` is one node of a Redis Cluster (not with the embedded Redis)
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> Self:
+        if self.cluster and self.url is None:
+            problem = (("cluster",), "needs redis.url (a cluster node): the embedded Redis is one server")
+            rules.raise_problems("RedisConfig", [problem])
+        return self
 
 
 class SchedulerConfig(_Model):

@@ -56,6 +56,8 @@ FIELDS: Final = (
     "what",
     "down_ms",
     "child",
+    "tasks",
+    "unwritten",
     "attempt",
     "delay_ms",
     "path",

@@ -252,3 +252,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return redis.call('HGETALL', KEYS[1])
 """
+
+# Delete a session and return what it held ({} when unknown). KEYS: sess.
+SESSION_DELETE: Final = """
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return fields
+"""

@@ -3,14 +3,22 @@
 Keys (prefix ``llorch:``; the part in braces is the Redis Cluster hash tag, so every multi-key step
 touches one slot):
 
-- ``task:{id}``   hash — the task record (state, request, placement, ``seq`` of the last event, ``terminal``)
-- ``ev:{id}``     stream — the task's event log; entry id ``0-(seq+1)`` so SSE ``id:`` = seq
+- ``task:{rs}:id`` hash — the task record (state, request, placement, ``seq`` of the last event,
+  ``terminal``), in its replica set's slot
+- ``ev:{rs}:id``  stream — the task's event log; entry id ``0-(seq+1)`` so SSE ``id:`` = seq
+- ``tid:{id}``    string — the replica set a task id lives in (its locator)
 - ``q:{rs}:interactive`` / ``q:{rs}:batch`` — sorted sets scored by the set's admission sequence
 - ``qseq:{rs}``   the set's admission sequence counter
 - ``lease:{rs}``  sorted set of dispatched task ids scored by lease expiry (epoch ms)
 
 Every multi-step change is one Lua script (registered once), so cancel is race-free by construction:
 once a terminal event is in the log, ``append`` refuses every later event.
+
+Task records live in their replica set's slot, so admission (record, `started`, queue entry) is one
+script even on a Redis Cluster; the locator ``tid:{id}`` names that set for lookups by id. It is written
+before the admission step (a crash in between leaves a locator to nothing, which the next admission of
+that id takes over) and lives as long as the task can (its deadline plus the retention). Lookups are
+cached for :data:`LOCATE_CACHE_S` (an id is reused only after its record expired).
 
 Live delivery: every script that appends also PUBLISHes the appended events, one message per call, on
 the ``events`` channel: ``task_id US first_seq (US name US data)*`` with US = \x1f (JSON never carries
@@ -20,8 +28,10 @@ fills it from the stream, so a lost message costs a read, never an event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +40,8 @@ from typing import Any, Final, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from llorch import lua
 
@@ -44,6 +56,11 @@ SOCKET_TIMEOUT_S: Final = 10.0
 HEALTH_CHECK_S: Final = 15
 """An idle pooled connection is checked (PING) before reuse after this long: a Redis restart costs no
 failed call on a stale connection."""
+LOCATE_CACHE_S: Final = 10.0
+"""How long a task id's replica set is remembered in-process."""
+LOCATE_CACHE_MAX: Final = 65_536
+LOCATOR_MARGIN_S: Final = 300
+"""A locator outlives its task's deadline plus the retention by this much."""
 LEASE_MS: Final = 15_000
 """How long a dispatched task's lease lasts; its pool manager renews it well before that."""
 
@@ -222,11 +239,14 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def task(self, task_id: str) -> str:
-        return f"{self.prefix}task:{{{task_id}}}"
+    def task(self, rs: str, task_id: str) -> str:
+        return f"{self.prefix}task:{{{rs}}}:{task_id}"
 
-    def events(self, task_id: str) -> str:
-        return f"{self.prefix}ev:{{{task_id}}}"
+    def events(self, rs: str, task_id: str) -> str:
+        return f"{self.prefix}ev:{{{rs}}}:{task_id}"
+
+    def locator(self, task_id: str) -> str:
+        return f"{self.prefix}tid:{{{task_id}}}"
 
     def queue(self, rs: str, priority: Priority) -> str:
         return f"{self.prefix}q:{{{rs}}}:{priority}"
@@ -260,13 +280,18 @@ class Store:
     """Task records, event logs, queues and leases. Construct with :meth:`connect`."""
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str = "llorch:", subscriber: aioredis.Redis | None = None
+        self,
+        client: aioredis.Redis | RedisCluster,
+        prefix: str = "llorch:",
+        subscriber: aioredis.Redis | None = None,
     ) -> None:
         """``subscriber``: the client for the live-events subscription (no read timeout: it waits for
-        messages); ``client`` by default."""
-        self.client = client
-        self._subscriber = subscriber or client
+        messages; on a cluster, any one node: PUBLISH reaches every node); ``client`` by default."""
+        self.client: Any = client
+        self.cluster = isinstance(client, RedisCluster)
+        self._subscriber: Any = subscriber or client
         self.keys = Keys(prefix)
+        self._located: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._append = client.register_script(lua.APPEND)
         self._terminate = client.register_script(lua.TERMINATE)
         self._admit = client.register_script(lua.ADMIT)
@@ -278,13 +303,20 @@ class Store:
         self._session_admit = client.register_script(lua.SESSION_ADMIT)
         self._session_settle = client.register_script(lua.SESSION_SETTLE)
         self._session_set = client.register_script(lua.SESSION_SET)
+        self._session_delete = client.register_script(lua.SESSION_DELETE)
         self._known_sets: set[str] = set()
 
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, url: str, prefix: str = "llorch:", password: str | None = None, max_connections: int = 1024
+        cls,
+        url: str,
+        prefix: str = "llorch:",
+        password: str | None = None,
+        max_connections: int = 1024,
+        cluster: bool = False,
     ) -> AsyncIterator[Store]:
+        """``cluster``: ``url`` names one node of a Redis Cluster (the client discovers the others)."""
         common: dict[str, Any] = {
             "password": password,
             "decode_responses": True,
@@ -293,9 +325,15 @@ class Store:
             "health_check_interval": HEALTH_CHECK_S,
         }
         # A frozen Redis fails a call after SOCKET_TIMEOUT_S (a retriable error) instead of hanging it.
-        client = aioredis.Redis.from_url(
-            url, max_connections=max_connections, socket_timeout=SOCKET_TIMEOUT_S, **common
-        )
+        client: aioredis.Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(
+                url, max_connections=max_connections, socket_timeout=SOCKET_TIMEOUT_S, **common
+            )
+        else:
+            client = aioredis.Redis.from_url(
+                url, max_connections=max_connections, socket_timeout=SOCKET_TIMEOUT_S, **common
+            )
         subscriber = aioredis.Redis.from_url(url, max_connections=8, **common)
         try:
             yield cls(client, prefix, subscriber)
@@ -309,6 +347,52 @@ class Store:
         except aioredis.RedisError:
             return False
 
+    # -- where a task lives ----------------------------------------------------------------------------
+
+    def locate(self, task_id: str, rs: str) -> None:
+        """Remember (in-process) that ``task_id`` lives in set ``rs``: a caller that knows it (the pool
+        manager, from its dispatch) saves the lookup."""
+        self._located[task_id] = (rs, time.monotonic() + LOCATE_CACHE_S)
+        self._located.move_to_end(task_id)
+        while len(self._located) > LOCATE_CACHE_MAX:
+            self._located.popitem(last=False)
+
+    async def _where(self, task_id: str) -> str | None:
+        """The replica set of ``task_id``; None when the id is unknown."""
+        cached = self._located.get(task_id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        rs = cast(str | None, await self.client.get(self.keys.locator(task_id)))
+        if rs is not None:
+            self.locate(task_id, rs)
+        return rs
+
+    async def _task_keys(self, task_id: str) -> list[str] | None:
+        rs = await self._where(task_id)
+        return None if rs is None else [self.keys.task(rs, task_id), self.keys.events(rs, task_id)]
+
+    async def _claim_id(self, task_id: str, rs: str, ttl_s: int) -> bool:
+        """Point the id's locator at ``rs``; False while the id belongs to a live record elsewhere.
+        (A locator to a record that expired, or was never written, is taken over.)"""
+        key = self.keys.locator(task_id)
+        if await self.client.set(key, rs, nx=True, ex=ttl_s):
+            return True
+        held = cast(str | None, await self.client.get(key))
+        if held is not None and held != rs and await self.client.exists(self.keys.task(held, task_id)):
+            return False
+        await self.client.set(key, rs, ex=ttl_s)
+        return True
+
+    async def _many(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script over many keys: a pipeline (one round trip), or on a cluster, where pipelines
+        refuse scripts, concurrent calls."""
+        if self.cluster:
+            return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+
     # -- task records and events -------------------------------------------------------------------
 
     async def admit(
@@ -318,15 +402,20 @@ class Store:
         deadline_at_ms: int,
         started: tuple[int, Sequence[str]],
         ttl_s: int,
+        retention_s: int,
     ) -> Admitted:
         """Create the record with its `started` event and enqueue it, in one step (see lua.ADMIT).
 
         ``started`` is (first position, encoded `started` payloads for that position and the next
         ones): the queue position is known only inside the step, so admission offers a window.
+        ``ttl_s`` bounds a record that never ends; ``retention_s`` is how long an ended one stays.
         """
         if task.rs not in self._known_sets:
             await self.client.sadd(self.keys.replica_sets(), task.rs)
             self._known_sets.add(task.rs)
+        locator_ttl_s = task.deadline_ms // 1000 + retention_s + LOCATOR_MARGIN_S
+        if not await self._claim_id(task.task_id, task.rs, locator_ttl_s):
+            return Admitted(AdmitStatus.EXISTS, -1, 0, 0, "")
         req = task.request
         fields = {
             "state": TaskState.QUEUED.value,
@@ -350,12 +439,13 @@ class Store:
         }
         class_cap = limits.batch_capacity if task.priority == "batch" else limits.interactive_capacity
         first, payloads = started
+        rs, task_id = task.rs, task.task_id
         status, pos, ni, nb, evicted = await self._admit(
-            keys=[self.keys.task(task.task_id), self.keys.events(task.task_id), *self._queue_keys(task.rs)],
+            keys=[self.keys.task(rs, task_id), self.keys.events(rs, task_id), *self._queue_keys(rs)],
             args=[
                 ttl_s,
                 self.keys.channel(),
-                task.task_id,
+                task_id,
                 task.priority,
                 limits.capacity,
                 class_cap,
@@ -368,38 +458,37 @@ class Store:
                 *(v for kv in fields.items() for v in kv),
             ],
         )
-        return Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
+        result = Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
+        if result.status == AdmitStatus.OK:
+            self.locate(task_id, rs)
+        elif result.status == AdmitStatus.FULL:  # nothing was admitted: the id is free again
+            await self.client.delete(self.keys.locator(task_id))
+        return result
 
     async def append(self, batch: Append, retention_s: int = 900) -> int | Refused:
         """Append a task's events unless its log already ended (see :class:`Append`). Returns the seq
         of the last event in the log, or why nothing was written."""
-        result = await self._append(
-            keys=[self.keys.task(batch.task_id), self.keys.events(batch.task_id)],
-            args=self._append_args(batch, retention_s),
-        )
-        return _appended(result)
+        return (await self.append_many([batch], retention_s))[0]
 
     async def append_many(self, batches: Sequence[Append], retention_s: int) -> list[int | Refused]:
         """:meth:`append` for many tasks in one round trip; results in the order of ``batches``."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for batch in batches:
-                await self._append(
-                    keys=[self.keys.task(batch.task_id), self.keys.events(batch.task_id)],
-                    args=self._append_args(batch, retention_s),
-                    client=pipe,
-                )
-            return [_appended(r) for r in await pipe.execute()]
+        located = [await self._task_keys(b.task_id) for b in batches]
+        calls = [
+            (keys, self._append_args(b, retention_s))
+            for b, keys in zip(batches, located, strict=True)
+            if keys
+        ]
+        replies = iter(await self._many(self._append, calls))
+        return [_appended(next(replies)) if keys else Refused.UNKNOWN for keys in located]
 
     async def append_queued_frames(self, frames: Sequence[tuple[str, str]]) -> None:
         """Queued `metrics` frames ``(task_id, data)``, each only if its task is still queued."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for task_id, data in frames:
-                await self._queued_frame(
-                    keys=[self.keys.task(task_id), self.keys.events(task_id)],
-                    args=[data, self.keys.channel(), task_id],
-                    client=pipe,
-                )
-            await pipe.execute()
+        calls = []
+        for task_id, data in frames:
+            keys = await self._task_keys(task_id)
+            if keys:
+                calls.append((keys, [data, self.keys.channel(), task_id]))
+        await self._many(self._queued_frame, calls)
 
     def _append_args(
         self, batch: Append, retention_s: int, fields: Mapping[str, str] | None = None
@@ -421,8 +510,11 @@ class Store:
 
     async def mark_running(self, task_id: str, placement: Placement) -> TaskRecord | None:
         """Record the placement and return the record; None if the task ended while it was claimed."""
+        keys = await self._task_keys(task_id)
+        if keys is None:
+            return None
         reply = await self._mark_running(
-            keys=[self.keys.task(task_id)],
+            keys=keys[:1],
             args=[
                 "state",
                 TaskState.RUNNING.value,
@@ -443,40 +535,48 @@ class Store:
 
     async def requeued(self, task_id: str) -> None:
         """The task goes back to its queue (a retry or a refusal): its record says queued again."""
-        await self._append(
-            keys=[self.keys.task(task_id), self.keys.events(task_id)],
-            args=self._append_args(Append(task_id, ()), 900, {"state": TaskState.QUEUED.value}),
-        )
+        keys = await self._task_keys(task_id)
+        if keys is not None:
+            args = self._append_args(Append(task_id, ()), 900, {"state": TaskState.QUEUED.value})
+            await self._append(keys=keys, args=args)
 
     async def terminate(self, task_id: str, state: TaskState, payload: str, retention_s: int) -> Terminated:
         """Write the terminal ``error`` event (``payload``: see :func:`llorch.events.error`) unless the
         task already ended; the record's tokens_out replaces the payload's."""
+        keys = await self._task_keys(task_id)
+        if keys is None:
+            return Terminated(None, "")
         prev, manager = await self._terminate(
-            keys=[self.keys.task(task_id), self.keys.events(task_id)],
-            args=[retention_s, state.value, payload, self.keys.channel(), task_id],
+            keys=keys, args=[retention_s, state.value, payload, self.keys.channel(), task_id]
         )
         return Terminated(TaskState(prev) if prev else None, str(manager))
 
     async def task(self, task_id: str) -> TaskRecord | None:
-        fields = cast(dict[str, str], await self.client.hgetall(self.keys.task(task_id)))
+        keys = await self._task_keys(task_id)
+        fields = cast(dict[str, str], await self.client.hgetall(keys[0])) if keys else {}
         return _record(task_id, fields) if fields else None
 
     async def task_exists(self, task_id: str) -> bool:
-        return bool(await self.client.exists(self.keys.task(task_id)))
+        keys = await self._task_keys(task_id)
+        return keys is not None and bool(await self.client.exists(keys[0]))
 
     async def read_events(self, task_id: str, after_seq: int, count: int = READ_PAGE) -> list[Event]:
         """Events with seq > ``after_seq`` that are in the log now (no waiting)."""
+        keys = await self._task_keys(task_id)
+        if keys is None:
+            return []
         entries = cast(
             list[tuple[str, dict[str, str]]],
-            await self.client.xrange(self.keys.events(task_id), min=f"(0-{after_seq + 1}", count=count),
+            await self.client.xrange(keys[1], min=f"(0-{after_seq + 1}", count=count),
         )
         return [_event(entry_id, body) for entry_id, body in entries]
 
     async def last_event(self, task_id: str) -> Event | None:
         """The last event in the task's log, if any."""
-        entries = cast(
-            list[tuple[str, dict[str, str]]], await self.client.xrevrange(self.keys.events(task_id), count=1)
-        )
+        keys = await self._task_keys(task_id)
+        if keys is None:
+            return None
+        entries = cast(list[tuple[str, dict[str, str]]], await self.client.xrevrange(keys[1], count=1))
         return _event(*entries[0]) if entries else None
 
     @asynccontextmanager
@@ -487,7 +587,7 @@ class Store:
         try:
             yield pubsub
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     # -- queues and leases ---------------------------------------------------------------------------
 
@@ -658,12 +758,8 @@ class Store:
 
     async def session_delete(self, session_id: str) -> SessionRecord | None:
         """Delete the session; returns what it held (None when unknown)."""
-        key = self.keys.session(session_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.delete(key)
-            fields, _ = await pipe.execute()
-        return _session(session_id, fields, 0) if fields else None
+        pairs = await self._session_delete(keys=[self.keys.session(session_id)])
+        return _session(session_id, dict(zip(pairs[::2], pairs[1::2], strict=True)), 0) if pairs else None
 
     async def expired_leases(self) -> list[tuple[str, str]]:
         """``(rs, task_id)`` of every lease past its expiry."""

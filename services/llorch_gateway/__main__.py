@@ -32,7 +32,10 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
         log.warning("gateway bound beyond loopback", extra={"event": "bind_public", "address": cfg.api.bind})
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
     scheduler = SchedulerClient(cfg.grpc.scheduler, internal)
-    async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store, aiohttp.ClientSession() as http:
+    async with (
+        Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+        aiohttp.ClientSession() as http,
+    ):
         feed = EventFeed(store)
         feed_task = asyncio.create_task(feed.run())
         await feed.connected.wait()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from google.protobuf.message import Message
+
 from llorch.v1 import scheduler_pb2
 
 
@@ -48,8 +50,8 @@ def session(info: scheduler_pb2.SessionInfo) -> dict[str, object]:
     return body
 
 
-def _opt(message: object, name: str) -> object:
-    return getattr(message, name) if message.HasField(name) else None  # type: ignore[attr-defined]
+def _opt(message: Message, name: str) -> object:
+    return getattr(message, name) if message.HasField(name) else None
 
 
 def replica_set(view: scheduler_pb2.ReplicaSetView) -> dict[str, object]:

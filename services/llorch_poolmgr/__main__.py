@@ -97,7 +97,7 @@ async def serve(
         if probe.reason:
             log.info("no GPU telemetry", extra={"event": "gpu_probe", "reason": probe.reason})
         pools = await build_pools(cfg, selected, metrics, probe, assign or {})
-        async with Store.connect(cfg.redis.url, cfg.redis.key_prefix) as store:
+        async with Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store:
             events = EventLog(store, cfg.sse.retention_s)
             executor = Executor(events, pools.replicas, metrics)
 
@@ -112,7 +112,10 @@ async def serve(
             )
             async with (
                 background(
-                    *loops, registration.run(), renew_leases_forever(store, executor), executor.watch()
+                    *loops,
+                    registration.run(),
+                    renew_leases_forever(store, executor),
+                    executor.watchdog.watch(),
                 ),
                 grpc_server(address, token, register),  # exits first: stop serving, then stop the loops
             ):

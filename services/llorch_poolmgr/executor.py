@@ -9,8 +9,9 @@ and ``leases``, which the renewal loop extends) only once its log is written: wh
 events wait in the event log, and a task still streaming after :data:`~.eventlog.APPEND_GIVE_UP_S`
 of outage is cut off with WORKER_RESET, written when the store is back.
 
-Shutdown (:meth:`Executor.drain`): Start is refused from then on, running tasks get a grace period to
-finish, and the rest end with WORKER_RESET saying the pool manager shut down.
+The watchdog (:mod:`.watchdog`) cuts off runs past their limits. Shutdown (:meth:`Executor.drain`):
+Start is refused from then on, running tasks get a grace period to finish, and the rest end with
+WORKER_RESET saying the pool manager shut down.
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from typing import Final
 
 from llorch import events
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
-from llorch.errors import Code, JsonValue, OrchestratorError
+from llorch.errors import Code, OrchestratorError
 from llorch.resilience import STORE_ERRORS
 from llorch.store import TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
-from .eventlog import APPEND_GIVE_UP_S, EventLog, TaskWriter
+from .eventlog import EventLog, TaskWriter
 from .metrics import PoolMetrics
 from .supervisor import Replica, ReplicaState
+from .watchdog import DECODE_METRICS_EVERY_S, Progress, Watchdog
 
 log = logging.getLogger(__name__)
 
-DECODE_METRICS_EVERY_S = 1.0
 DRAIN_GRACE_S: Final = 8.0
 """On shutdown, how long running tasks may go on before they are ended with WORKER_RESET. With
 DRAIN_WRITE_S and the final report's wait (service.FINAL_REPORT_S) a drain takes at most 13 s: within
@@ -45,35 +46,6 @@ DRAIN_WRITE_S: Final = 3.0
 """Then how long the cut-off tasks get to write their terminal event (Redis may be away)."""
 
 SHUTDOWN = "the pool manager shut down before the task finished"
-LOG_UNREACHABLE = f"the event log (Redis) was unreachable for more than {APPEND_GIVE_UP_S:g} s"
-
-
-@dataclass
-class Progress:
-    """A run's progress and limits; survives the run's cancellation (an abort or the watchdog)."""
-
-    idle_s: float
-    wall_at: float
-    deadline_at: float
-    last_event_at: float
-    started_at: float = 0.0
-    metrics_at: float = 0.0
-    replica_id: str = ""
-    tokens: int = 0
-    first_token_ms: int = 0
-    expired: OrchestratorError | None = None  # why the executor cut the run off (None: an Abort)
-    streaming: bool = True  # False once the run only waits for its log: no cut-off any more
-    retry: bool = False
-    budget: dict[str, JsonValue] | None = None  # the session's budgets at dispatch, parsed once
-
-    def overdue(self, now: float) -> OrchestratorError | None:
-        if now >= self.deadline_at:
-            return OrchestratorError(Code.DEADLINE_UNMET, "the task passed its deadline")
-        if now >= self.wall_at or now - self.last_event_at >= self.idle_s:
-            return OrchestratorError(
-                Code.DECODE_TIMEOUT, "the engine stopped producing tokens within the pool's timeouts"
-            )
-        return None
 
 
 @dataclass
@@ -92,7 +64,7 @@ class Executor:
         self.metrics = metrics
         self.running: dict[str, asyncio.Task[Outcome]] = {}
         self.finished: list[types_pb2.TaskFinished] = []  # drained into the next report
-        self._progress: dict[str, Progress] = {}
+        self.watchdog = Watchdog(self.running, replicas, events, self._refresh_queue_depths)
         self.queue_depths: dict[str, int] = {}  # replica set -> queued tasks, for decode metrics
         self.leases: dict[str, str] = {}  # task_id -> replica set id
         self.draining = False
@@ -114,7 +86,7 @@ class Executor:
         def done(task: asyncio.Task[Outcome]) -> None:
             replica.running.discard(request.task_id)
             self.running.pop(request.task_id, None)
-            self._progress.pop(request.task_id, None)
+            self.watchdog.progress.pop(request.task_id, None)
             self.leases.pop(request.task_id, None)
             replica.on_change()
             if task.cancelled():  # aborted before it began: the cancel wrote the terminal event
@@ -138,69 +110,6 @@ class Executor:
         replica.on_change()
         return task
 
-    async def watch(self, interval_s: float = 0.25) -> None:
-        """The watchdog (SPEC §5.5): wall_ms and idle_ms per pool, and the task's deadline.
-
-        One scan of the running tasks every ``interval_s`` instead of a timer per token, which
-        would cost a timer-heap operation per token.
-        """
-        ticks = 0
-        depths: asyncio.Task[None] | None = None
-        failing = False
-        try:
-            while True:
-                await asyncio.sleep(interval_s)
-                ticks += 1
-                if ticks % round(DECODE_METRICS_EVERY_S / interval_s) == 0 and (
-                    depths is None or depths.done()
-                ):
-                    depths = asyncio.create_task(
-                        self._refresh_queue_depths()
-                    )  # a frozen Redis never stalls us
-                try:
-                    self._scan()
-                except Exception:  # a bug: keep watching (logged once, not every tick)
-                    if not failing:
-                        log.exception("watchdog scan failed", extra={"event": "watchdog_failed"})
-                    failing = True
-                else:
-                    failing = False
-        finally:
-            if depths is not None:
-                depths.cancel()
-
-    def _scan(self) -> None:
-        """Cut off every run past its limits, or past APPEND_GIVE_UP_S of unreachable event log."""
-        now = asyncio.get_running_loop().time()
-        log_lost = self.events.down_s >= APPEND_GIVE_UP_S
-        lost_cut = 0
-        for task_id, progress in list(self._progress.items()):
-            why = progress.overdue(now)
-            if why is None and log_lost:
-                why = OrchestratorError(Code.WORKER_RESET, LOG_UNREACHABLE)
-            if why is None or not self._cut(task_id, why):
-                continue
-            if why.message == LOG_UNREACHABLE:
-                lost_cut += 1
-            replica = self.replicas.get(progress.replica_id)
-            if why.code == Code.DECODE_TIMEOUT and replica is not None:
-                replica.suspect()
-        if lost_cut:
-            log.warning(
-                f"{lost_cut} tasks cut off: the event log is unreachable",
-                extra={"event": "event_log_unreachable"},
-            )
-
-    def _cut(self, task_id: str, why: OrchestratorError) -> bool:
-        """Stop a streaming run; it ends with ``why``. False when it is not streaming (any more)."""
-        progress = self._progress.get(task_id)
-        task = self.running.get(task_id)
-        if progress is None or task is None or not progress.streaming or progress.expired is not None:
-            return False
-        progress.expired = why
-        task.cancel()
-        return True
-
     async def _refresh_queue_depths(self) -> None:
         for rs in set(self.leases.values()):
             with contextlib.suppress(*STORE_ERRORS):
@@ -210,7 +119,7 @@ class Executor:
         task = self.running.get(task_id)
         if task is None:
             return False
-        progress = self._progress.get(task_id)
+        progress = self.watchdog.progress.get(task_id)
         if progress is None or (progress.streaming and progress.expired is None):
             task.cancel()  # the scheduler wrote the terminal event; a run past its stream just ends
         return True
@@ -221,21 +130,26 @@ class Executor:
         Returns how many were cut off."""
         self.draining = True
         if self.running:
-            log.info(f"draining {len(self.running)} running tasks", extra={"event": "drain_started"})
+            log.info("draining running tasks", extra={"event": "drain_started", "tasks": len(self.running)})
             await asyncio.wait(list(self.running.values()), timeout=grace_s)
-        cut = [t for t in list(self.running) if self._cut(t, OrchestratorError(Code.WORKER_RESET, SHUTDOWN))]
+        cut = [
+            t
+            for t in list(self.running)
+            if self.watchdog.cut(t, OrchestratorError(Code.WORKER_RESET, SHUTDOWN))
+        ]
         if self.running:
             await asyncio.wait(list(self.running.values()), timeout=write_s)
         if cut or self.running:
             log.warning(
-                f"drain cut {len(cut)} tasks off; {len(self.running)} could not write their end",
-                extra={"event": "drain_ended"},
+                "drain cut tasks off",
+                extra={"event": "drain_ended", "tasks": len(cut), "unwritten": len(self.running)},
             )
         return len(cut)
 
     async def _run(self, req: poolmgr_pb2.GenerateRequest, replica: Replica) -> Outcome:
         pool = replica.pool
         labels = (pool.engine, replica.engine_version, pool.id, replica.replica_id)
+        self.events.store.locate(req.task_id, req.replica_set_id)  # its events need no lookup
         writer = self.events.writer(req.task_id)
         writer.add(
             events.EventName.METRICS,
@@ -263,7 +177,7 @@ class Executor:
             replica_id=replica.replica_id,
             budget=json.loads(req.budget_json) if req.budget_json else None,
         )
-        self._progress[req.task_id] = progress
+        self.watchdog.progress[req.task_id] = progress
         code = ""
         try:
             code = await self._stream(req, replica, writer, started, progress)

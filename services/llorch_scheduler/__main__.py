@@ -89,7 +89,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     host = cfg.grpc.scheduler.rpartition(":")[0]
     registry = PoolRegistry()
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
-        async with Store.connect(redis_url(cfg), cfg.redis.key_prefix) as store:
+        async with Store.connect(redis_url(cfg), cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store:
             parts = build(cfg, store, registry, metrics, token)
             service = SchedulerService(
                 store,

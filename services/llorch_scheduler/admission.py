@@ -219,7 +219,7 @@ class Admission:
         ]
         limits = self.front.limits(info)
         result = await self.store.admit(
-            task, limits, now_ms() + deadline_ms, (first, started), _PENDING_TTL_S
+            task, limits, now_ms() + deadline_ms, (first, started), _PENDING_TTL_S, self.front.retention_s
         )
         if result.evicted:
             await self.front.evict(info, result.evicted, slots_total)

@@ -426,8 +426,9 @@ async def audit(redis_url: str, prefix: str, task_ids: list[str]) -> tuple[dict[
     problems: list[str] = []
     try:
         for task_id in task_ids:
-            record = await client.hgetall(keys.task(task_id))
-            entries = await client.xrange(keys.events(task_id))
+            rs_of = await client.get(keys.locator(task_id)) or ""
+            record = await client.hgetall(keys.task(rs_of, task_id))
+            entries = await client.xrange(keys.events(rs_of, task_id))
             log = [(int(eid.split("-", 1)[1]) - 1, body["e"], body["d"]) for eid, body in entries]
             leased = bool(record.get("rs")) and (
                 await client.zscore(keys.lease(record["rs"]), task_id) is not None
@@ -443,17 +444,17 @@ async def audit(redis_url: str, prefix: str, task_ids: list[str]) -> tuple[dict[
                 wrong.append("record running without a lease")
             audits[task_id] = Audit(task_id, record, leased, log, wrong)
         # Store-wide: every task record, and every queue of every replica set.
-        async for key in client.scan_iter(match=keys.task("*"), count=500):
+        async for key in client.scan_iter(match=keys.task("*", "*"), count=500):
             record = await client.hgetall(key)
             if record.get("state") == "running" and record.get("terminal") != "1":
                 rs = record.get("rs", "")
-                task_id = key[len(keys.task("")) - 1 : -1]
+                task_id = key.rpartition("}:")[2]
                 if not rs or await client.zscore(keys.lease(rs), task_id) is None:
                     problems.append(f"{task_id}: record running without a lease ({record.get('manager')})")
         for rs in await client.smembers(keys.replica_sets()):
             for priority in ("interactive", "batch"):
                 for task_id in await client.zrange(keys.queue(rs, priority), 0, -1):
-                    if not await client.exists(keys.task(task_id)):
+                    if not await client.exists(keys.task(rs, task_id)):
                         problems.append(f"{task_id}: queued in {rs}/{priority} without a record")
     finally:
         await client.aclose()

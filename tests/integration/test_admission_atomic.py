@@ -29,12 +29,14 @@ async def _invariants(redis_url: str) -> tuple[int, list[str]]:
             for priority in ("interactive", "batch"):
                 for task_id in await client.zrange(keys.queue(rs, priority), 0, -1):  # type: ignore[arg-type]
                     checked += 1
-                    state = await client.hget(keys.task(task_id), "state")
+                    state = await client.hget(keys.task(rs, task_id), "state")
                     if state != TaskState.QUEUED:
                         problems.append(f"queue entry {task_id} has record state {state!r}")
-        async for key in client.scan_iter(match=keys.task("*")):
-            task_id = key[key.index("{") + 1 : key.rindex("}")]
-            first = await client.xrange(keys.events(task_id), count=1)
+        async for key in client.scan_iter(match=keys.task("*", "*")):
+            rs, task_id = key[key.index("{") + 1 : key.rindex("}")], key.rpartition("}:")[2]
+            first = await client.xrange(keys.events(rs, task_id), count=1)
+            if await client.get(keys.locator(task_id)) != rs:
+                problems.append(f"record {task_id} has no locator to its set {rs}")
             if not first or first[0][1]["e"] != "started":
                 problems.append(f"record {task_id} has no `started` at seq 0")
     finally:

@@ -23,7 +23,8 @@ async def test_typed_replies_render_as_spec_json(stack_factory: Any, http: aioht
     stack = stack_factory(pools=[mock_pool(args=SLOW)])
     await stack.start()
     client = Client(stack, http)
-    busy = await client.admit(max_tokens=200, session_id="shape-s", budget={"tokens": 5000})
+    # Long enough that the first task still holds the only slot through every check; canceled at the end.
+    busy = await client.admit(max_tokens=1500, session_id="shape-s", budget={"tokens": 5000})
     queued = await client.admit(max_tokens=5)
 
     async def running() -> bool:

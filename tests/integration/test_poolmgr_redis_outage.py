@@ -14,7 +14,7 @@ import pytest
 
 from llorch.config import load_config
 from llorch.store import Store
-from llorch_poolmgr.executor import LOG_UNREACHABLE
+from llorch_poolmgr.watchdog import LOG_UNREACHABLE
 from tests.support.procs import wait_until
 from tests.support.restartable_redis import RestartableRedis
 from tests.support.stack import Client, Stack, mock_pool

@@ -50,7 +50,7 @@ async def _admit(
     prio: Priority = "batch" if priority == "batch" else "interactive"
     task = NewTask(task_id, rs, prio, "m", "", "mock", 60_000, TaskRequest("p", 4, 1, "best_effort"))
     window = [events.started(task_id, p, 10 * p, 1.0, prio) for p in range(4)]
-    return await store.admit(task, limits or _limits(8), deadline_at_ms, (0, window), 60)
+    return await store.admit(task, limits or _limits(8), deadline_at_ms, (0, window), 60, 60)
 
 
 async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
@@ -71,7 +71,7 @@ async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
     assert '"tokens_out":1' in log[-1].data
     record = await store.task("a")
     assert record is not None and record.state == TaskState.CANCELED and record.tokens_out == 1
-    assert 0 < await store.client.ttl(store.keys.events("a")) <= 60
+    assert 0 < await store.client.ttl(store.keys.events("rs", "a")) <= 60
     assert await store.read_events("a", 1) == log[2:]
     again = await store.terminate(
         "a", TaskState.FAILED, events.error(OrchestratorError(Code.INTERNAL, "x")), 60

@@ -244,6 +244,7 @@ async def test_a_task_completes_after_redis_is_restarted(up: Up, client: Client)
     first = await up.wait_pid("redis")
     os.kill(first, signal.SIGKILL)
     await up.wait_pid("redis", other_than=first)
+    await up.wait_ready()  # until then the stack answers 503 (retriable) while Redis reloads its AOF
     await asyncio.wait_for(_task_completes(client), READY_S)
 
 

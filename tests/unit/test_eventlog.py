@@ -46,7 +46,7 @@ async def _task(store: Store, task_id: str) -> None:
         task_id, "rs", "interactive", "m", "", "mock", 60_000, TaskRequest("p", 4, 1, "best_effort")
     )
     started = events.started(task_id, 0, 0, 1.0, "interactive")
-    await store.admit(task, QueueLimits(8, 8, 8, "reject"), 10**13, (0, [started]), 60)
+    await store.admit(task, QueueLimits(8, 8, 8, "reject"), 10**13, (0, [started]), 60, 60)
 
 
 async def _names(store: Store, task_id: str) -> list[str]:

@@ -283,7 +283,7 @@ async def test_the_sweeper_ends_a_victim_its_evicting_admission_left(store: Stor
     started = events.started("newer", 0, 0, 1.0, "interactive")
     limits = QueueLimits(1, 1, 1, "drop-lru")
     # An admission that evicts, then dies before ending its victim (its parking expires at once).
-    result = await store.admit(task, limits, 10**13, (0, [started]), 60)
+    result = await store.admit(task, limits, 10**13, (0, [started]), 60, 60)
     assert result.evicted == victim.task_id
     await store.client.zadd(store.keys.evicted(victim.rs), {victim.task_id: 0})
     assert await parts.sweeper.sweep() == 1
