@@ -146,7 +146,19 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> OrchestratorError:
             envelope.pop("retriable", None)
             return OrchestratorError(code, message, **envelope)
     log.warning("rpc failed", extra={"event": "rpc_failed", "code": exc.code().name, "reason": what})
+    if exc.code() in UNREACHABLE:  # not answering (restarting, or too slow): 503, retriable
+        return OrchestratorError(
+            Code.POOL_UNREADY,
+            f"{what} is unreachable ({exc.code().name}); retry after {UNREACHABLE_RETRY_MS} ms",
+            retry_after_ms=UNREACHABLE_RETRY_MS,
+        )
     return OrchestratorError(Code.INTERNAL, f"{what} is unavailable ({exc.code().name}); retry shortly")
+
+
+UNREACHABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""gRPC statuses with no envelope that mean "cannot be reached now"."""
+UNREACHABLE_RETRY_MS: Final = 1000
+"""The Retry-After while a service is unreachable (a supervised restart takes about a second)."""
 
 
 def _pairs(md: object) -> list[tuple[str, str | bytes]]:

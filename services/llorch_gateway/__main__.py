@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from llorch.config import LlorchConfig
 from llorch.rpc import load_internal_token
 from llorch.store import Store
+from llorch.throttle import BackoffClamp
 
 from .app import Deps, build_app
 from .auth import Authenticator, load_tokens
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     internal = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
-    backoff = (cfg.scheduler.backoff_min_ms, cfg.scheduler.backoff_max_ms)
-    auth = Authenticator(load_tokens(cfg), cfg.api.probes_require_auth, backoff)
+    clamp = BackoffClamp(cfg.scheduler.backoff_min_ms, cfg.scheduler.backoff_max_ms)
+    auth = Authenticator(load_tokens(cfg), cfg.api.probes_require_auth, clamp)
     host, _, port = cfg.api.bind.rpartition(":")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("gateway bound beyond loopback", extra={"event": "bind_public", "address": cfg.api.bind})

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError
-from llorch.throttle import TokenBucket
+from llorch.throttle import BackoffClamp, TokenBucket
 
 from .edge import Handler
 
@@ -80,12 +80,10 @@ class Authenticator:
     Buckets live in this gateway's memory: with several gateways each enforces the limit on its own.
     """
 
-    def __init__(
-        self, tokens: list[ApiToken], probes_require_auth: bool, backoff_ms: tuple[int, int]
-    ) -> None:
+    def __init__(self, tokens: list[ApiToken], probes_require_auth: bool, clamp: BackoffClamp) -> None:
         self.tokens = tokens
         self.probes_require_auth = probes_require_auth
-        self.backoff_ms = backoff_ms
+        self.clamp = clamp
         self._buckets = {t.name: TokenBucket(t.rps) for t in tokens if t.rps}
 
     def limits(self, client: str) -> dict[str, float | int | None]:
@@ -139,8 +137,7 @@ class Authenticator:
         wait_ms = bucket.take() if bucket is not None else 0
         if bucket is None or not wait_ms:
             return
-        low, high = self.backoff_ms
-        backoff = min(high, max(low, wait_ms))
+        backoff = self.clamp(wait_ms)
         raise OrchestratorError(
             Code.ADMISSION_REJECT,
             f"this API token is limited to {bucket.rps:g} requests/s; retry after {backoff} ms",

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, Final, TypeVar, cast
+from typing import TypeVar
 
 import grpc.aio
 
-from llorch.errors import Code, OrchestratorError
-from llorch.rpc import DEFAULT_DEADLINE_S, ERROR_KEY, from_rpc_error, metadata
+from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
 from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
@@ -27,7 +26,7 @@ class SchedulerClient:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            raise _to_domain(exc, what) from None
+            raise from_rpc_error(exc, what) from None
 
     async def admit(self, request: scheduler_pb2.AdmitRequest) -> scheduler_pb2.AdmitResponse:
         call = self.stub.Admit(request, metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S)
@@ -90,26 +89,3 @@ class SchedulerClient:
             timeout=DEFAULT_DEADLINE_S,
         )
         return await self._call(call, "the scheduler")
-
-
-UNREACHABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-"""gRPC statuses that mean "the scheduler cannot be reached now": 503, retriable."""
-UNREACHABLE_RETRY_MS: Final = 1000
-"""The Retry-After given while the scheduler is unreachable (it restarts in about a second)."""
-
-
-def _to_domain(exc: grpc.aio.AioRpcError, what: str) -> OrchestratorError:
-    """The scheduler's own error when it sent one; else 503 POOL_UNREADY (retriable, Retry-After)
-    while it is unreachable or too slow to answer, and 500 INTERNAL for anything else."""
-    error = from_rpc_error(exc, what)
-    if error.code == Code.INTERNAL and exc.code() in UNREACHABLE and not _has_envelope(exc):
-        return OrchestratorError(
-            Code.POOL_UNREADY,
-            f"{what} is unreachable ({exc.code().name}); retry after {UNREACHABLE_RETRY_MS} ms",
-            retry_after_ms=UNREACHABLE_RETRY_MS,
-        )
-    return error
-
-
-def _has_envelope(exc: grpc.aio.AioRpcError) -> bool:
-    return any(str(item[0]) == ERROR_KEY for item in cast(Any, exc.trailing_metadata()) or ())
