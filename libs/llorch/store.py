@@ -403,18 +403,21 @@ class Store:
         started: tuple[int, Sequence[str]],
         ttl_s: int,
         retention_s: int,
+        minted_id: bool = False,
     ) -> Admitted:
         """Create the record with its `started` event and enqueue it, in one step (see lua.ADMIT).
 
         ``started`` is (first position, encoded `started` payloads for that position and the next
         ones): the queue position is known only inside the step, so admission offers a window.
         ``ttl_s`` bounds a record that never ends; ``retention_s`` is how long an ended one stays.
+        ``minted_id``: the id is a fresh UUID4 that cannot be known yet, so its locator is written in
+        the same round trip as the admission instead of being checked first.
         """
         if task.rs not in self._known_sets:
             await self.client.sadd(self.keys.replica_sets(), task.rs)
             self._known_sets.add(task.rs)
         locator_ttl_s = task.deadline_ms // 1000 + retention_s + LOCATOR_MARGIN_S
-        if not await self._claim_id(task.task_id, task.rs, locator_ttl_s):
+        if not minted_id and not await self._claim_id(task.task_id, task.rs, locator_ttl_s):
             return Admitted(AdmitStatus.EXISTS, -1, 0, 0, "")
         req = task.request
         fields = {
@@ -440,7 +443,7 @@ class Store:
         class_cap = limits.batch_capacity if task.priority == "batch" else limits.interactive_capacity
         first, payloads = started
         rs, task_id = task.rs, task.task_id
-        status, pos, ni, nb, evicted = await self._admit(
+        admit = self._admit(
             keys=[self.keys.task(rs, task_id), self.keys.events(rs, task_id), *self._queue_keys(rs)],
             args=[
                 ttl_s,
@@ -458,6 +461,11 @@ class Store:
                 *(v for kv in fields.items() for v in kv),
             ],
         )
+        if minted_id:  # both writes at once: one round trip (concurrent calls on a cluster)
+            locator = self.client.set(self.keys.locator(task_id), rs, ex=locator_ttl_s)
+            _, (status, pos, ni, nb, evicted) = await asyncio.gather(locator, admit)
+        else:
+            status, pos, ni, nb, evicted = await admit
         result = Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
         if result.status == AdmitStatus.OK:
             self.locate(task_id, rs)

@@ -4,7 +4,7 @@ The gateway has already checked the request's shape; this checks it against what
 §5.1's order. The record, its `started` event (seq 0) and the queue entry are one store step, so a
 crash leaves either nothing or a complete queued task.
 
-The queue position is known only inside that step, so `started` is offered for a small window of
+The queue position is known only inside that step, so `started` is offered for a window of three
 positions around the one this process expects (its last view of the queue); under concurrent
 admissions and dispatches the real position lands in it, and one outside takes the nearest frame's
 prediction, which the next queued `metrics` frame corrects.
@@ -39,7 +39,7 @@ _PENDING_TTL_S = 7 * 24 * 3600
 COMING_STATES = frozenset({"Preloading", "SelfTest", "Backoff", "Starting", "Loading", "Reloading"})
 """Pool states on the way to Ready by themselves (SPEC §4 POOL_UNREADY); the others (Stopped, Drained,
 Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABLE)."""
-STARTED_WINDOW = 4
+STARTED_WINDOW = 3
 """How many queue positions, from one before the expected one, admission offers a `started` for."""
 
 
@@ -118,7 +118,7 @@ class Admission:
             self.throttles.check_rate(info, priority)
             self.throttles.reserve_tokens(req.client, task_id, info, prompt_est, max_tokens)
             self._check_deadline(info, priority, tokens, deadline_ms)
-            admitted = await self._enqueue(task, info, tokens)
+            admitted = await self._enqueue(task, info, tokens, minted=not req.task_id)
         except OrchestratorError:
             self.throttles.release(task_id)
             await self.sessions.undo(task_id)
@@ -205,7 +205,7 @@ class Admission:
         if deadline_ms > self.limits.max_deadline_ms:
             raise invalid("deadline_ms", f"deadline_ms must be at most {self.limits.max_deadline_ms}")
 
-    async def _enqueue(self, task: NewTask, info: SetInfo, tokens: int) -> Admitted:
+    async def _enqueue(self, task: NewTask, info: SetInfo, tokens: int, minted: bool) -> Admitted:
         rs, priority, deadline_ms = info.rs, task.priority, task.deadline_ms
         slots_total, _ = self.registry.slots(rs)
         first = max(0, self.watch.depth_ahead(rs, priority) - 1)
@@ -219,7 +219,13 @@ class Admission:
         ]
         limits = self.front.limits(info)
         result = await self.store.admit(
-            task, limits, now_ms() + deadline_ms, (first, started), _PENDING_TTL_S, self.front.retention_s
+            task,
+            limits,
+            now_ms() + deadline_ms,
+            (first, started),
+            _PENDING_TTL_S,
+            self.front.retention_s,
+            minted_id=minted,
         )
         if result.evicted:
             await self.front.evict(info, result.evicted, slots_total)

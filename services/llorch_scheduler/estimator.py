@@ -101,6 +101,8 @@ class Estimator:
         the (position+1)-th smallest of {free_i + k * mean : k >= 0}, found by bisection to 0.5 ms."""
         free_at = self._free_at(rs, slots_total)
         mean = max(1.0, self._mean_task_ms(rs, tokens_hint))
+        if len(free_at) == 1:  # one slot: the bisection's answer in closed form
+            return int(free_at[0] + position * mean)
         wanted = position + 1
 
         def started_by(t: float) -> int:
