@@ -65,7 +65,7 @@ def die_with_parent_preexec() -> Callable[[], None]:
     return preexec
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -200,7 +200,7 @@ class EmbeddedRedis:
             pid = int((self.dir / PID_NAME).read_text().strip())
         except (OSError, ValueError):
             return
-        if not (_alive(pid) and _serves_dir(pid, self.dir)):
+        if not (process_alive(pid) and _serves_dir(pid, self.dir)):
             return
         print(
             f"stopping an orphaned Redis server (pid {pid}) left on {self.dir} by a previous llorch up",
@@ -211,8 +211,8 @@ class EmbeddedRedis:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             deadline = time.monotonic() + ORPHAN_STOP_S
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not _alive(pid):
+            if not process_alive(pid):
                 return
         raise SystemExit(f"could not stop the orphaned Redis server (pid {pid}) on {self.dir}")

@@ -19,21 +19,13 @@ import pytest
 import redis
 from redis import asyncio as aioredis
 
-from llorch_cli.embedded_redis import PID_NAME, EmbeddedRedis, server_binary
+from llorch_cli.embedded_redis import PID_NAME, EmbeddedRedis, process_alive, server_binary
 from llorch_cli.supervise import RestartPolicy
 from tests.support.procs import Proc, free_port, python_module, wait_until
 from tests.support.stack import Client, Stack, mock_pool
 
 READY_S = 120.0
 GONE_S = 60.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _pings(client: redis.Redis) -> bool:
@@ -139,7 +131,7 @@ class Up:
             known = _descendants(run.pid) if run.alive() else set()
             run.stop(timeout_s=30)
             for pid in known:  # never leak a child on the shared machine, whatever the test did
-                if _alive(pid):
+                if process_alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
 
@@ -209,7 +201,7 @@ async def test_a_killed_scheduler_is_restarted_and_counted(up: Up, client: Clien
     restarts = len(up.events("child_restart"))
     up.proc.kill(signal.SIGTERM)
     assert await up.wait_exit() == 0
-    assert not [pid for pid in children if _alive(pid)]
+    assert not [pid for pid in children if process_alive(pid)]
     assert len(up.events("child_restart")) == restarts
 
 
@@ -258,7 +250,7 @@ async def test_a_killed_up_takes_every_child_with_it_and_a_new_up_starts(up: Up,
     up.proc.kill(signal.SIGKILL)
 
     async def all_gone() -> bool:
-        return not any(_alive(pid) for pid in children)
+        return not any(process_alive(pid) for pid in children)
 
     await wait_until(all_gone, GONE_S, "every child of the killed llorch up to exit")
     up.start()  # same config, same state dir: the lock file left behind must not block it
@@ -325,6 +317,6 @@ async def test_a_service_that_keeps_dying_makes_up_give_up(up: Up) -> None:
     assert "giving up: scheduler exited 5 times within 60 s" in log, log[-3000:]
 
     async def all_gone() -> bool:
-        return not any(_alive(p) for p in children)
+        return not any(process_alive(p) for p in children)
 
     await wait_until(all_gone, GONE_S, "every child of llorch up to be stopped")
