@@ -86,8 +86,10 @@ async def relay(
             ahead = not replay and after >= 0 and (last is None or last.seq < after)
             log_at = (last.seq if last is not None else -1) if ahead else after
             stream = _Stream(response, store, task_id, after, log_at)
-            if last is not None and last.name in TERMINAL_EVENTS:
-                await stream.write_terminal(last)  # a reconnect at or past the end of a finished task
+            if last is not None and last.name in TERMINAL_EVENTS and last.seq <= after:
+                # A reconnect at or past the end of a finished task. (A log that grew between the
+                # replay and this read is not that: its events are delivered by the feed below.)
+                await stream.write_terminal(last)
                 return response
             ended = await stream.write(replay)
             if not ended and len(replay) >= READ_PAGE:
