@@ -17,8 +17,9 @@ SLOTS = 16384
 class RedisCluster:
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.ports = [free_port() for _ in range(masters)]
+        self.bus_ports = [free_port() for _ in range(masters)]  # port + 10000 may not exist
         self.procs: list[Proc] = []
-        for port in self.ports:
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
             node_dir = workdir / f"node-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
             argv = [
@@ -27,6 +28,7 @@ class RedisCluster:
                 "--bind", "127.0.0.1",
                 "--dir", str(node_dir),
                 "--cluster-enabled", "yes",
+                "--cluster-port", str(bus),
                 "--cluster-config-file", "nodes.conf",
                 "--appendonly", "no",
                 "--save", "",
@@ -38,14 +40,19 @@ class RedisCluster:
         """Wait for every node, give each a third of the slots, join them, wait for `cluster_state:ok`."""
         clients = [aioredis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p in self.ports]
         try:
-            for client in clients:
-                await wait_until(lambda c=client: _pong(c), 30, "a cluster node to answer")
+            for client, proc in zip(clients, self.procs, strict=True):
+
+                async def up(c: aioredis.Redis = client, p: Proc = proc) -> bool:
+                    assert p.alive(), f"a cluster node exited:\n{p.log_text()[-2000:]}"
+                    return await _pong(c)
+
+                await wait_until(up, 30, "a cluster node to answer")
             share = SLOTS // len(clients)
             for n, client in enumerate(clients):
                 last = SLOTS - 1 if n == len(clients) - 1 else (n + 1) * share - 1
                 await client.execute_command("CLUSTER", "ADDSLOTSRANGE", n * share, last)
-            for port in self.ports[1:]:
-                await clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+            for port, bus in zip(self.ports[1:], self.bus_ports[1:], strict=True):
+                await clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
 
             async def ok() -> bool:
                 infos = await asyncio.gather(*(c.execute_command("CLUSTER", "INFO") for c in clients))
