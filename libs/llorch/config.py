@@ -292,6 +292,13 @@ class PoolConfig(PoolIdentity):
         return value
 
     @property
+    def served_workloads(self) -> list[str]:
+        """The configured workloads, plus ``chat`` where the pool completes text on an engine with a
+        chat endpoint (the engine's own chat template renders the messages)."""
+        chat = "completion" in self.workloads and self.engine != "triton"
+        return [*self.workloads, *(["chat"] if chat else [])]
+
+    @property
     def effective_ram_factor(self) -> float:
         if self.ram_factor is not None:
             return self.ram_factor

@@ -94,6 +94,10 @@ class DecodeMetrics(_Payload):
 class TokenEvent(_Payload):
     t: str
     i: int = Field(ge=0)
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="chat only: one streamed OpenAI delta.tool_calls list, as the engine sent it",
+    )
 
 
 class End(_Payload):
@@ -102,7 +106,7 @@ class End(_Payload):
     tokens_in: int = Field(ge=0)
     queue_time_ms: int = Field(ge=0)
     first_token_ms: int = Field(ge=0)
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     pool_id: str
     replica_id: str
     embeddings: list[list[float]] | None = None
@@ -226,8 +230,11 @@ def decode(
 _BUDGET_KEYS: Final = ("tokens_budget_remaining", "time_budget_remaining_ms", "cost_budget_remaining")
 
 
-def token(text: str, i: int) -> str:
-    """`{"t":...,"i":...}` without a dict and an encoder pass per token (the hot path)."""
+def token(text: str, i: int, tool_calls: list[dict[str, Any]] | None = None) -> str:
+    """`{"t":...,"i":...}` without a dict and an encoder pass per token (the hot path); a chat's
+    tool-call delta adds ``tool_calls``."""
+    if tool_calls is not None:
+        return _encode({"t": text, "i": i, "tool_calls": tool_calls})
     return f'{{"t":{encode_basestring(text)},"i":{i}}}'
 
 
@@ -241,6 +248,7 @@ def end(
     finish_reason: str,
     pool_id: str,
     replica_id: str,
+    embeddings: list[list[float]] | None = None,
 ) -> str:
     return _encode(
         {
@@ -252,6 +260,7 @@ def end(
             "finish_reason": finish_reason,
             "pool_id": pool_id,
             "replica_id": replica_id,
+            "embeddings": embeddings,
         }
     )
 

@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from llorch.rpc import AuthInterceptor
 
 SHUTDOWN_GRACE_S = 2.0
+COMING_STATES = frozenset({"Preloading", "SelfTest", "Backoff", "Starting", "Loading", "Reloading"})
+"""Pool states on the way to Ready by themselves (SPEC §4 POOL_UNREADY); the others (Stopped, Drained,
+Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABLE)."""
 
 
 @asynccontextmanager

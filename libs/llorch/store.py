@@ -90,6 +90,9 @@ class TaskRequest:
     determinism: str
     kv_cold: bool = False
     prompt_est: int = 0  # SPEC §2.2's estimate of the prompt's tokens, for settling a session
+    workload: str = "completion"
+    body: str = ""  # the client's OpenAI fields for the engine, as JSON (AdmitRequest.body_json)
+    inputs: tuple[str, ...] = ()  # workload "embedding": the texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +440,9 @@ class Store:
                     "determinism": req.determinism,
                     "kv_cold": req.kv_cold,
                     "prompt_est": req.prompt_est,
+                    **({"workload": req.workload} if req.workload != "completion" else {}),
+                    **({"body": req.body} if req.body else {}),
+                    **({"inputs": list(req.inputs)} if req.inputs else {}),
                 }
             ),
         }
@@ -826,6 +832,9 @@ def _record(task_id: str, f: Mapping[str, str]) -> TaskRecord:
             determinism=body.get("determinism") or "best_effort",
             kv_cold=bool(body.get("kv_cold", False)),
             prompt_est=int(body.get("prompt_est", 0)),
+            workload=body.get("workload") or "completion",
+            body=body.get("body") or "",
+            inputs=tuple(body.get("inputs") or ()),
         ),
         tokens_out=int(f.get("tokens_out", "0")),
         manager=f.get("manager", ""),

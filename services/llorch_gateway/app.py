@@ -14,8 +14,9 @@ from llorch.ids import is_valid_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
-from . import render
+from . import openai_api, render
 from .auth import Authenticator
+from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
 from .metrics import GatewayMetrics
@@ -284,6 +285,7 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)
     app.router.add_get("/v1/replicasets", api.replica_sets)
     app.router.add_get("/v1/capabilities", api.capabilities)
+    openai_api.add_routes(app, ChatRunner(deps.store, deps.feed, deps.scheduler), deps.scheduler)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

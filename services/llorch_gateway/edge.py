@@ -35,6 +35,7 @@ from llorch.errors import Code, OrchestratorError, store_unavailable
 from llorch.ids import correlation_id
 from llorch.logs import correlation_id_var
 
+from .dialects import dialect_of, error_body
 from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ MAX_LINE_BYTES: Final = 8190
 
 
 def error_response(exc: OrchestratorError, request: web.BaseRequest) -> web.Response:
-    """The envelope response of ``exc``."""
+    """The error response of ``exc``, in the route's dialect (:mod:`.dialects`)."""
     headers = {CORRELATION_HEADER: request.get("correlation_id", "")}
     retry_ms = exc.context.get("retry_after_ms")
     if isinstance(retry_ms, int) and exc.http_status in (429, 503):
@@ -63,9 +64,10 @@ def error_response(exc: OrchestratorError, request: web.BaseRequest) -> web.Resp
     allow = exc.context.get("allow")
     if exc.code == Code.METHOD_NOT_ALLOWED and isinstance(allow, str):
         headers["Allow"] = allow
+    body = error_body(exc, dialect_of(request.path))
     return web.Response(
         status=exc.http_status,
-        text=json.dumps(exc.envelope(), separators=(",", ":")),
+        text=json.dumps(body, separators=(",", ":")),
         content_type="application/json",
         headers=headers,
     )

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+from llorch.events import TERMINAL
 from llorch.resilience import BACKOFF_INITIAL_S, BACKOFF_MAX_S, STORE_ERRORS, Outage
 from llorch.store import US, Event, Store
 
@@ -102,3 +103,62 @@ class EventFeed:
         events = [Event(first + k, parts[1 + 2 * k], parts[2 + 2 * k]) for k in range((len(parts) - 1) // 2)]
         for sub in subs:
             sub.push(events)
+
+
+class Tail:
+    """One task's log in seq order, from ``log_at + 1`` until its terminal event.
+
+    :meth:`batches` takes live events from a subscription and reads the log for anything the feed
+    missed (a gap in the seqs, a reconnect, a silent interval), so nothing is skipped or repeated.
+    """
+
+    def __init__(self, store: Store, task_id: str, log_at: int = -1) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.log_at = log_at
+        self.ended = False
+
+    def accept(self, events: list[Event]) -> list[Event]:
+        """The events that continue the log (up to and including a terminal one)."""
+        out: list[Event] = []
+        for e in events:
+            if self.ended or e.seq != self.log_at + 1:
+                break
+            self.log_at = e.seq
+            out.append(e)
+            self.ended = e.name in TERMINAL
+        return out
+
+    async def catch_up(self) -> list[Event]:
+        """Everything in the log after ``log_at`` (stopping after the terminal event)."""
+        out: list[Event] = []
+        while not self.ended and (events := await self.store.read_events(self.task_id, self.log_at)):
+            accepted = self.accept(events)
+            if not accepted:
+                break
+            out += accepted
+        return out
+
+    async def batches(
+        self, sub: Subscription, tick_s: float, caught_up: bool = False
+    ) -> AsyncIterator[list[Event] | None]:
+        """New events as they come; None after each ``tick_s`` of silence. Ends after the terminal
+        event, or when the task's log has expired. ``caught_up``: the log was just read up to
+        ``log_at``, so the first read is skipped."""
+        if not caught_up and (first := await self.catch_up()):
+            yield first
+        while not self.ended:
+            delivered = await sub.next(tick_s)
+            if delivered is None:  # silence: a look at the log in case the feed missed something
+                if caught := await self.catch_up():
+                    yield caught
+                elif not await self.store.task_exists(self.task_id):
+                    return  # retention expired while the client waited
+                else:
+                    yield None
+                continue
+            if fresh := self.accept([e for e in delivered if e.seq > self.log_at]):
+                yield fresh
+            gap = any(e is RESYNC for e in delivered) or any(e.seq > self.log_at for e in delivered)
+            if gap and not self.ended and (caught := await self.catch_up()):  # the log decides
+                yield caught

@@ -33,7 +33,7 @@ from llorch.events import TERMINAL as TERMINAL_EVENTS
 from llorch.store import READ_PAGE, Event, Store
 
 from .edge import CORRELATION_HEADER
-from .feed import RESYNC, EventFeed, Subscription
+from .feed import EventFeed, Subscription, Tail
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,7 @@ async def relay(
                 # replay and this read is not that: its events are delivered by the feed below.)
                 await stream.write_terminal(last)
                 return response
-            ended = await stream.write(replay)
-            if not ended and len(replay) >= READ_PAGE:
-                ended = await stream.catch_up()
-            if not ended:
-                await stream.follow(sub, heartbeat_s)
+            await stream.run(replay, sub, heartbeat_s)
         except ConnectionResetError:
             pass  # the client went away; the task is not affected
         except Exception as exc:  # after the 200 an error can only end the stream
@@ -120,62 +116,37 @@ def _frame(e: Event) -> str:
 
 
 class _Stream:
-    """One client's position: ``after``, the last seq it has, and ``log_at``, the last seq read from
-    the log. They differ only for a client that resumed past the end of a running task: events up
-    to its id are read but not sent, except the terminal event."""
+    """One client's position: ``after``, the last seq it has, and the tail's ``log_at``, the last seq
+    read from the log. They differ only for a client that resumed past the end of a running task:
+    events up to its id are read but not sent, except the terminal event."""
 
     def __init__(
         self, response: web.StreamResponse, store: Store, task_id: str, after: int, log_at: int
     ) -> None:
         self.response = response
-        self.store = store
-        self.task_id = task_id
+        self.tail = Tail(store, task_id, log_at)
         self.after = after
-        self.log_at = log_at
 
-    async def follow(self, sub: Subscription, heartbeat_s: float) -> None:
-        while True:
-            delivered = await sub.next(heartbeat_s)
-            if delivered is None:  # silence: a heartbeat, and a look at the log in case the feed missed
-                if await self.catch_up():
-                    return
-                if not await self.store.task_exists(self.task_id):
-                    return  # retention expired while the client waited
+    async def run(self, replay: list[Event], sub: Subscription, heartbeat_s: float) -> None:
+        """Write the replayed events, then follow the log until the terminal event."""
+        if await self.write(self.tail.accept(replay)):
+            return
+        async for batch in self.tail.batches(sub, heartbeat_s, caught_up=len(replay) < READ_PAGE):
+            if batch is None:
                 await self.response.write(HEARTBEAT)
-                continue
-            fresh = [e for e in delivered if e.seq > self.log_at]
-            if fresh and await self.write(fresh):
+            elif await self.write(batch):
                 return
-            gap = any(e is RESYNC for e in delivered) or (fresh and self.log_at < fresh[-1].seq)
-            if gap and await self.catch_up():  # a gap or a reconnect: the log decides
-                return
-
-    async def catch_up(self) -> bool:
-        """Write everything in the log after ``log_at``; True once the terminal event is written."""
-        while events := await self.store.read_events(self.task_id, self.log_at):
-            if await self.write(events):
-                return True
-        return False
 
     async def write(self, events: list[Event]) -> bool:
-        """Write the events that continue the log; True (and the body ends) after the terminal one."""
-        frames = []
-        ended = False
-        for e in events:
-            if e.seq != self.log_at + 1:
-                break
-            self.log_at = e.seq
-            ended = e.name in TERMINAL_EVENTS
-            if e.seq > self.after or ended:
-                frames.append(_frame(e))
-                self.after = max(self.after, e.seq)
-            if ended:
-                break
+        """Write the events the client lacks; True (and the body ends) after the terminal one."""
+        frames = [_frame(e) for e in events if e.seq > self.after or e.name in TERMINAL_EVENTS]
+        if events:
+            self.after = max(self.after, events[-1].seq)
         if frames:
             await self.response.write("".join(frames).encode())
-        if ended:
+        if self.tail.ended:
             await self.response.write_eof()
-        return ended
+        return self.tail.ended
 
     async def write_terminal(self, event: Event) -> None:
         """The terminal event again, for a client that resumed at or past it; then the body ends."""

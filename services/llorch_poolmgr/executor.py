@@ -211,13 +211,17 @@ class Executor:
         if adapter is None:
             exc = OrchestratorError(Code.WORKER_RESET, "the engine restarted before the task began")
             return self._failed(req, writer, replica, exc, progress)
-        stream = adapter.stream(self._request(req))
+        if req.workload == "embedding":
+            return await self._embed(req, replica, writer, started, progress)
+        request = self._request(req)
+        stream = adapter.chat(request) if req.workload == "chat" else adapter.stream(request)
         try:
             async for item in stream:
                 progress.last_event_at = loop.time()
                 if isinstance(item, Token):
                     i = progress.tokens
-                    writer.add(events.EventName.TOKEN, events.token(item.text, i), tokens_out=i + 1)
+                    data = events.token(item.text, i, item.tool_calls)
+                    writer.add(events.EventName.TOKEN, data, tokens_out=i + 1)
                     progress.tokens = i + 1
                     if i == 0:
                         progress.first_token_ms = self._first_token(req, replica, writer)
@@ -236,6 +240,25 @@ class Executor:
             return self._failed(req, writer, replica, exc, progress)
         finally:
             await stream.aclose()  # closes the engine connection at once when we stop early
+
+    async def _embed(
+        self,
+        req: poolmgr_pb2.GenerateRequest,
+        replica: Replica,
+        writer: TaskWriter,
+        started: float,
+        progress: Progress,
+    ) -> str:
+        """An embedding: one engine call, its vectors in the `end` event."""
+        assert replica.adapter is not None
+        try:
+            embedded = await replica.adapter.embed(list(req.inputs))
+        except OrchestratorError as exc:
+            return self._failed(req, writer, replica, exc, progress)
+        progress.last_event_at = asyncio.get_running_loop().time()
+        finished = Finished("stop", embedded.tokens_in, 0)
+        self._end(req, replica, writer, finished, progress, started, embedded.vectors)
+        return ""
 
     def _failed(
         self,
@@ -256,6 +279,7 @@ class Executor:
     @staticmethod
     def _request(req: poolmgr_pb2.GenerateRequest) -> GenerateRequest:
         s = req.sampler
+        body = json.loads(req.body_json) if req.body_json else {}
         return GenerateRequest(
             task_id=req.task_id,
             prompt=req.prompt,
@@ -264,6 +288,8 @@ class Executor:
             sampler=Sampler(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty),
             # The engine's prompt cache is what keeps a session warm; strict tasks never use it (SPEC §8).
             cache_prompt=req.determinism != "strict",
+            chat=body if req.workload == "chat" else None,
+            overrides=body if req.workload != "chat" else {},
         )
 
     def _first_token(self, req: poolmgr_pb2.GenerateRequest, replica: Replica, writer: TaskWriter) -> int:
@@ -302,8 +328,11 @@ class Executor:
         fin: Finished,
         progress: Progress,
         started: float,
+        embeddings: list[list[float]] | None = None,
     ) -> None:
         tokens, first_token_ms = progress.tokens, progress.first_token_ms
+        # An engine that reports no prompt count (usage left out) gets admission's estimate.
+        tokens_in = fin.tokens_in or req.prompt_est
         pool = replica.pool
         decode_ms = int((time.monotonic() - started) * 1000)
         if tokens == 0:
@@ -313,17 +342,18 @@ class Executor:
             events.end(
                 tokens_out=tokens,
                 decode_ms=decode_ms,
-                tokens_in=fin.tokens_in,
+                tokens_in=tokens_in,
                 queue_time_ms=req.queue_time_ms,
                 first_token_ms=first_token_ms,
                 finish_reason=fin.finish_reason,
                 pool_id=pool.id,
                 replica_id=replica.replica_id,
+                embeddings=embeddings,
             ),
             TaskState.SUCCEEDED,
         )
         labels = (pool.engine, replica.engine_version, pool.id)
-        self.metrics.tokens_in.labels(*labels, replica.replica_id).inc(fin.tokens_in)
+        self.metrics.tokens_in.labels(*labels, replica.replica_id).inc(tokens_in)
         self.metrics.decode.labels(*labels, req.priority).observe(decode_ms)
 
     @staticmethod

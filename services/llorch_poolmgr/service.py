@@ -106,7 +106,7 @@ class Pools:
             queue_capacity=cfg.queue.capacity,
             full_policy=cfg.queue.full_policy,
             max_tokens_limit=cfg.effective_max_tokens_limit,
-            workloads=list(cfg.workloads),
+            workloads=cfg.served_workloads,
             live=any(r.pid for r in replicas),
             circuit="open" if circuit_open else "closed",
             cost_per_1k_tokens=cfg.cost_per_1k_tokens,

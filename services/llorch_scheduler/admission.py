@@ -21,6 +21,7 @@ from llorch import events
 from llorch.config import SchedulerConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
+from llorch.lifecycle import COMING_STATES
 from llorch.store import AdmitStatus, NewTask, Priority, SessionBudgets, Store, TaskRequest, now_ms
 
 from .estimator import Estimator
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 _PENDING_TTL_S = 7 * 24 * 3600
 """Safety TTL of a record that has not ended yet; a terminal event shortens it to the retention."""
-COMING_STATES = frozenset({"Preloading", "SelfTest", "Backoff", "Starting", "Loading", "Reloading"})
-"""Pool states on the way to Ready by themselves (SPEC §4 POOL_UNREADY); the others (Stopped, Drained,
-Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABLE)."""
 STARTED_WINDOW = 3
 """How many queue positions, from one before the expected one, admission offers a `started` for."""
 
@@ -89,7 +87,9 @@ class Admission:
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
         info = self._resolve(req)
         priority = req.priority
-        max_tokens = req.max_tokens or self.limits.default_max_tokens
+        # An embedding generates nothing: one token stands for it in budgets and throttles.
+        embedding = req.workload == "embedding"
+        max_tokens = 1 if embedding else req.max_tokens or self.limits.default_max_tokens
         deadline_ms = req.deadline_ms or self.limits.default_deadline_ms
         prompt = req.text
         self._guardrails(req, info, max_tokens, deadline_ms, prompt)
@@ -104,12 +104,15 @@ class Admission:
             engine=info.engine,
             deadline_ms=deadline_ms,
             request=TaskRequest(
-                prompt,
+                "" if req.workload == "chat" else prompt,
                 max_tokens,
                 seed,
                 self._determinism(req, info),
                 kv_cold=req.kv_hint == "cold",
                 prompt_est=prompt_est,
+                workload=req.workload,
+                body=req.body,
+                inputs=req.inputs if embedding else (),
             ),
         )
         tokens = req.expected_tokens or max_tokens
@@ -193,12 +196,17 @@ class Admission:
         if max_tokens > info.max_tokens_limit:
             raise invalid("max_tokens", f"max_tokens must be between 1 and {info.max_tokens_limit}")
         effective_ctx = req.ctx or info.ctx
-        prompt_est = _prompt_est(prompt, req.inputs)
+        if req.workload == "embedding":  # each input is embedded on its own
+            prompt_est = max(_prompt_est(text, ()) for text in req.inputs or (prompt,))
+        else:
+            prompt_est = _prompt_est(prompt, req.inputs)
         if prompt_est + max_tokens > effective_ctx:
             raise invalid(
                 "max_tokens",
                 f"prompt (~{prompt_est} tokens) + max_tokens ({max_tokens}) exceeds ctx {effective_ctx}; "
                 "shorten the prompt or lower max_tokens",
+                context_length=effective_ctx,
+                prompt_tokens=prompt_est,
             )
         if deadline_ms <= 0:
             raise OrchestratorError(Code.DEADLINE_UNMET, "deadline_ms must be > 0", predicted_start_ms=0)

@@ -196,6 +196,10 @@ class Dispatcher:
             replica_id=target.replica.replica_id,
             replica_set_id=rs,
             prompt=body.prompt,
+            workload=body.workload,
+            body_json=body.body,
+            inputs=list(body.inputs),
+            prompt_est=body.prompt_est,
             max_tokens=body.max_tokens,
             seed=body.seed,
             sampler=types_pb2.Sampler(

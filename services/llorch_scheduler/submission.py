@@ -39,10 +39,14 @@ class Submission:
     kv_hint: str = ""
     client: str = ""
     budget: Budget | None = None
+    body: str = ""  # the client's OpenAI fields for the engine, as JSON (AdmitRequest.body_json)
 
     @property
     def text(self) -> str:
-        """The prompt, or the first input of a multi-input workload."""
+        """The prompt, the first input of a multi-input workload, or a chat's request (its size
+        stands for the rendered chat's in the estimates)."""
+        if self.workload == "chat":
+            return self.body
         if self.prompt is not None:
             return self.prompt
         return self.inputs[0] if self.inputs else ""
@@ -76,4 +80,5 @@ def submission_of(req: scheduler_pb2.AdmitRequest) -> Submission:
         kv_hint=req.kv_hint,
         client=req.client,
         budget=budget,
+        body=req.body_json,
     )

@@ -30,6 +30,11 @@ class Sampler:
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
+    """A completion (``prompt``) or, with ``chat`` set, a chat: the client's OpenAI chat request
+    (messages, tools, tool_choice, response_format, stop, sampling), which the adapter sends to the
+    engine's chat endpoint with ``max_tokens``, ``seed`` and the profile's sampling where it gives none.
+    ``overrides``: a completion's client sampling (``temperature``, ``top_p``, ``stop``), over the profile."""
+
     task_id: str
     prompt: str
     max_tokens: int
@@ -37,18 +42,34 @@ class GenerateRequest:
     sampler: Sampler = field(default_factory=Sampler)
     cache_prompt: bool = False
     ignore_eos: bool = False
+    chat: dict[str, object] | None = None
+    overrides: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """A piece of the answer: text, or (chat) one streamed ``delta.tool_calls`` list, unchanged."""
+
     text: str
+    tool_calls: list[dict[str, object]] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     tokens_in: int
     tokens_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """The vectors of an embedding request, one per input in order, and the tokens read."""
+
+    vectors: list[list[float]]
+    tokens_in: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +109,14 @@ class EngineAdapter(Protocol):
     async def props(self) -> EngineProps: ...
 
     def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]: ...
+
+    def chat(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
+        """Like :meth:`stream`, through the engine's chat endpoint (``request.chat``)."""
+        ...
+
+    async def embed(self, inputs: list[str]) -> Embedded:
+        """One vector per input, from the engine's embeddings endpoint."""
+        ...
 
     async def metrics(self) -> dict[str, float]: ...
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
+from llorch.adapters._chat import chat_payload, chat_stream, embed
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
@@ -28,7 +29,15 @@ from llorch.adapters._http import (
     sample_values,
     worker_reset,
 )
-from llorch.adapters.base import EngineHealth, EngineProps, Finished, GenerateRequest, KvInfo, Token
+from llorch.adapters.base import (
+    Embedded,
+    EngineHealth,
+    EngineProps,
+    Finished,
+    GenerateRequest,
+    KvInfo,
+    Token,
+)
 from llorch.errors import Code, OrchestratorError
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "LlamaCppAdapter"]
@@ -117,6 +126,7 @@ class LlamaCppAdapter(HttpAdapter):
             "stream": True,
             "cache_prompt": request.cache_prompt,
             "ignore_eos": request.ignore_eos,
+            **request.overrides,  # the same names as llama-server's: temperature, top_p, stop
         }
         async with self._http.open_stream(
             f"{self.base_url}/completion", payload, "llama-server", _submit_error
@@ -136,6 +146,19 @@ class LlamaCppAdapter(HttpAdapter):
                 if error is not None:
                     raise _engine_error(error, status=None, at_submit=False)
         yield stream.result()
+
+    def chat(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
+        """``POST /v1/chat/completions``: the model's own chat template (``--jinja``) renders the
+        messages; tools, tool_choice and response_format (a grammar) are the server's."""
+        payload = chat_payload(request, "llama-server", extra_sampling=True)
+        payload["cache_prompt"] = request.cache_prompt
+        url = f"{self.base_url}/v1/chat/completions"
+        return chat_stream(self._http, url, payload, "llama-server", _submit_error, _in_stream_error)
+
+    async def embed(self, inputs: list[str]) -> Embedded:
+        """``POST /v1/embeddings`` (the server runs with ``--embeddings``)."""
+        url = f"{self.base_url}/v1/embeddings"
+        return await embed(self._http, url, "llama-server", inputs, "llama-server", _submit_error)
 
     async def _get(self, path: str) -> bytes:
         status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"llama-server {path}")
@@ -168,13 +191,24 @@ def _error_fields(error: object) -> tuple[str, str]:
 
 def _engine_error(error: object, status: int | None, at_submit: bool) -> OrchestratorError:
     """SPEC §4 mapping: out of memory or 503 at submit → REPLICA_EXHAUSTED; context overflow →
-    INVALID_PARAMS; anything else the engine reports → INTERNAL with the engine's text."""
+    INVALID_PARAMS with both numbers; anything else the engine reports → INTERNAL with its text."""
     message, kind = _error_fields(error)
     if mentions_oom(message) or (at_submit and status == 503):
         return OrchestratorError(Code.REPLICA_EXHAUSTED, f"llama-server: {message}")
     if kind == "exceed_context_size_error":
-        return OrchestratorError(Code.INVALID_PARAMS, f"llama-server: {message}", field="prompt")
+        numbers = {}
+        if isinstance(error, dict):
+            numbers = {
+                name: error[key]
+                for name, key in (("prompt_tokens", "n_prompt_tokens"), ("context_length", "n_ctx"))
+                if isinstance(error.get(key), int)
+            }
+        return OrchestratorError(Code.INVALID_PARAMS, f"llama-server: {message}", field="prompt", **numbers)
     return OrchestratorError(Code.INTERNAL, f"llama-server: {message}")
+
+
+def _in_stream_error(error: object) -> OrchestratorError:
+    return _engine_error(error, status=None, at_submit=False)
 
 
 def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorError:

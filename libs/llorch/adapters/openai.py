@@ -38,6 +38,7 @@ from typing import Final, Literal
 
 import aiohttp
 
+from llorch.adapters._chat import chat_payload, chat_stream, embed
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
@@ -51,6 +52,7 @@ from llorch.adapters._http import (
 )
 from llorch.adapters._sse import DONE
 from llorch.adapters.base import (
+    Embedded,
     EngineHealth,
     EngineProps,
     Finished,
@@ -181,6 +183,7 @@ class OpenAIAdapter(HttpAdapter):
             "stream_options": {"include_usage": True},
         }
         payload.update(_sampling(request.sampler))
+        payload.update(request.overrides)  # OpenAI's names: temperature, top_p, stop
         if request.ignore_eos:
             payload["ignore_eos"] = True
         return payload
@@ -194,6 +197,16 @@ class OpenAIAdapter(HttpAdapter):
             if isinstance(card, dict) and card.get("id") == self.model:
                 return card
         return None
+
+    def chat(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
+        """``POST /v1/chat/completions``: the server's own chat template renders the messages."""
+        payload = chat_payload(request, self.model, extra_sampling=False)
+        url = f"{self.base_url}/v1/chat/completions"
+        return chat_stream(self._http, url, payload, f"the {_NAME}", _submit_error, _in_stream_error)
+
+    async def embed(self, inputs: list[str]) -> Embedded:
+        url = f"{self.base_url}/v1/embeddings"
+        return await embed(self._http, url, self.model, inputs, f"the {_NAME}", _submit_error)
 
     async def _get(self, path: str) -> bytes:
         status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"{_NAME} {path}")
@@ -257,6 +270,10 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict):
         return _engine_error(error, status, at_submit)
     return _engine_error(f"HTTP {status}: {error}", status, at_submit)
+
+
+def _in_stream_error(error: object) -> OrchestratorError:
+    return _engine_error(error, status=None, at_submit=False)
 
 
 def _submit_error(status: int, body: bytes) -> OrchestratorError:

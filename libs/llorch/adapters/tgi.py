@@ -39,6 +39,7 @@ from typing import Final, Literal
 
 import aiohttp
 
+from llorch.adapters._chat import chat_payload, chat_stream, embed
 from llorch.adapters._http import (
     DEFAULT_REQUEST_TIMEOUT_S,
     EngineHttp,
@@ -51,6 +52,7 @@ from llorch.adapters._http import (
 )
 from llorch.adapters.base import (
     KV_UNREPORTED,
+    Embedded,
     EngineHealth,
     EngineProps,
     Finished,
@@ -149,6 +151,16 @@ class TgiAdapter(HttpAdapter):
                     break
         yield stream.result()
 
+    def chat(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
+        """``POST /v1/chat/completions``: the server's own chat template renders the messages."""
+        payload = chat_payload(request, "tgi", extra_sampling=False)
+        url = f"{self.base_url}/v1/chat/completions"
+        return chat_stream(self._http, url, payload, "TGI", _submit_error, _in_stream_error)
+
+    async def embed(self, inputs: list[str]) -> Embedded:
+        url = f"{self.base_url}/v1/embeddings"
+        return await embed(self._http, url, "tgi", inputs, "TGI", _submit_error)
+
     async def _get(self, path: str) -> bytes:
         status, body = await self._http.fetch("GET", f"{self.base_url}{path}", f"{_NAME} {path}")
         if status != 200:
@@ -161,6 +173,12 @@ def _parameters(request: GenerateRequest) -> dict[str, object]:
     if request.seed >= 0:
         params["seed"] = request.seed
     params.update(_sampling(request.sampler))
+    overrides = dict(request.overrides)
+    if isinstance(stop := overrides.pop("stop", None), str):
+        stop = [stop]
+    params.update(overrides)  # TGI's names: temperature, top_p; stop is a list
+    if stop:
+        params["stop"] = stop
     return params
 
 
@@ -216,6 +234,10 @@ def _status_error(status: int, body: bytes, at_submit: bool) -> OrchestratorErro
     if isinstance(error, dict):
         return _engine_error(error, status, at_submit)
     return _engine_error(f"HTTP {status}: {error}", status, at_submit)
+
+
+def _in_stream_error(error: object) -> OrchestratorError:
+    return _engine_error(error, status=None, at_submit=False)
 
 
 def _submit_error(status: int, body: bytes) -> OrchestratorError:

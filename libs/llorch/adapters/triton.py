@@ -56,6 +56,7 @@ from llorch.adapters._http import (
     sample_values,
 )
 from llorch.adapters.base import (
+    Embedded,
     EngineHealth,
     EngineProps,
     Finished,
@@ -189,6 +190,13 @@ class TritonAdapter(HttpAdapter):
         active = sample_values(await self.metrics(), _REQUESTS, request_type="active")
         return round(sum(active)) if active else None
 
+    def chat(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
+        """Triton serves no chat endpoint; its pools never list the chat workload."""
+        raise OrchestratorError(Code.INVALID_PARAMS, "Triton pools do not serve chat", field="messages")
+
+    async def embed(self, inputs: list[str]) -> Embedded:
+        raise OrchestratorError(Code.INVALID_PARAMS, "Triton pools do not serve embeddings", field="input")
+
     async def stream(self, request: GenerateRequest) -> AsyncGenerator[Token | Finished, None]:
         """Yield a :class:`Token` per chunk with non-empty output text, then one :class:`Finished` at the
         end of the body.
@@ -201,6 +209,10 @@ class TritonAdapter(HttpAdapter):
             "stream": True,
         }
         payload.update(_sampling(request.sampler))
+        # temperature and top_p keep their names; Triton's generate has no stop words.
+        payload.update({k: v for k, v in request.overrides.items() if k in ("temperature", "top_p")})
+        if request.overrides.get("stop"):
+            raise OrchestratorError(Code.INVALID_PARAMS, "Triton pools do not take stop", field="stop")
         url = f"{self._model_url}/generate_stream"
         async with self._http.open_stream(url, payload, _NAME, _submit_error) as stream:
             seen = 0
