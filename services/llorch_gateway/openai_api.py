@@ -20,7 +20,9 @@ embeddings and models, through the same admission queue as ``POST /v1/tasks``.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -211,7 +213,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(_Lenient):
     model: Model
     input: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
 
     @field_validator("dimensions")
@@ -275,7 +277,7 @@ class OpenAIApi:
         payload = {
             "object": "list",
             "data": [
-                {"object": "embedding", "index": i, "embedding": vector}
+                {"object": "embedding", "index": i, "embedding": _encoded(vector, req.encoding_format)}
                 for i, vector in enumerate(result.embeddings)
             ],
             "model": req.model,
@@ -393,6 +395,13 @@ class _Chunks:
         if usage is not None:
             chunk["usage"] = usage
         return _data(chunk)
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    """``base64``: little-endian float32, what the official SDKs ask for by default."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
