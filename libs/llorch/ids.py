@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Final
 
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -37,11 +38,23 @@ def default_seed(task_id: str) -> int:
 
 @functools.lru_cache(maxsize=4096)  # on the admission and dispatch paths; the inputs rarely change
 def replica_set_id(
-    engine: str, model_digest: str, ctx: int, engine_version: str, sampler_profile_version: str
+    engine: str,
+    model_digest: str,
+    ctx: int,
+    engine_version: str,
+    sampler_profile_version: str,
+    workloads: Sequence[str] = (),
 ) -> str:
-    """``rs-`` + 12 hex of sha256 over the canonical JSON of the set's identity tuple (SPEC §1)."""
+    """``rs-`` + 12 hex of sha256 over the canonical JSON of the set's identity tuple (SPEC §1).
+
+    ``workloads`` joins the tuple only for pools that do not complete text (embedding, rerank): an
+    embedding pool is not interchangeable with a chat pool of the same file, so it forms its own set;
+    text pools keep SPEC's ids."""
+    identity: list[object] = [engine, model_digest, ctx, engine_version, sampler_profile_version]
+    if workloads:
+        identity.append(sorted(workloads))
     canonical = json.dumps(
-        [engine, model_digest, ctx, engine_version, sampler_profile_version],
+        identity,
         separators=(",", ":"),
         ensure_ascii=False,
     )

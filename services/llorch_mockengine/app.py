@@ -7,7 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from llorch_mockengine.completion import error_response, handle_completion, json_response
+from llorch_mockengine.chat import handle_chat
+from llorch_mockengine.completion import handle_completion
+from llorch_mockengine.embeddings import handle_embeddings
 from llorch_mockengine.engine import Engine
 from llorch_mockengine.generation import (
     BOS_TOKEN,
@@ -19,6 +21,7 @@ from llorch_mockengine.generation import (
     tokenize,
 )
 from llorch_mockengine.knobs import ControlError, validate_control
+from llorch_mockengine.replies import error_response, json_response
 
 ENGINE = web.AppKey("engine", Engine)
 
@@ -122,6 +125,14 @@ async def completion(request: web.Request) -> web.StreamResponse:
     return await handle_completion(request, _engine(request))
 
 
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await handle_chat(request, _engine(request))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    return await handle_embeddings(request, _engine(request))
+
+
 async def tokenize_route(request: web.Request) -> web.Response:
     body = await _json_body(request)
     content = body.get("content", "")
@@ -183,10 +194,12 @@ async def models(request: web.Request) -> web.Response:
         "n_vocab": TOKEN_ID_BASE + len(WORDS),
         "n_ctx": knobs.ctx,
         "n_ctx_train": knobs.ctx,
+        "n_embd": knobs.embedding_dim,
     }
+    capabilities = ["completion", "embedding"] if knobs.embedding else ["completion"]
     return json_response(
         {
-            "models": [{"name": name, "model": name, "type": "model", "capabilities": ["completion"]}],
+            "models": [{"name": name, "model": name, "type": "model", "capabilities": capabilities}],
             "object": "list",
             "data": [
                 {
@@ -243,6 +256,10 @@ def build_app(engine: Engine) -> web.Application:
     app.router.add_post("/slots/{id}", slot_action)
     app.router.add_post("/completion", completion)
     app.router.add_post("/completions", completion)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/embeddings", embeddings)
     app.router.add_post("/tokenize", tokenize_route)
     app.router.add_post("/apply-template", apply_template)
     app.router.add_get("/metrics", metrics)

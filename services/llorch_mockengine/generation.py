@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Final
 
 _WORD_LIST: Final = """
@@ -101,24 +101,49 @@ def tokenize(text: str) -> list[tuple[int, str]]:
     return [(zlib.crc32(piece) % 49152, piece.decode(errors="replace")) for piece in pieces]
 
 
-def _message_text(content: object) -> str:
+def message_text(content: object) -> str:
+    """A message's text: a string, or the concatenated ``text`` of ``{"type": "text"}`` parts."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, Sequence):
-        parts = [part.get("text", "") for part in content if isinstance(part, dict)]
-        return "".join(str(part) for part in parts)
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            if not isinstance(text, str):
+                raise ValueError('content parts must be {"type": "text", "text": <string>} (no media here)')
+            texts.append(text)
+        return "".join(texts)
     raise ValueError("message content must be a string or a list of text parts")
 
 
+def _render_message(message: object) -> str:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError("each message needs a string 'role'")
+    role: str = message["role"]
+    if "content" not in message and "tool_calls" not in message:
+        raise ValueError("Expected 'content' or 'tool_calls' in each message")
+    text = message_text(message.get("content"))
+    if role == "tool" and not isinstance(message.get("tool_call_id", ""), str):
+        raise ValueError("'tool_call_id' must be a string")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None:
+        if role != "assistant" or not isinstance(tool_calls, list):
+            raise ValueError("'tool_calls' must be a list, on an assistant message")
+        text += ("\n" if text else "") + compact_json(tool_calls)  # a tool-calling model emits them as JSON
+    return f"<|im_start|>{role}\n{text}<|im_end|>\n"
+
+
 def apply_chatml(messages: object, add_generation_prompt: bool = True) -> str:
-    """A built-in ChatML rendering (the template SmolLM2-Instruct ships), as ``/apply-template`` returns."""
+    """A built-in ChatML rendering (the template SmolLM2-Instruct ships), as ``/apply-template`` returns.
+
+    Content may be a string or a list of text parts; ``tool`` messages and assistant ``tool_calls``
+    (rendered as their JSON) are accepted, so a tool-use conversation renders to one prompt.
+    """
     if not isinstance(messages, list):
         raise ValueError("'messages' must be a list")
-    out: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError("each message needs a string 'role'")
-        out.append(f"<|im_start|>{message['role']}\n{_message_text(message.get('content', ''))}<|im_end|>\n")
+    out = [_render_message(message) for message in messages]
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)

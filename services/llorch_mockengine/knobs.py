@@ -15,7 +15,7 @@ from typing import Final
 MOCK_VERSION: Final = "0.1.0"
 FAIL_CODES: Final = ("500", "503", "oom")
 PRELOAD_FAILS: Final = ("exit", "oom", "health")
-LAUNCH_ONLY: Final = frozenset({"host", "port", "model"})
+LAUNCH_ONLY: Final = frozenset({"host", "port", "model", "embedding"})
 
 
 @dataclass(slots=True)
@@ -40,6 +40,11 @@ class Knobs:
     gpu_util: float = 0.0
     eos_after: int | None = None
     version: str = MOCK_VERSION
+    embedding: bool = False
+    """``--embedding``/``--embeddings``: serve ``/v1/embeddings`` (else 501, like llama-server)."""
+    embedding_dim: int = 64
+    chat_usage: bool = True
+    """False: chat answers carry no ``usage`` (nor the usage chunk), to test a client's own count."""
 
     @property
     def build_info(self) -> str:
@@ -84,6 +89,12 @@ def _any_int(value: object) -> int:
     return value
 
 
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ControlError("expected true or false")
+    return value
+
+
 def _string(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ControlError("expected a non-empty string")
@@ -125,6 +136,8 @@ _CONTROL: Final[dict[str, tuple[_Converter, bool]]] = {
     "gpu_util": (_non_negative_float, False),
     "eos_after": (_non_negative_int, True),
     "version": (_string, False),
+    "embedding_dim": (_positive_int, False),
+    "chat_usage": (_boolean, False),
 }
 
 
@@ -172,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-total-bytes", type=int, default=0)
     p.add_argument("--gpu-util", type=float, default=0.0)
     p.add_argument("--eos-after", type=int, default=None)
+    p.add_argument("--embedding", "--embeddings", action="store_true")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--no-chat-usage", dest="chat_usage", action="store_false")
     # With a value it overrides build_info; bare `--version` prints it and exits, like llama-server.
     p.add_argument("--version", nargs="?", const="", default=MOCK_VERSION)
     # llama-server flags the pool manager may pass; accepted and ignored.
@@ -183,8 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-webui", action="store_true")
     p.add_argument("--no-cont-batching", "-nocb", action="store_true")
     p.add_argument("--cont-batching", "-cb", action="store_true")
-    p.add_argument("--embedding", "--embeddings", action="store_true")
     p.add_argument("--slot-save-path", default=None)
+    p.add_argument("--jinja", action="store_true")  # the mock always renders its built-in ChatML
     return p
 
 
@@ -217,7 +233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Knobs | str:
         gpu_util=ns.gpu_util,
         eos_after=ns.eos_after,
         version=ns.version,
+        embedding=ns.embedding,
+        embedding_dim=ns.embedding_dim,
+        chat_usage=ns.chat_usage,
     )
-    if knobs.parallel < 1 or knobs.ctx < 1:
-        parser.error("--parallel and --ctx must be positive")
+    if knobs.parallel < 1 or knobs.ctx < 1 or knobs.embedding_dim < 1:
+        parser.error("--parallel, --ctx and --embedding-dim must be positive")
     return knobs

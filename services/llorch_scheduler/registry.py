@@ -63,7 +63,12 @@ class SetInfo:
 
 def set_of(pool: types_pb2.PoolState) -> str:
     return replica_set_id(
-        pool.engine, pool.model_digest, pool.ctx, pool.engine_version, pool.sampler_profile_version
+        pool.engine,
+        pool.model_digest,
+        pool.ctx,
+        pool.engine_version,
+        pool.sampler_profile_version,
+        () if "completion" in pool.workloads else tuple(pool.workloads),
     )
 
 
