@@ -14,7 +14,7 @@ from llorch.ids import is_valid_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
-from . import openai_api, render
+from . import anthropic_api, openai_api, render, responses_api
 from .auth import Authenticator
 from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
@@ -285,7 +285,10 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)
     app.router.add_get("/v1/replicasets", api.replica_sets)
     app.router.add_get("/v1/capabilities", api.capabilities)
-    openai_api.add_routes(app, ChatRunner(deps.store, deps.feed, deps.scheduler), deps.scheduler)
+    runner = ChatRunner(deps.store, deps.feed, deps.scheduler)
+    openai_api.add_routes(app, runner, deps.scheduler)
+    anthropic_api.add_routes(app, runner)
+    responses_api.add_routes(app, runner)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict
 
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.events import TERMINAL, EventName
@@ -145,6 +146,30 @@ def _merge_tool_call(calls: list[dict[str, object]], item: dict[str, object]) ->
             target["arguments"] = str(target["arguments"]) + function["arguments"]
 
 
+class Lenient(BaseModel):
+    """A compatible API's request model: unknown fields are ignored (SPEC §2.1), known ones are
+    type-checked strictly."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def call_fields(call: dict[str, object]) -> tuple[str, str]:
+    """A tool call's (or its delta's) function name and arguments; empty where absent."""
+    function = call.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else "", arguments if isinstance(arguments, str) else ""
+
+
+def json_response(payload: object, task_id: str | None = None) -> web.Response:
+    """A compact JSON answer; ``X-Task-Id`` names the task behind it."""
+    return web.Response(
+        text=json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
+        content_type="application/json",
+        headers={"X-Task-Id": task_id} if task_id else {},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Admitted:
     task_id: str
@@ -161,6 +186,13 @@ class ChatRunner:
 
     async def admit(self, request: web.Request, call: ChatCall) -> Admitted:
         """Admit ``call`` for the request's client, with ``X-Priority`` and ``X-Session-Id``."""
+        field = {"chat": "messages", "completion": "prompt", "embedding": "input"}[call.workload]
+        body = json.dumps(call.body, separators=(",", ":"), ensure_ascii=False) if call.body else ""
+        for text in (body, call.prompt or "", *call.inputs):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise invalid(field, f"{field} must be valid Unicode (no lone surrogates)") from None
         admit = scheduler_pb2.AdmitRequest(
             workload=call.workload,
             model_ref=call.model,
@@ -169,9 +201,8 @@ class ChatRunner:
             max_tokens=call.max_tokens or 0,
             inputs=list(call.inputs),
             client=request.get("client", ""),
+            body_json=body,
         )
-        if call.body:
-            admit.body_json = json.dumps(call.body, separators=(",", ":"), ensure_ascii=False)
         if call.prompt is not None:
             admit.prompt = call.prompt
         if call.seed is not None:

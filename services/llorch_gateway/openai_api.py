@@ -30,7 +30,6 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from llorch.errors import invalid
 from llorch.ids import SEED_MAX
 from llorch.lifecycle import COMING_STATES
 
@@ -39,11 +38,13 @@ from .chat import (
     ChatRunner,
     Done,
     Failed,
+    Lenient,
     Piece,
     Result,
     Text,
     ToolCalls,
     Waiting,
+    json_response,
     open_sse,
     waiting_comment,
 )
@@ -71,42 +72,36 @@ Tokens = Annotated[int, Field(ge=1, le=1_048_576)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
-class _Lenient(BaseModel):
-    """Unknown fields are ignored (SPEC §2.1); known ones are type-checked."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
 class _TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
-class _Function(_Lenient):
+class _Function(Lenient):
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class _Tool(_Lenient):
+class _Tool(Lenient):
     type: Literal["function"]
     function: _Function
 
 
-class _ToolCallFunction(_Lenient):
+class _ToolCallFunction(Lenient):
     name: str
     arguments: str
 
 
-class _ToolCall(_Lenient):
+class _ToolCall(Lenient):
     id: str
     type: Literal["function"] = "function"
     function: _ToolCallFunction
 
 
-class _Message(_Lenient):
+class _Message(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
@@ -122,18 +117,18 @@ class _Message(_Lenient):
         return self
 
 
-class _NamedChoice(_Lenient):
+class _NamedChoice(Lenient):
     type: Literal["function"]
     function: dict[str, str]
 
 
-class _JsonSchema(_Lenient):
+class _JsonSchema(Lenient):
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class _ResponseFormat(_Lenient):
+class _ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: _JsonSchema | None = None
 
@@ -144,11 +139,11 @@ class _ResponseFormat(_Lenient):
         return self
 
 
-class _StreamOptions(_Lenient):
+class _StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class _Sampling(_Lenient):
+class _Sampling(Lenient):
     """The fields chat and completions share."""
 
     model: Model
@@ -210,7 +205,7 @@ class CompletionRequest(_Sampling):
         return value
 
 
-class EmbeddingRequest(_Lenient):
+class EmbeddingRequest(Lenient):
     model: Model
     input: str | Annotated[list[str], Field(min_length=1, max_length=64)]
     encoding_format: Literal["float", "base64"] = "float"
@@ -224,13 +219,6 @@ class EmbeddingRequest(_Lenient):
         return value
 
 
-def _text_ok(value: str, field: str) -> None:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise invalid(field, f"{field} must be valid Unicode (no lone surrogates)") from None
-
-
 class OpenAIApi:
     def __init__(self, runner: ChatRunner, scheduler: SchedulerClient) -> None:
         self.runner = runner
@@ -239,7 +227,6 @@ class OpenAIApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw = parse_json_object(await request.read())
         req = parse_model(ChatRequest, raw)
-        _text_ok(json.dumps(raw["messages"], ensure_ascii=False), "messages")
         body = {"messages": raw["messages"], **{k: raw[k] for k in _PASS_THROUGH if raw.get(k) is not None}}
         call = ChatCall(
             model=req.model,
@@ -254,7 +241,6 @@ class OpenAIApi:
         raw = parse_json_object(await request.read())
         req = parse_model(CompletionRequest, raw)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        _text_ok(prompt, "prompt")
         call = ChatCall(
             model=req.model,
             workload="completion",
@@ -268,8 +254,6 @@ class OpenAIApi:
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_model(EmbeddingRequest, parse_json_object(await request.read()))
         inputs = (req.input,) if isinstance(req.input, str) else tuple(req.input)
-        for text in inputs:
-            _text_ok(text, "input")
         admitted = await self.runner.admit(
             request, ChatCall(model=req.model, workload="embedding", inputs=inputs)
         )
@@ -283,7 +267,7 @@ class OpenAIApi:
             "model": req.model,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return _json(payload, admitted.task_id)
+        return json_response(payload, admitted.task_id)
 
     async def models(self, request: web.Request) -> web.Response:
         """Every served model: ``status`` ready / loading / unavailable, its ``context_length`` and
@@ -305,7 +289,7 @@ class OpenAIApi:
                 "context_length": view.ctx,
                 "replica_set": view.id,
             }
-        return _json({"object": "list", "data": list(entries.values())})
+        return json_response({"object": "list", "data": list(entries.values())})
 
     async def _generate(
         self, request: web.Request, call: ChatCall, req: _Sampling, chat: bool
@@ -314,7 +298,7 @@ class OpenAIApi:
         chunks = _Chunks(admitted.task_id, req.model, chat)
         if not req.stream:
             result = await self.runner.collect(request, admitted.task_id)
-            return _json(chunks.whole(result), admitted.task_id)
+            return json_response(chunks.whole(result), admitted.task_id)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         response = await open_sse(request, admitted.task_id)
         async with self.runner.follow(request, admitted.task_id) as pieces:
@@ -410,15 +394,6 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 def _data(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
-def _json(payload: object, task_id: str | None = None) -> web.Response:
-    headers = {"X-Task-Id": task_id} if task_id else {}
-    return web.Response(
-        text=json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 def add_routes(app: web.Application, runner: ChatRunner, scheduler: SchedulerClient) -> None:
