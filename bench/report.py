@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .tables import p4_details, p4_rows, p6_details, p6_rows
+from .tables import p4_details, p4_rows, p5_details, p5_rows, p6_details, p6_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,6 +114,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         )
     if "P4" in by_id:
         table += p4_rows(by_id["P4"])
+    if "P5" in by_id:
+        table += p5_rows(by_id["P5"])
     if "P6" in by_id:
         table += p6_rows(by_id["P6"])
     return table
@@ -167,7 +169,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['loadavg_1m_at_end']} at end. Added = stack minus direct, pooled over "
         f"{plan['rounds']} alternating stack/direct rounds ({plan['p3_rounds']} for P3) "
         "[min … max of the per-round figures] (P1-P3). P4 and P6 have no direct side: their figures "
-        "are absolute, for this machine."
+        "are absolute, for this machine; P5 sets the stack beside LiteLLM (its note below)."
     )
     main = _table(["id", "what", "target", "measured", "verdict"], rows(results))
     by_id = {b["id"]: b for b in results["benchmarks"]}
@@ -175,7 +177,11 @@ def markdown(results: dict[str, Any]) -> str:
         ["id", "figure (ms unless noted)", "stack p50 / p99", "direct p50 / p99", "samples"],
         absolute_rows(results),
     )
-    notes = [f(by_id[key]) for key, f in (("P4", p4_details), ("P6", p6_details)) if key in by_id]
+    notes = [
+        f(by_id[key])
+        for key, f in (("P4", p4_details), ("P5", p5_details), ("P6", p6_details))
+        if key in by_id
+    ]
     earlier = sorted(
         {f"{b['id']} from the run of {b['from_run']}" for b in by_id.values() if "from_run" in b}
     )

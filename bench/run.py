@@ -1,5 +1,5 @@
-"""``make bench``: run P1, P2 and P3 on one system under test, then P4 and P6 on stacks of their own
-(each starts and stops what it needs); write and print the results."""
+"""``make bench``: run P1, P2 and P3 on one system under test, then P4, P5 and P6 on stacks of their
+own (each starts and stops what it needs); write and print the results."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from . import report
 from .cases import AB, Plan, Sides, bounded, p1_inter_token, p2_ttft, p3_throughput
 from .env import MODEL_REF, BenchEnv, Layout
 from .p4 import P4Plan, p4_admission
+from .p5 import P5Plan, p5_vs_litellm
 from .p6 import P6Plan, p6_estimates
+from .peer import install_litellm
 from .traffic import DirectTarget, StackTarget, wave
 
-ALL = ("P1", "P2", "P3", "P4", "P6")
+ALL = ("P1", "P2", "P3", "P4", "P5", "P6")
 
 QUICK = Plan(
     rounds=1,
@@ -38,6 +40,7 @@ QUICK = Plan(
     sat_tokens=100,
 )
 QUICK_P4 = P4Plan(clients=(4, 16), capacity=500, rejects=200, healthz_requests=500, time_limit_s=20)
+QUICK_P5 = P5Plan(rounds=1, sequential=5, waves=1, rate_duration_s=3.0)
 QUICK_P6 = P6Plan(duration_s=10, warmup_tasks=4, drain_timeout_s=20)
 
 
@@ -92,6 +95,14 @@ async def _relay(workdir: Path, plan: Plan, only: set[str], layout: Layout) -> l
     return benchmarks
 
 
+async def _p5(workdir: Path, plan: P5Plan) -> dict[str, Any]:
+    """Install (or reuse) LiteLLM first: the install is not part of P5's own time bound."""
+    print("P5: installing LiteLLM (or reusing its environment) …", file=sys.stderr, flush=True)
+    install = await install_litellm()
+    print(f"P5: LiteLLM {install.version or install.error} ({install.seconds:.0f} s)", file=sys.stderr)
+    return await _timed("P5", p5_vs_litellm(workdir, plan, install))
+
+
 async def bench(workdir: Path, plan: Plan, only: set[str], quick: bool) -> dict[str, Any]:
     layout = Layout()
     benchmarks: list[dict[str, Any]] = []
@@ -99,6 +110,8 @@ async def bench(workdir: Path, plan: Plan, only: set[str], quick: bool) -> dict[
         benchmarks += await _relay(workdir / "relay", plan, only, layout)
     if "P4" in only:
         benchmarks.append(await _timed("P4", p4_admission(workdir, QUICK_P4 if quick else P4Plan())))
+    if "P5" in only:
+        benchmarks.append(await _p5(workdir, QUICK_P5 if quick else P5Plan()))
     if "P6" in only:
         benchmarks.append(await _timed("P6", p6_estimates(workdir, QUICK_P6 if quick else P6Plan())))
     return {

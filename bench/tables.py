@@ -125,3 +125,112 @@ def p6_details(bench: dict[str, Any]) -> str:
             f"| {b['p_from']:.1f}-{b['p_to']:.1f} | {b['n']} | {b['mean_p']} | {b['on_time_rate']} |"
         )
     return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f} ms"
+
+
+def _spread(spread: dict[str, float | None], spec: str = ".2f") -> str:
+    value, low, high = (spread[k] for k in ("value", "min", "max"))
+    if value is None:
+        return "n/a"
+    if low is None or high is None or low == high:
+        return format(value, spec)
+    return f"{value:{spec}} [{low:{spec}} … {high:{spec}}]"
+
+
+def _p5_errors(counts: dict[str, int], first: list[str]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return ""
+    where = ", ".join(f"{n} {side}" for side, n in counts.items() if n)
+    return f"; **{total} errors ({where}): {first[0] if first else '?'}**"
+
+
+def _p5_latency_row(bench: dict[str, Any], case: dict[str, Any]) -> list[str]:
+    goal = bench["target"]["added_p50_ratio_max"]
+    parts, ok = [], True
+    for metric in ("ttft", "total"):
+        m = case[metric]
+        ratio = m["ratio_p50"]
+        parts.append(
+            f"{'TTFT' if metric == 'ttft' else 'total'} added p50 ours "
+            f"{_signed(m['stack_added_p50_ms']['value'])} vs LiteLLM "
+            f"{_signed(m['litellm_added_p50_ms']['value'])}, ratio {_spread(ratio, '.3f')} "
+            f"(p99 {_signed(m['stack_added_p99_ms']['value'])} vs "
+            f"{_signed(m['litellm_added_p99_ms']['value'])})"
+        )
+        ok = ok and ratio["value"] is not None and ratio["value"] <= goal
+    ok = ok and not any(case["errors"].values())
+    streams = case["concurrency"]
+    measured = f"{streams} stream{'s' if streams > 1 else ''}: " + "; ".join(parts)
+    measured += _p5_errors(case["errors"], case["first_errors"])
+    target = f"added p50 ours / LiteLLM ≤ {goal:g}"
+    return [bench["id"], f"{bench['what']}: added latency", target, measured, "pass" if ok else "**fail**"]
+
+
+def _p5_rate_row(bench: dict[str, Any], case: dict[str, Any]) -> list[str]:
+    goal = bench["target"]["rate_ratio_min"]
+    ratio = case["ratio"]
+    mode = "streamed" if case["stream"] else "non-streamed"
+    measured = (
+        f"{mode}, {case['clients']} clients, {case['max_tokens']} tokens: ours "
+        f"{case['stack']['per_s']:,.0f}/s vs LiteLLM {case['litellm']['per_s']:,.0f}/s "
+        f"(engine alone {case['direct']['per_s']:,.0f}/s), ratio {_spread(ratio)}"
+    )
+    errors = {name: case[name]["errors"] for name in ("stack", "litellm", "direct")}
+    measured += _p5_errors(errors, case["first_errors"])
+    ok = ratio["value"] is not None and ratio["value"] >= goal and not any(errors.values())
+    target = f"ours / LiteLLM ≥ {goal:g}"
+    return [bench["id"], f"{bench['what']}: max requests/s", target, measured, "pass" if ok else "**fail**"]
+
+
+def p5_rows(bench: dict[str, Any]) -> list[list[str]]:
+    """The results table's rows: added latency at each concurrency, then max requests/s per mode."""
+    if bench.get("skipped"):
+        goal = bench["target"]
+        target = (
+            f"added p50 ratio ≤ {goal['added_p50_ratio_max']:g}, max RPS ratio ≥ {goal['rate_ratio_min']:g}"
+        )
+        return [[bench["id"], bench["what"], target, f"skipped: {bench['skipped']}", "skipped"]]
+    rows = [_p5_latency_row(bench, case) for case in bench["latency"]]
+    rows += [_p5_rate_row(bench, case) for case in bench["rates"]]
+    if bench["warmup_errors"]:
+        rows.append([bench["id"], "warm-up", "no errors", f"**{bench['warmup_errors'][0]}**", "**fail**"])
+    return rows
+
+
+def p5_details(bench: dict[str, Any]) -> str:
+    """Markdown under the table: the peer, the settings and the absolute figures of each side."""
+    peer = bench["peer"]
+    if bench.get("skipped"):
+        return f"P5 skipped (LiteLLM spec `{peer['spec']}`, environment {peer['venv']}): see the table."
+    p = bench["params"]
+    lines = [
+        f"P5: LiteLLM {peer['version']} (`{peer['spec']}`, its own venv; one worker, master key, no "
+        f"database, `LITELLM_LOG=ERROR`) vs the stack, each in front of its own mock engine ({p['pool']}; "
+        f"{p['token_delay_ms']:g} ms/token for latency, {p['latency_tokens']} tokens; unpaced for the "
+        f"rate). {p['rounds']} round(s), the side that goes first alternating; rate runs "
+        f"{p['rate_duration_s']:g} s each. Added = through the proxy minus straight at its engine.",
+        "",
+        "| figure | ours p50 / p99 | its engine | LiteLLM p50 / p99 | its engine | samples ours / LiteLLM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in bench["latency"]:
+        for metric, name in (("ttft", "TTFT"), ("total", "total time")):
+            m = case[metric]
+            cells = [_ms2(m[key]) for key in ("stack", "stack_direct", "litellm", "litellm_direct")]
+            label = f"{name}, {case['concurrency']} stream(s)"
+            lines.append(f"| {label} | {' | '.join(cells)} | {m['stack']['n']} / {m['litellm']['n']} |")
+    for case in bench["rates"]:
+        mode = "streamed" if case["stream"] else "non-streamed"
+        cells = [
+            f"{_ms2(case[name]['latency'])} ({case[name]['per_s']:,.0f}/s)" for name in ("stack", "litellm")
+        ]
+        direct = f"{_ms2(case['direct']['latency'])} ({case['direct']['per_s']:,.0f}/s)"
+        lines.append(
+            f"| request latency, {mode} rate run | {cells[0]} | {direct} | {cells[1]} | {direct} "
+            f"| {case['stack']['answers']} / {case['litellm']['answers']} |"
+        )
+    return "\n".join(lines)
