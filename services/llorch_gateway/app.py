@@ -20,7 +20,7 @@ from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
 from .metrics import GatewayMetrics
-from .models import TaskRequest, parse_json_object, parse_model
+from .models import DrainRequest, TaskRequest, parse_json_object, parse_model
 from .scheduler_client import SchedulerClient
 from .sse import relay
 
@@ -146,6 +146,12 @@ class Api:
             if view.state.pool_id == pool_id:
                 return _json(_pool_health(view))
         raise OrchestratorError(Code.NOT_FOUND, f"pool {pool_id} is unknown")
+
+    async def drain(self, request: web.Request) -> web.Response:
+        pool_id = request.match_info["pool_id"]
+        body = parse_model(DrainRequest, parse_json_object(await request.read()))
+        await self.d.scheduler.pool_control(pool_id, "drain", body.deadline_ms)
+        return _json({"pool_id": pool_id, "state": "draining", "deadline_ms": body.deadline_ms}, 202)
 
     async def resume(self, request: web.Request) -> web.Response:
         pool_id = request.match_info["pool_id"]
@@ -282,6 +288,7 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_delete("/v1/sessions/{session_id}", api.delete_session)
     app.router.add_get("/v1/pools", api.pools)
     app.router.add_get("/v1/pools/{pool_id}/health", api.pool_health)
+    app.router.add_post("/v1/pools/{pool_id}/drain", api.drain)
     app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)
     app.router.add_get("/v1/replicasets", api.replica_sets)
     app.router.add_get("/v1/capabilities", api.capabilities)

@@ -76,6 +76,11 @@ class TaskRequest(BaseModel):
         return self
 
 
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    deadline_ms: Annotated[int, Field(ge=1, le=3_600_000)]
+
+
 def parse_json_object(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)

@@ -82,9 +82,11 @@ class SchedulerClient:
         )
         return await self._call(call, "the scheduler")
 
-    async def pool_control(self, pool_id: str, action: str) -> scheduler_pb2.PoolControlResponse:
+    async def pool_control(
+        self, pool_id: str, action: str, deadline_ms: int = 0
+    ) -> scheduler_pb2.PoolControlResponse:
         call = self.stub.PoolControl(
-            scheduler_pb2.PoolControlRequest(pool_id=pool_id, action=action),
+            scheduler_pb2.PoolControlRequest(pool_id=pool_id, action=action, deadline_ms=deadline_ms),
             metadata=metadata(self.token),
             timeout=DEFAULT_DEADLINE_S,
         )

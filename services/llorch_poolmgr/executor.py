@@ -74,6 +74,7 @@ class Executor:
         if (
             self.draining
             or replica is None
+            or replica.draining
             or replica.state != ReplicaState.READY
             or len(replica.running) >= replica.slots_total
         ):

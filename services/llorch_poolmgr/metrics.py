@@ -41,6 +41,12 @@ class PoolMetrics:
         self.vram_used = Gauge(
             "vram_used_bytes", "VRAM used by the replica", [*_REPLICA, "device"], registry=registry
         )
+        self.drain_events = Counter(
+            "drain_events_total",
+            "Pool drains: started, completed (idle), deadline (tasks cut off), resumed",
+            ["pool_id", "reason"],
+            registry=registry,
+        )
         self.pool_ready = Gauge("pool_ready", "1 when the pool is Ready", ["pool_id"], registry=registry)
         self.engine_restarts = Counter(
             "engine_restarts_total", "Engine restarts", ["pool_id", "reason"], registry=registry

@@ -1,7 +1,10 @@
 """Preload checks (ORCH-3002/3003, OC-POOL-3001..3003): fail fast, before any engine starts.
 
 VRAM: every masked device's free memory minus `vram.headroom_mib` must cover its share of
-model bytes x `vram.factor` (x 1.1 per VRAM OOM seen, ORCH-3039) + the KV reserve; a vLLM pool
+model bytes x `vram.factor` (x 1.1 per VRAM OOM seen, ORCH-3039) + the KV reserve. The KV reserve is
+`vram.kv_reserve_mib` when the operator sets it; else, for a GGUF file, the exact f16 KV size from its
+metadata (layers x KV heads x head sizes, :func:`llorch.gpu.kv_reserve_from_facts`); else (directory
+models, unreadable metadata) the file-size guess :func:`llorch.gpu.kv_reserve_estimate`. A vLLM pool
 needs `--gpu-memory-utilization` x the device's total instead. RAM: MemAvailable must cover
 model bytes x `ram_factor`. The numbers go into the reason, so `last_error` says what to change. A need
 that exceeds a device's total memory (before any OOM bump) can never load: that failure is permanent.
@@ -12,12 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from llorch import gpu
 from llorch.config import PoolConfig
 
 from .faults import Failure, PoolError
+
+if TYPE_CHECKING:  # the caller reads the facts; this module only does arithmetic on them
+    from llorch.gguf_meta import ModelFacts
 
 MIB: Final = 1 << 20
 VLLM_DEFAULT_UTILIZATION: Final = 0.9
@@ -46,13 +52,19 @@ def _vllm_utilization(pool: PoolConfig) -> float:
     return VLLM_DEFAULT_UTILIZATION
 
 
-def vram_need(pool: PoolConfig, size: int, bump: float) -> int:
-    """Model bytes x `vram.factor` + the KV reserve, the whole estimate x `bump` (1.1 per VRAM OOM)."""
-    kv = (
-        pool.vram.kv_reserve_mib * MIB
-        if pool.vram.kv_reserve_mib is not None
-        else gpu.kv_reserve_estimate(pool.ctx, pool.slots, size)
-    )
+def kv_reserve(pool: PoolConfig, size: int, facts: ModelFacts | None = None) -> int:
+    """The KV reserve in bytes: the operator's `vram.kv_reserve_mib`, else the exact figure from the
+    model's GGUF `facts`, else the guess from the model's `size`."""
+    if pool.vram.kv_reserve_mib is not None:
+        return pool.vram.kv_reserve_mib * MIB
+    exact = gpu.kv_reserve_from_facts(pool.ctx, pool.slots, facts) if facts is not None else None
+    return exact if exact is not None else gpu.kv_reserve_estimate(pool.ctx, pool.slots, size)
+
+
+def vram_need(pool: PoolConfig, size: int, bump: float, facts: ModelFacts | None = None) -> int:
+    """Model bytes x `vram.factor` + the KV reserve (:func:`kv_reserve`), the whole estimate x `bump`
+    (1.1 per VRAM OOM)."""
+    kv = kv_reserve(pool, size, facts)
     return math.ceil(gpu.vram_need_bytes(size, pool.vram.factor, kv) * bump)
 
 
@@ -63,8 +75,13 @@ def check(
     probe: gpu.GpuProbe,
     bump: float = 1.0,
     mem_available: int | None = None,
+    facts: ModelFacts | None = None,
 ) -> Plan | Failure:
-    """The preload decision for one replica of `pool` on `devices` (None: a CPU pool)."""
+    """The preload decision for one replica of `pool` on `devices` (None: a CPU pool).
+
+    `facts` are the GGUF metadata of the model at `path` (:func:`llorch.gguf_meta.read_facts`), which
+    the caller reads (off the event loop: it takes seconds on a large vocabulary); None keeps the
+    file-size KV guess."""
     try:
         size = model_bytes(path)
     except OSError as exc:
@@ -93,8 +110,8 @@ def check(
             if short is not None:
                 return Failure(PoolError.INSUFFICIENT_VRAM, short)
         return Plan(per_device)
-    need = vram_need(pool, size, bump)
-    never = gpu.check_vram_total(present, vram_need(pool, size, 1.0), headroom, pool.tensor_split)
+    need = vram_need(pool, size, bump, facts)
+    never = gpu.check_vram_total(present, vram_need(pool, size, 1.0, facts), headroom, pool.tensor_split)
     if never is not None:
         return Failure(PoolError.INSUFFICIENT_VRAM, never, permanent=True)
     short = gpu.check_vram(present, need, headroom, pool.tensor_split)

@@ -16,6 +16,7 @@ from llorch.rpc import metadata, unary
 from llorch.store import LEASE_MS, Store
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
+from .drain import Drains
 from .executor import Executor
 from .metrics import PoolMetrics
 from .supervisor import Replica, ReplicaState
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 HEARTBEAT_S = 2.0
-DRAINING = "Draining"  # a Ready replica of a pool manager that is shutting down: no new dispatch
+DRAINING = "Draining"  # a Ready replica taking no new task: its pool (or its manager) drains
+DRAINED = "Drained"  # a drained replica with nothing left running; its engine stays loaded
 _STATE_ORDER = (
     ReplicaState.READY,
     DRAINING,
+    DRAINED,
     ReplicaState.SELFTEST,
     ReplicaState.PRELOADING,
     ReplicaState.BACKOFF,
@@ -84,7 +87,13 @@ class Pools:
         return [self._state(cfg, digest, replicas) for cfg, digest, replicas in self.pools]
 
     def _replica_state(self, replica: Replica) -> str:
-        return DRAINING if self.draining and replica.state == "Ready" else str(replica.state)
+        if replica.state != ReplicaState.READY:
+            return str(replica.state)
+        if self.draining:  # shutting down
+            return DRAINING
+        if replica.draining:
+            return DRAINING if replica.running else DRAINED
+        return str(replica.state)
 
     def _state(self, cfg: PoolConfig, digest: str, replicas: list[Replica]) -> types_pb2.PoolState:
         ready = [r for r in replicas if self._replica_state(r) == ReplicaState.READY]
@@ -167,6 +176,8 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
     def __init__(self, pools: Pools, executor: Executor) -> None:
         self.pools = pools
         self.executor = executor
+        by_pool = {cfg.id: replicas for cfg, _digest, replicas in pools.pools}
+        self.drains = Drains(by_pool, executor.watchdog, executor.metrics)
 
     @unary
     async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
@@ -204,11 +215,20 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
     ) -> poolmgr_pb2.ResumeResponse:
         for cfg, _digest, replicas in self.pools.pools:
             if cfg.id == request.pool_id:
+                self.drains.resume(cfg.id)
                 for replica in replicas:
                     replica.resume()
-                state = next(p.state for p in self.pools.states() if p.pool_id == cfg.id)
-                return poolmgr_pb2.ResumeResponse(found=True, state=state)
+                return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(cfg.id))
         return poolmgr_pb2.ResumeResponse(found=False)
+
+    @unary
+    async def Drain(self, request: poolmgr_pb2.DrainRequest, context: Context) -> poolmgr_pb2.ResumeResponse:
+        if not self.drains.drain(request.pool_id, request.deadline_ms):
+            return poolmgr_pb2.ResumeResponse(found=False)
+        return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(request.pool_id))
+
+    def _state_of(self, pool_id: str) -> str:
+        return next(p.state for p in self.pools.states() if p.pool_id == pool_id)
 
 
 class Registration:

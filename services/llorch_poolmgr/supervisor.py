@@ -31,6 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from llorch import gpu
 from llorch.adapters.base import EngineAdapter
 from llorch.config import PoolConfig
+from llorch.gguf_meta import ModelFacts, read_facts
 
 from . import preload
 from .breaker import Breaker
@@ -63,8 +64,12 @@ class ReplicaState(StrEnum):
 _WAITS_FOR_RESUME: Final = frozenset({ReplicaState.STOPPED, ReplicaState.UNAVAILABLE, ReplicaState.FAILED})
 
 
-def _kv_bytes_per_token(model_path: Path) -> int:
-    """KV bytes one cached token holds, estimated from the model's size (SPEC §5.4's fallback)."""
+def _kv_bytes_per_token(model_path: Path, facts: ModelFacts | None = None) -> int:
+    """KV bytes one cached token holds: exact (f16) from the GGUF `facts` when they give the attention
+    shape, else estimated from the model's size (SPEC §5.4's fallback)."""
+    exact = facts.kv_bytes_per_token() if facts is not None else None
+    if exact is not None:
+        return exact
     try:
         return gpu.kv_reserve_estimate(1, 1, preload.model_bytes(model_path))
     except OSError:
@@ -119,6 +124,7 @@ class Replica:
         self.restarts = 0
         self.last_error: tuple[str, str, int] | None = None
         self.running: set[str] = set()
+        self.draining = False  # the operator drained its pool: no new task until resume
         self.adapter: EngineAdapter | None = None
         self.breaker = Breaker(pool.restart.breaker_failures, pool.restart.breaker_window_s)
         self.vram_bump = 1.0
@@ -276,7 +282,12 @@ class Replica:
     async def _serve(self) -> None:
         """One life of the engine: checks, launch, self-test, Ready, watch. Always ends by raising."""
         self._set_state(ReplicaState.PRELOADING)
-        plan = preload.check(self.pool, self.devices, self.model_path, self.probe, self.vram_bump)
+        # Read per life: the engine re-reads the file on each launch too. Seconds on a big vocabulary.
+        facts = await asyncio.to_thread(read_facts, self.model_path)
+        self.kv_bytes_per_token = _kv_bytes_per_token(self.model_path, facts)
+        plan = preload.check(
+            self.pool, self.devices, self.model_path, self.probe, self.vram_bump, facts=facts
+        )
         if isinstance(plan, Failure):
             self._preload_outcome(plan.code.value.lower())
             if plan.permanent:

@@ -151,6 +151,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             view.metrics_address = manager.metrics_address
             view.tasks_running = busy
             view.slots_free = max(0, total - busy)
+            view.draining = view.state.state in ("Draining", "Drained")
         reply.metrics_addresses.extend(
             sorted({m.metrics_address for m in self.registry.managers.values() if m.connected})
         )
@@ -218,8 +219,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def PoolControl(
         self, request: scheduler_pb2.PoolControlRequest, context: Context
     ) -> scheduler_pb2.PoolControlResponse:
-        if request.action != "resume":
-            raise invalid("action", "the only pool action in v1 is resume")
+        if request.action not in ("resume", "drain"):
+            raise invalid("action", "pool actions are resume and drain")
         found = next(((m, p) for m, p in self.registry.pools() if p.pool_id == request.pool_id), None)
         if found is None:
             raise OrchestratorError(Code.NOT_FOUND, f"pool {request.pool_id} is unknown")
@@ -229,15 +230,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 Code.POOL_UNAVAILABLE, f"the pool manager of {request.pool_id} is not connected"
             )
         try:
-            reply = await manager.stub.Resume(
-                poolmgr_pb2.ResumeRequest(pool_id=request.pool_id), metadata=metadata(self.token), timeout=5
-            )
+            if request.action == "drain":
+                drain = poolmgr_pb2.DrainRequest(pool_id=request.pool_id, deadline_ms=request.deadline_ms)
+                reply = await manager.stub.Drain(drain, metadata=metadata(self.token), timeout=5)
+            else:
+                resume = poolmgr_pb2.ResumeRequest(pool_id=request.pool_id)
+                reply = await manager.stub.Resume(resume, metadata=metadata(self.token), timeout=5)
         except grpc.aio.AioRpcError as exc:
             raise OrchestratorError(
                 Code.POOL_UNAVAILABLE,
                 f"the pool manager of {request.pool_id} did not answer ({exc.code().name})",
             ) from None
-        log.info("pool resumed", extra={"event": "pool_resume", "pool_id": request.pool_id})
+        log.info(
+            f"pool {request.action}", extra={"event": f"pool_{request.action}", "pool_id": request.pool_id}
+        )
         return scheduler_pb2.PoolControlResponse(state=reply.state)
 
     async def RegisterPoolManager(

@@ -1,8 +1,9 @@
 """The preload arithmetic: will a model fit in VRAM and host RAM (SPEC §5.3, §5.6).
 
-The preload checks are pure functions: :func:`vram_need_bytes`, :func:`kv_reserve_estimate`,
-:func:`check_vram`, :func:`check_ram` and :func:`pick_auto_device`. :func:`mem_available_bytes` reads the
-one input that comes from the host.
+The preload checks are pure functions: :func:`vram_need_bytes`, :func:`kv_reserve_from_facts` (a GGUF
+file's exact KV size), :func:`kv_reserve_estimate` (the fallback guess), :func:`check_vram`,
+:func:`check_ram` and :func:`pick_auto_device`. :func:`mem_available_bytes` reads the one input that
+comes from the host.
 """
 
 from __future__ import annotations
@@ -11,8 +12,16 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from llorch.gpu.probe import MIB, GpuDevice
+
+if TYPE_CHECKING:  # keeps gguf and numpy out of every importer of llorch.gpu
+    from llorch.gguf_meta import ModelFacts
+
+# llama.cpp rounds the context (-c, all slots together) up to a multiple of this before sizing the KV
+# cache (b11434: `-c 3000 --parallel 3` reports n_ctx = 3072).
+LLAMA_CTX_PAD: Final = 256
 
 
 def _exact(x: float) -> Fraction:
@@ -34,7 +43,9 @@ def vram_need_bytes(model_bytes: int, factor: float, kv_reserve_bytes: int) -> i
 
 
 def kv_reserve_estimate(ctx: int, slots: int, model_bytes: int) -> int:
-    """KV-cache bytes for ``ctx`` tokens in each of ``slots`` slots when ``vram.kv_reserve_mib`` is null.
+    """KV-cache bytes for ``ctx`` tokens in each of ``slots`` slots when ``vram.kv_reserve_mib`` is null
+    and the model has no GGUF metadata to size it exactly (:func:`kv_reserve_from_facts`): directory
+    models (vLLM, TGI, Triton) and files whose metadata cannot be read.
 
     A deliberately simple heuristic: 2·√(model bytes) bytes per token. f16 KV grows with layer count, which
     grows about as the square root of the weights, so this lands near the real figure for current
@@ -45,6 +56,23 @@ def kv_reserve_estimate(ctx: int, slots: int, model_bytes: int) -> int:
     if ctx < 1 or slots < 1 or model_bytes < 0:
         raise ValueError("kv_reserve_estimate needs ctx >= 1, slots >= 1 and model_bytes >= 0")
     return ctx * slots * 2 * math.isqrt(model_bytes)
+
+
+def kv_reserve_from_facts(ctx: int, slots: int, facts: ModelFacts) -> int | None:
+    """KV-cache bytes llama-server allocates for ``ctx`` tokens in each of ``slots`` slots with its
+    default f16 cache: ctx x slots (rounded up to :data:`LLAMA_CTX_PAD`) x the model's
+    :meth:`~llorch.gguf_meta.ModelFacts.kv_bytes_per_token`, which comes from the GGUF metadata (layers,
+    KV heads, K/V head sizes). None when the metadata lacks the attention shape.
+
+    Measured against llama-server b11434 on SmolLM2-135M (-c 32768 --parallel 16): 720 MiB both.
+    """
+    if ctx < 1 or slots < 1:
+        raise ValueError("kv_reserve_from_facts needs ctx >= 1 and slots >= 1")
+    per_token = facts.kv_bytes_per_token()
+    if per_token is None:
+        return None
+    cells = (ctx * slots + LLAMA_CTX_PAD - 1) // LLAMA_CTX_PAD * LLAMA_CTX_PAD
+    return cells * per_token
 
 
 def check_vram(

@@ -1,0 +1,185 @@
+"""What a GGUF model file says about itself, read with llama.cpp's own ``gguf`` package.
+
+:func:`read_facts` gives a :class:`ModelFacts` for a GGUF file (None for anything else);
+:func:`facts_json` is its catalog form. :meth:`ModelFacts.kv_bytes_per_token` is the exact f16 KV
+footprint of one cached token, which the pool manager's VRAM estimate uses instead of guessing it from
+the file size (:func:`llorch.gpu.sizing.kv_reserve_from_facts`).
+
+Cost: ``gguf.GGUFReader`` memory-maps the file and never reads tensor data (each tensor is a lazy view),
+but it parses every metadata array element into its own numpy view, so the tokenizer vocabulary
+dominates: about 5 s for SmolLM2's 49k tokens + 49k merges, proportionally more for 128k-256k
+vocabularies. Callers on an event loop run it in a thread and read it once per use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from gguf import GGUF_MAGIC, GGUFReader, GGUFValueType, LlamaFileType
+
+log = logging.getLogger(__name__)
+
+_MAGIC: Final = GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
+# What a malformed or truncated file makes GGUFReader raise (short memmap slices, bad enum values,
+# duplicate keys, undecodable strings, tensor data past the end of the file).
+_BAD_FILE: Final = (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError)
+
+FactsJson = dict[str, str | int | list[int] | None]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A GGUF model's metadata, each field from the key named beside it (``<arch>`` = architecture).
+
+    ``kv_heads`` holds one value per layer (``head_count_kv``, or ``head_count`` without it, repeated
+    when the file stores one number); it is empty when the file does not say. ``key_length`` and
+    ``value_length`` are the per-head K and V sizes (``attention.key_length``/``value_length``, else
+    ``embedding_length / head_count`` of layer 0, as llama.cpp derives them).
+    """
+
+    architecture: str  # general.architecture
+    parameter_count: int  # general.parameter_count, else the sum of the tensors' element counts
+    quantisation: str | None  # general.file_type as llama.cpp names it, else the most common tensor type
+    trained_ctx: int | None  # <arch>.context_length
+    layers: int | None  # <arch>.block_count
+    kv_heads: tuple[int, ...]  # <arch>.attention.head_count_kv per layer
+    key_length: int | None
+    value_length: int | None
+
+    def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int | None:
+        """KV-cache bytes one token takes across all layers: the sum over layers of
+        (key_length + value_length) x kv_heads(layer) x ``bytes_per_element`` (2: f16, llama-server's
+        default ``--cache-type-k/v``). None when the file lacks the attention shape.
+
+        Exact for full-attention (MHA/GQA) layers. Layers with 0 KV heads (recurrent layers of hybrid
+        models) add nothing, and their recurrent state is not counted. Sliding-window layers are counted
+        at full context, so for those models this is an upper bound; MLA models (DeepSeek 2/3) cache a
+        compressed latent that this does not model.
+        """
+        if not self.kv_heads or self.key_length is None or self.value_length is None:
+            return None
+        return (self.key_length + self.value_length) * sum(self.kv_heads) * bytes_per_element
+
+
+def read_facts(path: Path | str) -> ModelFacts | None:
+    """The facts of the GGUF file at ``path``; None for a directory, a non-GGUF file or a file that
+    cannot be parsed (logged; never raises). Slow on big vocabularies: see the module docstring."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return None
+        with path.open("rb") as head:
+            if head.read(4) != _MAGIC:
+                log.debug("not a GGUF file", extra={"event": "gguf_not_gguf", "path": str(path)})
+                return None
+        stat = path.stat()
+        return _read_once(path, stat.st_size, stat.st_mtime_ns)
+    except _BAD_FILE as exc:
+        log.warning(
+            "cannot read GGUF metadata",
+            extra={"event": "gguf_unreadable", "path": str(path), "reason": f"{type(exc).__name__}: {exc}"},
+        )
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _read_once(path: Path, size: int, mtime_ns: int) -> ModelFacts | None:
+    """One read per unchanged file (its size and mtime key the cache): a restart costs nothing."""
+    return _facts(GGUFReader(path))
+
+
+def facts_json(facts: ModelFacts) -> FactsJson:
+    """The catalog entry's ``gguf`` object. ``kv_heads`` is one number when every layer has the same."""
+    heads = facts.kv_heads
+    return {
+        "architecture": facts.architecture,
+        "parameter_count": facts.parameter_count,
+        "quantisation": facts.quantisation,
+        "trained_ctx": facts.trained_ctx,
+        "layers": facts.layers,
+        "kv_heads": heads[0] if heads and len(set(heads)) == 1 else list(heads) or None,
+        "key_length": facts.key_length,
+        "value_length": facts.value_length,
+        "kv_bytes_per_token_f16": facts.kv_bytes_per_token(),
+    }
+
+
+def _facts(reader: GGUFReader) -> ModelFacts | None:
+    arch = _string(reader, "general.architecture")
+    if arch is None:
+        log.warning("GGUF file without general.architecture", extra={"event": "gguf_no_arch"})
+        return None
+    layers = _scalar(reader, f"{arch}.block_count")
+    head_count = _per_layer(reader, f"{arch}.attention.head_count", layers)
+    kv_key = f"{arch}.attention.head_count_kv"
+    kv_heads = _per_layer(reader, kv_key, layers) if reader.get_field(kv_key) is not None else head_count
+    head_dim = None
+    embedding = _scalar(reader, f"{arch}.embedding_length")
+    if embedding is not None and head_count and head_count[0] > 0:
+        head_dim = embedding // head_count[0]
+    key_length = _scalar(reader, f"{arch}.attention.key_length")
+    value_length = _scalar(reader, f"{arch}.attention.value_length")
+    params = _scalar(reader, "general.parameter_count")
+    return ModelFacts(
+        architecture=arch,
+        parameter_count=params if params is not None else sum(t.n_elements for t in reader.tensors),
+        quantisation=_quantisation(reader),
+        trained_ctx=_scalar(reader, f"{arch}.context_length"),
+        layers=layers,
+        kv_heads=kv_heads,
+        key_length=key_length if key_length is not None else head_dim,
+        value_length=value_length if value_length is not None else head_dim,
+    )
+
+
+def _quantisation(reader: GGUFReader) -> str | None:
+    """``general.file_type`` without llama.cpp's MOSTLY_/ALL_ prefix (as llama-server prints it), else
+    the tensor type holding the most weights."""
+    file_type = _scalar(reader, "general.file_type")
+    known = {t.value: t for t in LlamaFileType if t != LlamaFileType.GUESSED}
+    if file_type in known:
+        return known[file_type].name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    weights: Counter[str] = Counter()
+    for tensor in reader.tensors:
+        weights[tensor.tensor_type.name] += tensor.n_elements
+    return weights.most_common(1)[0][0] if weights else None
+
+
+def _string(reader: GGUFReader, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None or field.types != [GGUFValueType.STRING]:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
+
+
+def _scalar(reader: GGUFReader, key: str) -> int | None:
+    """An integer scalar; None when absent or of another type."""
+    field = reader.get_field(key)
+    if field is None or len(field.types) != 1 or field.types[0] == GGUFValueType.BOOL:
+        return None
+    value = field.contents()
+    return value if isinstance(value, int) else None
+
+
+def _per_layer(reader: GGUFReader, key: str, layers: int | None) -> tuple[int, ...]:
+    """An integer stored once or once per layer, as one value per layer; empty when absent or when an
+    array's length is not the layer count."""
+    field = reader.get_field(key)
+    if field is None or layers is None:
+        return ()
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        values = field.contents()
+        if isinstance(values, list) and len(values) == layers and all(isinstance(v, int) for v in values):
+            return tuple(values)
+        log.warning(
+            "GGUF per-layer array does not match block_count", extra={"event": "gguf_bad_array", "key": key}
+        )
+        return ()
+    value = _scalar(reader, key)
+    return () if value is None else (value,) * layers
