@@ -14,7 +14,7 @@ from llorch.ids import is_valid_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
-from . import anthropic_api, openai_api, render, responses_api
+from . import anthropic_api, catalog_api, openai_api, render, responses_api
 from .auth import Authenticator
 from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
@@ -295,6 +295,7 @@ def build_app(deps: Deps) -> web.Application:
     runner = ChatRunner(deps.store, deps.feed, deps.scheduler)
     openai_api.add_routes(app, runner, deps.scheduler)
     anthropic_api.add_routes(app, runner)
+    catalog_api.add_routes(app, deps.scheduler)
     responses_api.add_routes(app, runner)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)

@@ -11,6 +11,8 @@ from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
 from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
+CATALOG_DEADLINE_S = 120.0
+"""Verify hashes the model file: minutes for a big one on a slow disk."""
 
 
 class SchedulerClient:
@@ -90,4 +92,8 @@ class SchedulerClient:
             metadata=metadata(self.token),
             timeout=DEFAULT_DEADLINE_S,
         )
+        return await self._call(call, "the scheduler")
+
+    async def catalog(self, request: scheduler_pb2.CatalogRequest) -> scheduler_pb2.CatalogReply:
+        call = self.stub.Catalog(request, metadata=metadata(self.token), timeout=CATALOG_DEADLINE_S)
         return await self._call(call, "the scheduler")

@@ -19,6 +19,7 @@ from llorch.throttle import BackoffClamp
 from llorch.v1 import scheduler_pb2_grpc
 
 from .admission import Admission
+from .catalog import Catalog
 from .dispatcher import Dispatcher, DispatchSettings
 from .estimator import Estimator
 from .leases import LeaseSweeper
@@ -48,6 +49,7 @@ class Parts:
     admission: Admission
     dispatcher: Dispatcher
     sweeper: LeaseSweeper
+    catalog: Catalog
 
 
 def build(
@@ -63,6 +65,13 @@ def build(
     watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
     throttles = Throttles(cfg.pools, cfg.api.tokens, clamp, metrics)
     front = QueueFront(cfg.pools, cfg.sse.retention_s, store, estimator, metrics, sessions)
+    catalog = Catalog(
+        cfg.state_dir / "catalog.sqlite",
+        cfg.catalog.trust_policy,
+        {p.model: p.engine for p in cfg.pools},
+        metrics.catalog_verifications,
+        metrics.model_state,
+    )
     admission = Admission(
         sched,
         cfg.queue.soft_watermark,
@@ -75,12 +84,13 @@ def build(
         sessions,
         front,
         throttles,
+        catalog.state_of,
     )
     dispatcher = Dispatcher(
         DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
     )
     sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
-    return Parts(sessions, watch, admission, dispatcher, sweeper)
+    return Parts(sessions, watch, admission, dispatcher, sweeper, catalog)
 
 
 async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
@@ -91,6 +101,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with Store.connect(redis_url(cfg), cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store:
             parts = build(cfg, store, registry, metrics, token)
+            await parts.catalog.import_config(cfg.catalog.models)
             service = SchedulerService(
                 store,
                 registry,
@@ -100,6 +111,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
                 cfg.sse.retention_s,
                 token,
                 parts.sessions,
+                parts.catalog,
             )
 
             def register(server: grpc.aio.Server) -> None:
@@ -115,6 +127,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
                 )
                 await stop.wait()
             await registry.aclose()
+            parts.catalog.close()
 
 
 async def _gauges(service: SchedulerService) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from llorch import events
@@ -66,9 +66,11 @@ class Admission:
         sessions: Sessions,
         front: QueueFront,
         throttles: Throttles,
+        lifecycle: Callable[[str], str | None] = lambda _model: None,
     ) -> None:
         """``limits``: the scheduler's defaults and bounds (max tokens, deadlines); ``served_models``:
-        the catalog models some pool serves (named in INVALID_PARAMS for an unknown model_ref)."""
+        the catalog models some pool serves (named in INVALID_PARAMS for an unknown model_ref);
+        ``lifecycle``: a model's catalog state (None: not in the catalog)."""
         self.limits = limits
         self.soft_watermark = soft_watermark
         self.served_models = sorted(served_models)
@@ -80,11 +82,13 @@ class Admission:
         self.sessions = sessions
         self.front = front
         self.throttles = throttles
+        self.lifecycle = lifecycle
 
     async def admit(self, req: Submission) -> Admitted:
         task_id = req.task_id or new_task_id()
         if not is_valid_id(task_id):
             raise invalid("task_id", "task_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+        await self._check_lifecycle(req)
         info = self._resolve(req)
         priority = req.priority
         # An embedding generates nothing: one token stands for it in budgets and throttles.
@@ -127,6 +131,26 @@ class Admission:
             await self.sessions.undo(task_id)
             raise
         return replace(admitted, budgets=budgets)
+
+    async def _check_lifecycle(self, req: Submission) -> None:
+        """SPEC §5.7: Draft → 403 MODEL_NOT_ACTIVE; Deprecated → 403 MODEL_DEPRECATED unless the task
+        continues an existing session; Retired → 503 POOL_UNAVAILABLE. Checked before the set is
+        resolved, so a retired model's answer says why rather than that its pools are drained."""
+        state = self.lifecycle(req.model_ref)
+        if state == "Draft":
+            raise OrchestratorError(
+                Code.MODEL_NOT_ACTIVE, f"model {req.model_ref} is a Draft; activate it first", state=state
+            )
+        if state == "Retired":
+            raise OrchestratorError(Code.POOL_UNAVAILABLE, f"model {req.model_ref} is retired", state=state)
+        if state == "Deprecated":
+            existing = bool(req.session_id) and await self.store.session(req.session_id) is not None
+            if not existing:
+                raise OrchestratorError(
+                    Code.MODEL_DEPRECATED,
+                    f"model {req.model_ref} is deprecated: existing sessions go on, new ones cannot start",
+                    state=state,
+                )
 
     def _resolve(self, req: Submission) -> SetInfo:
         members = self.registry.pools_for_model(req.model_ref)

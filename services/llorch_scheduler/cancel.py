@@ -43,8 +43,14 @@ class Canceller:
 
     async def cancel(self, task_id: str) -> TaskState:
         """End the task with CANCELED; returns the state it was in (a terminal one: nothing changed)."""
-        payload = events.error(OrchestratorError(Code.CANCELED, "canceled by the client"))
-        result = await self.store.terminate(task_id, TaskState.CANCELED, payload, self.retention_s)
+        why = OrchestratorError(Code.CANCELED, "canceled by the client")
+        return await self.end(task_id, why, TaskState.CANCELED, "client")
+
+    async def end(self, task_id: str, why: OrchestratorError, state: TaskState, reason: str) -> TaskState:
+        """End the task with ``why`` (its model retired, say) the way a cancel does: dequeued or
+        aborted, its session settled, ``tasks_canceled_total{reason}`` counted."""
+        payload = events.error(why)
+        result = await self.store.terminate(task_id, state, payload, self.retention_s)
         if result.previous is None:
             raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
         if not result.was_live:
@@ -54,13 +60,14 @@ class Canceller:
             info = self.set_info(record.rs)
             engine, version = (info.engine, info.engine_version) if info else (record.engine or "none", "")
             self.metrics.tasks_canceled.labels(
-                engine, version, record.pool_id or record.rs, record.replica_id or QUEUE_REPLICA, "client"
+                engine, version, record.pool_id or record.rs, record.replica_id or QUEUE_REPLICA, reason
             ).inc()
             await self.sessions.settle(task_id, record.tokens_out)
             if result.previous == TaskState.QUEUED:
                 await self.store.dequeue(record.rs, task_id)
         log.info(
-            "task canceled", extra={"event": "task_canceled", "task_id": task_id, "state": result.previous}
+            "task canceled",
+            extra={"event": "task_canceled", "task_id": task_id, "state": result.previous, "reason": reason},
         )
         if result.previous == TaskState.RUNNING and result.manager:
             self.abort(result.manager, task_id)

@@ -25,6 +25,18 @@ class SchedulerMetrics:
             ["engine", "reason"],
             registry=registry,
         )
+        self.catalog_verifications = Counter(
+            "catalog_verifications_total",
+            "Catalog verification outcomes",
+            ["result", "reason", "engine"],
+            registry=registry,
+        )
+        self.model_state = Gauge(
+            "model_state",
+            "1 for a catalog entry's current lifecycle state, 0 for its other states",
+            ["model_id", "state"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "queue_depth",
             "Queued tasks per replica set and class",

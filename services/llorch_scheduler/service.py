@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb
 from . import inventory
 from .admission import Admission
 from .cancel import Canceller
+from .catalog import Catalog
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry, set_of
@@ -25,6 +27,8 @@ from .submission import submission_of
 
 log = logging.getLogger(__name__)
 
+RETIRE_DEADLINE_MS = 60_000
+"""SPEC §2.3's default drain deadline of a state change to Retired."""
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -39,8 +43,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         retention_s: int,
         internal_token: str,
         sessions: Sessions,
+        catalog: Catalog,
     ) -> None:
         self.sessions = sessions
+        self.catalog = catalog
         self.canceller = Canceller(store, sessions, metrics, registry.set_info, self.abort, retention_s)
         self.store = store
         self.registry = registry
@@ -245,6 +251,57 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             f"pool {request.action}", extra={"event": f"pool_{request.action}", "pool_id": request.pool_id}
         )
         return scheduler_pb2.PoolControlResponse(state=reply.state)
+
+    @unary
+    async def Catalog(
+        self, request: scheduler_pb2.CatalogRequest, context: Context
+    ) -> scheduler_pb2.CatalogReply:
+        """The catalog's routes (SPEC §2.3); a model Retired drains its pools and ends its queued tasks."""
+        catalog = self.catalog
+        reply = scheduler_pb2.CatalogReply()
+        if request.op == "list":
+            entries = catalog.entries(request.state, request.tag)
+        elif request.op == "get":
+            entries = [catalog.get(request.model_id)]
+        elif request.op == "create":
+            entry, reply.created = await catalog.create(json.loads(request.body_json or "{}"))
+            entries = [entry]
+        elif request.op == "delete":
+            served_by = [p.pool_id for _, p in self.registry.pools() if p.model_ref == request.model_id]
+            await catalog.delete(request.model_id, served_by)
+            entries = []
+        elif request.op == "verify":
+            entries = [await catalog.verify(request.model_id)]
+        elif request.op == "state":
+            entry, reply.previous_state = await catalog.set_state(request.model_id, request.state)
+            entries = [entry]
+            if request.state == "Retired" and reply.previous_state != "Retired":
+                await self._retire(request.model_id, request.deadline_ms or RETIRE_DEADLINE_MS)
+        else:
+            raise invalid("op", f"unknown catalog operation {request.op!r}")
+        reply.entries_json.extend(json.dumps(e, separators=(",", ":")) for e in entries)
+        return reply
+
+    async def _retire(self, model_id: str, deadline_ms: int) -> None:
+        """SPEC §5.7: a retired model's pools drain (its running tasks finish or end at the deadline)
+        and its queued tasks end with POOL_UNAVAILABLE."""
+        why = OrchestratorError(Code.POOL_UNAVAILABLE, f"model {model_id} was retired")
+        members = [(m, p) for m, p in self.registry.pools() if p.model_ref == model_id]
+        for rs in {set_of(p) for _, p in members}:
+            interactive, batch, _ = await self.store.queued(rs)
+            for task_id in [*interactive, *batch]:
+                await self.canceller.end(task_id, why, TaskState.FAILED, "retired")
+        for manager, pool in members:
+            if not manager.connected:
+                continue
+            drain = poolmgr_pb2.DrainRequest(pool_id=pool.pool_id, deadline_ms=deadline_ms)
+            try:
+                await manager.stub.Drain(drain, metadata=metadata(self.token), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "drain of a retired model's pool failed",
+                    extra={"event": "retire_drain_failed", "pool_id": pool.pool_id, "error": exc.code().name},
+                )
 
     async def RegisterPoolManager(
         self, request_iterator: AsyncIterator[scheduler_pb2.PoolManagerReport], context: Context
