@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,10 +24,27 @@ def _sha256_file(path: Path) -> str:
 
 async def model_digest(path: Path, cache_file: Path) -> str:
     """``sha256:<hex>`` of the model; files are read only when they changed since the last call."""
-    return await asyncio.to_thread(_cached_digest, path, cache_file)
+    return await asyncio.to_thread(_cached_digest, path, cache_file, _sha256_file)
 
 
-def _cached_digest(path: Path, cache_file: Path) -> str:
+class DigestCache:
+    """:func:`model_digest` over one cache file, as the object the trust checks take
+    (:func:`llorch.trust.verify`); ``files_hashed`` counts the files actually read."""
+
+    def __init__(self, cache_file: Path) -> None:
+        self.cache_file = cache_file
+        self.files_hashed = 0
+
+    async def digest(self, path: Path) -> str:
+        """``sha256:<hex>`` of a file or a directory's manifest; raises ``OSError`` if unreadable."""
+        return await asyncio.to_thread(_cached_digest, path, self.cache_file, self._read)
+
+    def _read(self, path: Path) -> str:
+        self.files_hashed += 1
+        return _sha256_file(path)
+
+
+def _cached_digest(path: Path, cache_file: Path, read: Callable[[Path], str]) -> str:
     cache: dict[str, str] = {}
     if cache_file.exists():
         try:
@@ -39,7 +57,7 @@ def _cached_digest(path: Path, cache_file: Path) -> str:
         stat = file.stat()
         key = f"{file}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in cache:
-            cache[key] = _sha256_file(file)
+            cache[key] = read(file)
         return cache[key]
 
     resolved = path.resolve()

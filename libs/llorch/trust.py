@@ -4,8 +4,8 @@
 :class:`~llorch.config.TrustPolicy` and returns a :class:`Verification`; it never raises for a bad model.
 The scheduler's catalog stores and counts the result, and pool managers call it before preload.
 
-1. The model is hashed with sha256 by a :class:`Hasher` (a directory over its manifest lines
-   ``"<sha256>  <relpath>\\n"`` sorted by path), cached per (path, size, mtime_ns) of each file.
+1. The model is hashed with sha256 by a :class:`~llorch.digest.DigestCache` (a directory over its
+   manifest lines ``"<sha256>  <relpath>\\n"`` sorted by path), cached per (path, size, mtime_ns).
 2. The hash is compared with the declared ``digest``: a mismatch fails in both modes. A missing digest is
    pinned (``pinned=True``, the caller stores ``digest``) under permissive and is an error under strict.
 3. ``ed25519`` signatures over the digest string (UTF-8 of ``"sha256:<hex>"``; the declared digest, or the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from llorch.config import CatalogModelConfig, TrustPolicy
+from llorch.digest import DigestCache
 
 Reason = Literal[
     "ok",
@@ -58,7 +58,6 @@ Reason = Literal[
     "file_missing",
 ]
 Status = Literal["pass", "fail"]
-BLOCK_BYTES: Final = 1 << 20
 _ED25519: Final = "ed25519"
 _DIGEST_PREFIX: Final = "sha256:"
 
@@ -121,46 +120,6 @@ def claim_of(cfg: CatalogModelConfig) -> ModelClaim:
     )
 
 
-class Hasher:
-    """sha256 of model files and directories, cached per file by (path, size, mtime_ns).
-
-    Hashing runs in a worker thread and reads ``block_bytes`` at a time. ``files_hashed`` counts the files
-    actually read, so an unchanged model costs a ``stat`` per file and nothing more. One instance is meant
-    to live as long as its service; the cache holds one entry per path.
-    """
-
-    def __init__(self, block_bytes: int = BLOCK_BYTES) -> None:
-        self._block_bytes = block_bytes
-        self._cache: dict[Path, tuple[int, int, str]] = {}
-        self.files_hashed = 0
-
-    async def digest(self, path: Path) -> str:
-        """``"sha256:<hex>"`` of a file, or of a directory's manifest; raises ``OSError`` if unreadable."""
-        return await asyncio.to_thread(self._digest, path)
-
-    def _digest(self, path: Path) -> str:
-        if not path.is_dir():
-            return _DIGEST_PREFIX + self._file_hex(path)
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-        manifest = "".join(f"{self._file_hex(p)}  {rel}\n" for rel, p in files)
-        return _DIGEST_PREFIX + hashlib.sha256(manifest.encode()).hexdigest()
-
-    def _file_hex(self, path: Path) -> str:
-        before = path.stat()
-        cached = self._cache.get(path)
-        if cached is not None and cached[:2] == (before.st_size, before.st_mtime_ns):
-            return cached[2]
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while block := handle.read(self._block_bytes):
-                digest.update(block)
-        self.files_hashed += 1
-        after = path.stat()
-        if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
-            self._cache[path] = (after.st_size, after.st_mtime_ns, digest.hexdigest())
-        return digest.hexdigest()  # a file changed while being read is not cached, so it is read again
-
-
 @dataclass
 class _Findings:
     errors: list[str] = field(default_factory=list)
@@ -174,7 +133,7 @@ class _Findings:
 
 
 async def verify(
-    claim: ModelClaim, policy: TrustPolicy, hasher: Hasher, *, clock: Callable[[], float] = time.time
+    claim: ModelClaim, policy: TrustPolicy, hasher: DigestCache, *, clock: Callable[[], float] = time.time
 ) -> Verification:
     """Run the ORCH-3061 checks on ``claim`` under ``policy`` (already merged by :func:`policy_for`)."""
     found = _Findings()
@@ -323,7 +282,7 @@ def _signature_ok(sig: Signature, subject: str, keys: Sequence[Ed25519PublicKey]
     return False
 
 
-async def _check_sbom(claim: ModelClaim, policy: TrustPolicy, hasher: Hasher, found: _Findings) -> None:
+async def _check_sbom(claim: ModelClaim, policy: TrustPolicy, hasher: DigestCache, found: _Findings) -> None:
     required = policy.effective_require_sbom
     if claim.sbom is None:
         msg = "no SBOM declared: add sbom: {uri, digest}" + ("" if required else " (not required by policy)")

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc.aio
 from prometheus_client import CollectorRegistry
 
-from llorch import gpu
+from llorch import gpu, trust
 from llorch.config import LlorchConfig, PoolConfig
-from llorch.digest import model_digest
+from llorch.digest import DigestCache
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
 from llorch.rpc import load_internal_token
 from llorch.store import Store
@@ -45,7 +45,8 @@ async def build_pools(
     probe: gpu.GpuProbe,
     assign: dict[str, int],
 ) -> Pools:
-    models = {m.id: Path(m.path) for m in cfg.catalog.models}
+    catalog = {m.id: m for m in cfg.catalog.models}
+    digests = DigestCache(cfg.state_dir / "digests.json")
     entries: list[tuple[PoolConfig, str, list[Replica]]] = []
     errors: dict[str, tuple[str, str, int]] = {}
     holder: list[Pools] = []
@@ -60,17 +61,25 @@ async def build_pools(
         entries.append((pool, "", []))
 
     for pool in pool_cfgs:
-        path = models.get(pool.model)
-        if path is None or not path.exists():
+        model = catalog.get(pool.model)
+        path = Path(model.path) if model is not None else None
+        if model is None or path is None or not path.exists():
             reason = "not in the catalog" if path is None else f"file {path} does not exist"
             unservable(pool, PoolError.MODEL_NOT_FOUND, f"model {pool.model}: {reason}")
+            continue
+        # SPEC §5.7: a model is verified before preload, and one that fails is never loaded.
+        policy = trust.policy_for(model.trust_policy, cfg.catalog.trust_policy)
+        verified = await trust.verify(trust.claim_of(model), policy, digests)
+        if not verified.passed:
+            message = f"model {pool.model} failed verification: {'; '.join(verified.errors)}"
+            unservable(pool, PoolError.UNTRUSTED_ARTIFACT, message)
             continue
         devices = resolve_devices(cfg, pool, assign, inventory)
         if isinstance(devices, str):
             why = f" ({probe.reason})" if probe.reason else ""
             unservable(pool, PoolError.INSUFFICIENT_VRAM, devices + why)
             continue
-        digest = await model_digest(path, cfg.state_dir / "digests.json")
+        digest = verified.digest or await digests.digest(path)
         replicas = [
             Replica(pool, k, path, devices, cfg.state_dir, probe, metrics, changed)
             for k in range(pool.replicas)

@@ -32,6 +32,7 @@ class PoolError(StrEnum):
     HOST_OOM = "HOST_OOM"
     DRIVER_FAULT = "DRIVER_FAULT"
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    UNTRUSTED_ARTIFACT = "UNTRUSTED_ARTIFACT"
 
 
 _VRAM_OOM: Final = re.compile(

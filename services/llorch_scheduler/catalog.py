@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from llorch import trust
 from llorch.config import CatalogModelConfig, ModelState, TrustPolicy
+from llorch.digest import DigestCache
 from llorch.errors import Code, JsonValue, OrchestratorError, invalid
 from llorch.gguf_meta import facts_json, read_facts
 
@@ -115,7 +116,7 @@ class Catalog:
         self.engines = engines
         self.verifications = verifications
         self.model_state = model_state
-        self.hasher = trust.Hasher()
+        self.hasher = DigestCache(path.parent / "catalog-digests.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, body TEXT NOT NULL)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -21,6 +22,12 @@ async def _call(
 ) -> tuple[int, Any]:
     async with http.request(method, f"{stack.url}{path}", json=body, headers=stack.headers) as r:
         return r.status, (await r.json() if r.status != 204 else None)
+
+
+async def _health(http: aiohttp.ClientSession, stack: Stack, pool_id: str) -> Any:
+    status, health = await _call(http, stack, "GET", f"/v1/pools/{pool_id}/health")
+    assert status == 200, health
+    return health
 
 
 def _digest(path: Path) -> str:
@@ -129,11 +136,28 @@ async def test_strict_trust_and_signatures(
     digest = _digest(model)
     sbom = tmp_path / "sbom.json"
     sbom.write_text("{}")
+    strict = {"mode": "strict", "ca_roots": [base64.b64encode(raw).decode()]}
+    unsigned_served = tmp_path / "unsigned-served.bin"
+    unsigned_served.write_bytes(b"unsigned weights")
     stack: Stack = stack_factory(
-        pools=[mock_pool()],
-        extra={"catalog": {"trust_policy": {"mode": "strict", "ca_roots": [base64.b64encode(raw).decode()]}}},
+        pools=[mock_pool(), mock_pool("mock-unsigned", model="unsigned-served")],
+        models=[
+            # The served model opts out of strict (an entry's own policy wins); the other one cannot load.
+            {"id": "mock-tiny", "path": str(MOCK_MODEL), "trust_policy": {"mode": "permissive"}},
+            {"id": "unsigned-served", "path": str(unsigned_served)},
+        ],
     )
+    stack_config = yaml.safe_load(stack.config_path.read_text())
+    stack_config["catalog"]["trust_policy"] = strict
+    stack.config_path.write_text(yaml.safe_dump(stack_config))
     await stack.start()
+    refused_pool = await _health(http, stack, "mock-unsigned")
+    assert refused_pool["last_error"]["code"] == "UNTRUSTED_ARTIFACT" and not refused_pool["ready"]
+    assert (
+        "missing_signature" in refused_pool["last_error"]["message"]
+        or "signature" in refused_pool["last_error"]["message"]
+    )
+
     unsigned = {"id": "unsigned", "path": str(model), "digest": digest}
     status, error = await _call(http, stack, "POST", "/v1/catalog/models", unsigned)
     assert status == 400 and error["code"] == "UNTRUSTED_ARTIFACT"

@@ -13,9 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from llorch.config import CatalogModelConfig, TrustPolicy
-from llorch.digest import model_digest
+from llorch.digest import DigestCache, model_digest
 from llorch.trust import (
-    Hasher,
     ModelClaim,
     Sbom,
     Signature,
@@ -64,8 +63,9 @@ def strict(*roots: str, **kwargs: object) -> TrustPolicy:
     return TrustPolicy.model_validate({"mode": "strict", "ca_roots": list(roots), **kwargs})
 
 
-async def check(claim: ModelClaim, policy: TrustPolicy, hasher: Hasher | None = None) -> Verification:
-    return await verify(claim, policy, hasher or Hasher(), clock=lambda: 1_700_000_000.5)
+async def check(claim: ModelClaim, policy: TrustPolicy, hasher: DigestCache | None = None) -> Verification:
+    cache = hasher or DigestCache(claim.path.parent / "digests-of-check.json")
+    return await verify(claim, policy, cache, clock=lambda: 1_700_000_000.5)
 
 
 async def test_unsigned_model_passes_permissive_with_warnings(model: Path) -> None:
@@ -207,7 +207,7 @@ async def test_directory_is_hashed_over_its_sorted_manifest(tmp_path: Path) -> N
 
 
 async def test_unchanged_file_is_not_rehashed_and_a_touched_one_is(model: Path, tmp_path: Path) -> None:
-    hasher = Hasher(block_bytes=4096)
+    hasher = DigestCache(tmp_path / "digests.json")
     claim = ModelClaim(model, DIGEST)
     await check(claim, PERMISSIVE, hasher)
     await check(claim, PERMISSIVE, hasher)
