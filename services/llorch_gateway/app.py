@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.ids import is_valid_id
+from llorch.ids import is_valid_id, new_task_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
@@ -20,9 +24,11 @@ from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
 from .metrics import GatewayMetrics
-from .models import DrainRequest, TaskRequest, parse_json_object, parse_model
+from .models import DrainRequest, ReloadRequest, TaskRequest, parse_json_object, parse_model
 from .scheduler_client import SchedulerClient
 from .sse import relay
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +58,7 @@ def _path_id(request: web.Request, name: str) -> str:
 class Api:
     def __init__(self, deps: Deps) -> None:
         self.d = deps
+        self._background: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -153,6 +160,33 @@ class Api:
         await self.d.scheduler.pool_control(pool_id, "drain", body.deadline_ms)
         return _json({"pool_id": pool_id, "state": "draining", "deadline_ms": body.deadline_ms}, 202)
 
+    async def reload(self, request: web.Request) -> web.Response:
+        """202 at once (the swap goes on), or with ``?wait=true`` 200 when it is done and 409
+        RELOAD_FAILED (rolled back) when it failed."""
+        pool_id = request.match_info["pool_id"]
+        body = parse_model(ReloadRequest, parse_json_object(await request.read()))
+        wait = request.query.get("wait", "false").lower()
+        if wait not in ("true", "false", "1", "0"):
+            raise invalid("wait", "wait must be true or false")
+        call = self.d.scheduler.pool_control(pool_id, "reload", new_model_ref=body.new_model_ref)
+        if wait in ("true", "1"):
+            done = await call
+            return _json(
+                {
+                    "pool_id": pool_id,
+                    "state": done.state,
+                    "model_ref": done.model_ref,
+                    "model_digest": done.model_digest,
+                    "engine_version": done.engine_version,
+                }
+            )
+        await self.d.scheduler.list_pools()  # fail fast on an unreachable scheduler
+        reload_id = new_task_id()
+        task = asyncio.create_task(_background_reload(call, pool_id, reload_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return _json({"pool_id": pool_id, "state": "reloading", "reload_id": reload_id}, 202)
+
     async def resume(self, request: web.Request) -> web.Response:
         pool_id = request.match_info["pool_id"]
         reply = await self.d.scheduler.pool_control(pool_id, "resume")
@@ -202,6 +236,23 @@ class Api:
             pass  # the scheduler's own scrape will report it down
         body = await self.d.metrics.union(self.d.http, components)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _background_reload(
+    call: Coroutine[Any, Any, scheduler_pb2.PoolControlResponse], pool_id: str, reload_id: str
+) -> None:
+    try:
+        await call
+    except OrchestratorError as exc:  # the pool's health shows last_error; the log says which reload
+        log.warning(
+            "reload failed",
+            extra={
+                "event": "reload_failed",
+                "pool_id": pool_id,
+                "reload_id": reload_id,
+                "code": exc.code.value,
+            },
+        )
 
 
 def _budget_headers(result: scheduler_pb2.AdmitResponse) -> dict[str, str]:
@@ -289,6 +340,7 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_get("/v1/pools", api.pools)
     app.router.add_get("/v1/pools/{pool_id}/health", api.pool_health)
     app.router.add_post("/v1/pools/{pool_id}/drain", api.drain)
+    app.router.add_post("/v1/pools/{pool_id}/reload", api.reload)
     app.router.add_post("/v1/pools/{pool_id}/resume", api.resume)
     app.router.add_get("/v1/replicasets", api.replica_sets)
     app.router.add_get("/v1/capabilities", api.capabilities)

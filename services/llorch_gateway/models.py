@@ -81,6 +81,11 @@ class DrainRequest(BaseModel):
     deadline_ms: Annotated[int, Field(ge=1, le=3_600_000)]
 
 
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    new_model_ref: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")]
+
+
 def parse_json_object(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)

@@ -11,6 +11,8 @@ from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
 from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
+RELOAD_DEADLINE_S = 620.0
+"""A reload waits for the new engine's preload and self-test (the scheduler allows 600 s)."""
 CATALOG_DEADLINE_S = 120.0
 """Verify hashes the model file: minutes for a big one on a slow disk."""
 
@@ -85,13 +87,13 @@ class SchedulerClient:
         return await self._call(call, "the scheduler")
 
     async def pool_control(
-        self, pool_id: str, action: str, deadline_ms: int = 0
+        self, pool_id: str, action: str, deadline_ms: int = 0, new_model_ref: str = ""
     ) -> scheduler_pb2.PoolControlResponse:
-        call = self.stub.PoolControl(
-            scheduler_pb2.PoolControlRequest(pool_id=pool_id, action=action, deadline_ms=deadline_ms),
-            metadata=metadata(self.token),
-            timeout=DEFAULT_DEADLINE_S,
+        request = scheduler_pb2.PoolControlRequest(
+            pool_id=pool_id, action=action, deadline_ms=deadline_ms, new_model_ref=new_model_ref
         )
+        timeout = RELOAD_DEADLINE_S if action == "reload" else DEFAULT_DEADLINE_S
+        call = self.stub.PoolControl(request, metadata=metadata(self.token), timeout=timeout)
         return await self._call(call, "the scheduler")
 
     async def catalog(self, request: scheduler_pb2.CatalogRequest) -> scheduler_pb2.CatalogReply:

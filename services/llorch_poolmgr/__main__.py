@@ -18,10 +18,12 @@ from llorch.rpc import load_internal_token
 from llorch.store import Store
 from llorch.v1 import poolmgr_pb2_grpc
 
+from .drain import Drains
 from .eventlog import EventLog
 from .executor import Executor
 from .faults import PoolError
 from .metrics import PoolMetrics
+from .reload import Reloads, Runner
 from .service import PoolManagerService, Pools, Registration, renew_leases_forever
 from .supervisor import Replica
 from .topology import resolve_devices
@@ -110,18 +112,41 @@ async def serve(
             events = EventLog(store, cfg.sse.retention_s)
             executor = Executor(events, pools.replicas, metrics)
 
-            def register(server: grpc.aio.Server) -> None:
-                poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(
-                    PoolManagerService(pools, executor), server
+            def make(old: Replica, model_ref: str, path: Path, generation: int) -> Replica:
+                """A reload's successor of ``old``: the same pool and devices, another model."""
+                pool = old.pool.model_copy(update={"model": model_ref})
+                return Replica(
+                    pool,
+                    old.index,
+                    path,
+                    old.devices,
+                    cfg.state_dir,
+                    probe,
+                    metrics,
+                    pools.on_change,
+                    generation,
                 )
 
-            loops = [r.run() for r in pools.replicas.values()]
+            by_pool = {pool.id: replicas for pool, _digest, replicas in pools.pools}
+            drains = Drains(by_pool, executor.watchdog, metrics)
+            runner = Runner()
+            reloads = Reloads(
+                pools, executor, drains, runner, DigestCache(cfg.state_dir / "digests.json"), make
+            )
+
+            def register(server: grpc.aio.Server) -> None:
+                poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(
+                    PoolManagerService(pools, executor, drains, reloads), server
+                )
+
+            for replica in pools.replicas.values():
+                runner.start(replica)
             registration = Registration(
                 cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
             )
             async with (
                 background(
-                    *loops,
+                    runner.run(),
                     registration.run(),
                     renew_leases_forever(store, executor),
                     executor.watchdog.watch(),

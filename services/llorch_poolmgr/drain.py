@@ -30,10 +30,14 @@ class Drains:
         self.watchdog = watchdog
         self.metrics = metrics
         self._timers: dict[str, asyncio.Task[None]] = {}
-        self._changed = asyncio.Event()  # a replica changed: a task ended, a state moved
+        self.changed = asyncio.Event()  # a watched replica changed: a task ended, a state moved
         for pool in replicas.values():
-            for replica in pool:
-                replica.on_change = _also(replica.on_change, self._changed.set)
+            self.watch(pool)
+
+    def watch(self, replicas: list[Replica]) -> None:
+        """Hear when these replicas change (a reload's new ones too)."""
+        for replica in replicas:
+            replica.on_change = _also(replica.on_change, self.changed.set)
 
     def drain(self, pool_id: str, deadline_ms: int) -> bool:
         """Start draining ``pool_id`` (again: the new deadline counts); False when it is unknown."""
@@ -71,8 +75,8 @@ class Drains:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within_s):
                 while any(r.running for r in replicas):
-                    self._changed.clear()
-                    await self._changed.wait()
+                    self.changed.clear()
+                    await self.changed.wait()
 
     def _stop_timer(self, pool_id: str) -> None:
         timer = self._timers.pop(pool_id, None)
@@ -80,12 +84,19 @@ class Drains:
             timer.cancel()
 
     async def _finish(self, pool_id: str, replicas: list[Replica], deadline_s: float) -> None:
+        await self.settle(pool_id, replicas, deadline_s, "drained")
+        if self._timers.get(pool_id) is asyncio.current_task():
+            del self._timers[pool_id]
+
+    async def settle(self, pool_id: str, replicas: list[Replica], deadline_s: float, what: str) -> None:
+        """Let the tasks running on ``replicas`` finish within ``deadline_s``; cut the rest off with
+        POOL_UNAVAILABLE and wait until their terminal events are written."""
         await self._idle(replicas, deadline_s)
         running = [t for r in replicas for t in list(r.running)]
         if running:
             why = OrchestratorError(
                 Code.POOL_UNAVAILABLE,
-                f"pool {pool_id} was drained and the drain deadline passed before the task finished",
+                f"pool {pool_id} was {what} and the deadline passed before the task finished",
                 pool_id=pool_id,
             )
             cut = sum(self.watchdog.cut(task_id, why) for task_id in running)
@@ -99,8 +110,6 @@ class Drains:
         log.info("pool drained", extra={"event": "drain_completed", "pool_id": pool_id})
         for replica in replicas:
             replica.on_change()
-        if self._timers.get(pool_id) is asyncio.current_task():
-            del self._timers[pool_id]
 
 
 def _also(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:

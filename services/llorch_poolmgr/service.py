@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
@@ -20,6 +21,9 @@ from .drain import Drains
 from .executor import Executor
 from .metrics import PoolMetrics
 from .supervisor import Replica, ReplicaState
+
+if TYPE_CHECKING:
+    from .reload import Reloads
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +177,11 @@ def _config_devices(cfg: PoolConfig) -> list[str]:
 
 
 class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
-    def __init__(self, pools: Pools, executor: Executor) -> None:
+    def __init__(self, pools: Pools, executor: Executor, drains: Drains, reloads: Reloads) -> None:
         self.pools = pools
         self.executor = executor
-        by_pool = {cfg.id: replicas for cfg, _digest, replicas in pools.pools}
-        self.drains = Drains(by_pool, executor.watchdog, executor.metrics)
+        self.drains = drains
+        self.reloads = reloads
 
     @unary
     async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
@@ -226,6 +230,18 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         if not self.drains.drain(request.pool_id, request.deadline_ms):
             return poolmgr_pb2.ResumeResponse(found=False)
         return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(request.pool_id))
+
+    @unary
+    async def Reload(self, request: poolmgr_pb2.ReloadRequest, context: Context) -> poolmgr_pb2.ReloadReply:
+        done = await self.reloads.reload(
+            request.pool_id, request.model_ref, Path(request.model_path), request.model_digest
+        )
+        return poolmgr_pb2.ReloadReply(
+            state=done.state,
+            model_ref=done.model_ref,
+            model_digest=done.model_digest,
+            engine_version=done.engine_version,
+        )
 
     def _state_of(self, pool_id: str) -> str:
         return next(p.state for p in self.pools.states() if p.pool_id == pool_id)

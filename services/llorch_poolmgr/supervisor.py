@@ -110,9 +110,13 @@ class Replica:
         probe: gpu.GpuProbe,
         metrics: PoolMetrics,
         on_change: Callable[[], None],
+        generation: int = 0,
     ) -> None:
+        """``generation``: 0 for the replicas the manager starts with, n after the n-th reload (its
+        replica ids get ``-g<n>``, so old and new engines can run side by side)."""
         self.pool = pool
-        self.replica_id = f"{pool.id}-r{index}"
+        self.index = index
+        self.replica_id = f"{pool.id}-r{index}" + (f"-g{generation}" if generation else "")
         self.model_path = model_path
         self.devices = devices
         self.probe = probe

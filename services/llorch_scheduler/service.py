@@ -11,9 +11,9 @@ from typing import Any
 import grpc.aio
 
 from llorch.errors import Code, OrchestratorError, invalid
-from llorch.rpc import metadata, unary
+from llorch.rpc import from_rpc_error, metadata, unary
 from llorch.store import Store, TaskState
-from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 from . import inventory
 from .admission import Admission
@@ -21,12 +21,14 @@ from .cancel import Canceller
 from .catalog import Catalog
 from .dispatcher import Dispatcher
 from .metrics import SchedulerMetrics
-from .registry import PoolRegistry, set_of
+from .registry import Manager, PoolRegistry, set_of
 from .sessions import MICRO, Sessions, cost_text
 from .submission import submission_of
 
 log = logging.getLogger(__name__)
 
+RELOAD_TIMEOUT_S = 600.0
+"""The longest a reload may take: a big model's preload and self-test, twice when VRAM is short."""
 RETIRE_DEADLINE_MS = 60_000
 """SPEC §2.3's default drain deadline of a state change to Retired."""
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -225,16 +227,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def PoolControl(
         self, request: scheduler_pb2.PoolControlRequest, context: Context
     ) -> scheduler_pb2.PoolControlResponse:
-        if request.action not in ("resume", "drain"):
-            raise invalid("action", "pool actions are resume and drain")
+        if request.action not in ("resume", "drain", "reload"):
+            raise invalid("action", "pool actions are resume, drain and reload")
         found = next(((m, p) for m, p in self.registry.pools() if p.pool_id == request.pool_id), None)
         if found is None:
             raise OrchestratorError(Code.NOT_FOUND, f"pool {request.pool_id} is unknown")
-        manager, _pool = found
+        manager, pool = found
         if not manager.connected:
             raise OrchestratorError(
                 Code.POOL_UNAVAILABLE, f"the pool manager of {request.pool_id} is not connected"
             )
+        if request.action == "reload":
+            return await self._reload(manager, pool, request.new_model_ref)
         try:
             if request.action == "drain":
                 drain = poolmgr_pb2.DrainRequest(pool_id=request.pool_id, deadline_ms=request.deadline_ms)
@@ -281,6 +285,57 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             raise invalid("op", f"unknown catalog operation {request.op!r}")
         reply.entries_json.extend(json.dumps(e, separators=(",", ":")) for e in entries)
         return reply
+
+    async def _reload(
+        self, manager: Manager, pool: types_pb2.PoolState, model_ref: str
+    ) -> scheduler_pb2.PoolControlResponse:
+        """SPEC §5.6 reload: check trust here (the catalog is ours), swap in the pool manager. Queued
+        tasks of the pool's old set stay for its other members; with none left they end
+        POOL_UNAVAILABLE, since nothing will serve them."""
+        if not model_ref:
+            raise invalid("new_model_ref", "new_model_ref is required")
+        try:
+            entry = self.catalog.get(model_ref)
+        except OrchestratorError:
+            raise invalid("new_model_ref", f"model {model_ref} is not in the catalog") from None
+        if entry["verification"]["status"] == "never":
+            entry = await self.catalog.verify(model_ref)
+        if not entry["trusted"]:
+            raise OrchestratorError(
+                Code.UNTRUSTED_ARTIFACT,
+                f"model {model_ref} failed verification; it cannot be loaded",
+                errors=entry["verification"]["errors"],
+            )
+        old_set = set_of(pool)
+        request = poolmgr_pb2.ReloadRequest(
+            pool_id=pool.pool_id,
+            model_ref=model_ref,
+            model_path=entry["path"],
+            model_digest=entry.get("digest") or "",
+        )
+        try:
+            done = await manager.stub.Reload(request, metadata=metadata(self.token), timeout=RELOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, f"the pool manager of {pool.pool_id}") from None
+        others = [p for _, p in self.registry.pools() if p.pool_id != pool.pool_id and set_of(p) == old_set]
+        if not others:
+            why = OrchestratorError(
+                Code.POOL_UNAVAILABLE,
+                f"pool {pool.pool_id} was reloaded onto {model_ref}; nothing serves {pool.model_ref} now",
+            )
+            interactive, batch, _ = await self.store.queued(old_set)
+            for task_id in [*interactive, *batch]:
+                await self.canceller.end(task_id, why, TaskState.FAILED, "reloaded")
+        log.info(
+            "pool reloaded",
+            extra={"event": "pool_reload", "pool_id": pool.pool_id, "model_ref": model_ref},
+        )
+        return scheduler_pb2.PoolControlResponse(
+            state=done.state,
+            model_ref=done.model_ref,
+            model_digest=done.model_digest,
+            engine_version=done.engine_version,
+        )
 
     async def _retire(self, model_id: str, deadline_ms: int) -> None:
         """SPEC §5.7: a retired model's pools drain (its running tasks finish or end at the deadline)
