@@ -10,7 +10,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .tables import p4_details, p4_rows, p5_details, p5_rows, p6_details, p6_rows
+from .tables import (
+    p4_details,
+    p4_rows,
+    p5_details,
+    p5_rows,
+    p6_details,
+    p6_rows,
+    p8_details,
+    p8_rows,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,6 +127,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         table += p5_rows(by_id["P5"])
     if "P6" in by_id:
         table += p6_rows(by_id["P6"])
+    if "P8" in by_id:
+        table += p8_rows(by_id["P8"])
     return table
 
 
@@ -168,7 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Load average (1 min) {m.get('loadavg_1m_at_start', 'n/a')} at start, "
         f"{m['loadavg_1m_at_end']} at end. Added = stack minus direct, pooled over "
         f"{plan['rounds']} alternating stack/direct rounds ({plan['p3_rounds']} for P3) "
-        "[min … max of the per-round figures] (P1-P3). P4 and P6 have no direct side: their figures "
+        "[min … max of the per-round figures] (P1-P3). P4, P6 and P8 have no direct side: their figures "
         "are absolute, for this machine; P5 sets the stack beside LiteLLM (its note below)."
     )
     main = _table(["id", "what", "target", "measured", "verdict"], rows(results))
@@ -179,7 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
     )
     notes = [
         f(by_id[key])
-        for key, f in (("P4", p4_details), ("P5", p5_details), ("P6", p6_details))
+        for key, f in (("P4", p4_details), ("P5", p5_details), ("P6", p6_details), ("P8", p8_details))
         if key in by_id
     ]
     earlier = sorted(

@@ -1,5 +1,6 @@
-"""``make bench``: run P1, P2 and P3 on one system under test, then P4, P5 and P6 on stacks of their
-own (each starts and stops what it needs); write and print the results."""
+"""``make bench``: run P1, P2 and P3 on one system under test, then P4, P5, P6 and P8 on stacks of their
+own (each starts and stops what it needs); write and print the results. Exits 1 after writing them when
+a benchmark marks itself ``fatal`` (P8: a task failed or a reload did not complete)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from .env import MODEL_REF, BenchEnv, Layout
 from .p4 import P4Plan, p4_admission
 from .p5 import P5Plan, p5_vs_litellm
 from .p6 import P6Plan, p6_estimates
+from .p8 import P8Plan, p8_reload
 from .peer import install_litellm
 from .traffic import DirectTarget, StackTarget, wave
 
-ALL = ("P1", "P2", "P3", "P4", "P5", "P6")
+ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P8")
 
 QUICK = Plan(
     rounds=1,
@@ -42,6 +44,7 @@ QUICK = Plan(
 QUICK_P4 = P4Plan(clients=(4, 16), capacity=500, rejects=200, healthz_requests=500, time_limit_s=20)
 QUICK_P5 = P5Plan(rounds=1, sequential=5, waves=1, rate_duration_s=3.0)
 QUICK_P6 = P6Plan(duration_s=10, warmup_tasks=4, drain_timeout_s=20)
+QUICK_P8 = P8Plan(rounds=1)
 
 
 def _args() -> argparse.Namespace:
@@ -114,6 +117,8 @@ async def bench(workdir: Path, plan: Plan, only: set[str], quick: bool) -> dict[
         benchmarks.append(await _p5(workdir, QUICK_P5 if quick else P5Plan()))
     if "P6" in only:
         benchmarks.append(await _timed("P6", p6_estimates(workdir, QUICK_P6 if quick else P6Plan())))
+    if "P8" in only:
+        benchmarks.append(await _timed("P8", p8_reload(workdir, QUICK_P8 if quick else P8Plan())))
     return {
         "machine": report.machine(),
         "layout": layout.as_json(),
@@ -158,6 +163,10 @@ def main() -> None:
         _merge(results)
     print(report.write(results))
     print(f"total {results['total_duration_s']} s", file=sys.stderr)
+    fatal = [b["id"] for b in results["benchmarks"] if b.get("fatal") and "from_run" not in b]
+    if fatal:
+        print(f"FAILED: {', '.join(fatal)}; process logs are under {workdir}", file=sys.stderr)
+        raise SystemExit(1)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
 

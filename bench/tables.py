@@ -1,4 +1,4 @@
-"""The results table's rows and the notes under it for P4 and P6, which have no direct baseline."""
+"""The results table's rows and the notes under it for P4, P5, P6 and P8 (no stack-vs-direct ratio)."""
 
 from __future__ import annotations
 
@@ -233,4 +233,83 @@ def p5_details(bench: dict[str, Any]) -> str:
             f"| request latency, {mode} rate run | {cells[0]} | {direct} | {cells[1]} | {direct} "
             f"| {case['stack']['answers']} / {case['litellm']['answers']} |"
         )
+    return "\n".join(lines)
+
+
+def _s(values: list[float]) -> str:
+    return f"{', '.join(f'{v:.1f}' for v in values)} s" if values else "none"
+
+
+def p8_rows(bench: dict[str, Any]) -> list[list[str]]:
+    """The results table's rows: the swap times, then the tasks during the whole window."""
+    goal, reloads = bench["target"], bench["reloads"]
+    swaps = [r["swap_s"] for r in reloads]
+    first = [r["swap_s"] for r in reloads if r["first_onto_model"]]
+    later = [r["swap_s"] for r in reloads if not r["first_onto_model"]]
+    swap_ok = len(reloads) == 2 * bench["params"]["rounds"] and all(
+        r["status"] == 200 and r["swap_s"] < goal["swap_s_max"] for r in reloads
+    )
+    measured = (
+        f"{len(reloads)} reloads `?wait=true` (small → small-v2 → small per round): max "
+        f"{max(swaps, default=float('nan')):.1f} s; first onto each model (catalog verifies it on the way) "
+        f"{_s(first)}; later {_s(later)}"
+    )
+    refused = [r for r in reloads if r["status"] != 200]
+    if refused:
+        measured += f"; **{len(refused)} not 200: {refused[0]['error']}**"
+    after = sum(r["old_engine_tasks_ended_after_swap"] for r in reloads)
+    failed = sum(bench["failed"].values()) + bench["unfinished"]
+    probes = [r["new_model_task_at_once"] for r in reloads if r["new_model_task_at_once"] is not None]
+    probes_failed = [p["outcome"] for p in probes if p["outcome"] != "end"]
+    tasks = (
+        f"{bench['completed']} tasks completed over {bench['window_s']:g} s, {failed} failed "
+        f"({_counts(bench['failed'])}, {bench['unfinished']} never ended); {after} were running on the "
+        f"old engine and ended after the swap; small-v2 tasks submitted the moment the reload answered: "
+        f"{len(probes) - len(probes_failed)} of {len(probes)} ended `end`"
+    )
+    if probes_failed:
+        tasks += f" (**{', '.join(probes_failed)}**)"
+    return [
+        [
+            bench["id"],
+            f"{bench['what']}: swap time",
+            f"< {goal['swap_s_max']:g} s",
+            measured,
+            "pass" if swap_ok else "**fail**",
+        ],
+        [
+            bench["id"],
+            f"{bench['what']}: failed tasks",
+            "0 during the window",
+            tasks,
+            "pass" if not bench["problems"] else "**fail**",
+        ],
+    ]
+
+
+def p8_details(bench: dict[str, Any]) -> str:
+    """Markdown under the table: the setup and one line per reload."""
+    p = bench["params"]
+    lines = [
+        f"P8 ({p['pools']}; model file `{p['model_file']}`, small-v2 = a copy with bytes appended): "
+        f"{p['clients']} closed-loop clients stream tasks of {p['min_tokens']}-{p['max_tokens']} tokens for "
+        f"small without a pause; swap time = wall time of `POST /v1/pools/{{id}}/reload?wait=true`. Task "
+        f"time p50 / p99 {_ms2(bench['task_time'])} (queueing included while one pool serves small-v2).",
+        "",
+        "| round | to | answer | swap (s) | first onto it | health shows it (ms after the 200) | "
+        "small-v2 task submitted at once | tasks ended during | old-engine tasks ended after the swap | "
+        "replicas after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in bench["reloads"]:
+        probe = r["new_model_task_at_once"]
+        shown = r["health_shows_it_after_ms"]
+        lines.append(
+            f"| {r['round']} | {r['to']} | {r['status']} | {r['swap_s']:.2f} | "
+            f"{'yes' if r['first_onto_model'] else 'no'} | {'never' if shown is None else f'{shown:.0f}'} | "
+            f"{'-' if probe is None else probe['outcome']} | {r['tasks_ended_during']} | "
+            f"{r['old_engine_tasks_ended_after_swap']} | {', '.join(r['replicas']['after'])} |"
+        )
+    lines.append(f"\nSmall tasks that ran on a small-v2 engine: {bench['small_tasks_on_small_v2_engines']}.")
+    lines += [f"\n**{problem}**" for problem in bench["problems"]]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ Feature: capability and replica set discovery
     And a running stack with a mock pool of 2 slots on fake GPU 0 "Fake 12GB" with 12288 MiB of VRAM
     When I ask for the capabilities once the GPU is reported
     Then the API version is "1.0.0"
-    And the only engine is "mock", serving model "mock-tiny" for "completion" with a context of 2048
+    And the only engine is "mock", serving model "mock-tiny" for "chat" and "completion" with a context of 2048
     And the engine offers sessions, budgets, kv hints and the "reject" and "drop-lru" queue policies
     And my rate limits read 100 requests per second and 20000 tokens per minute
     And device "0" is a "Fake 12GB" with 12288 MiB of VRAM and 2 of 2 slots free

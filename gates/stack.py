@@ -40,7 +40,7 @@ from types import TracebackType
 
 DEFAULT_BIND = "127.0.0.1:8080"
 READY_TIMEOUT_S = 300.0
-STOP_GRACE_S = 45.0  # llorch up gives each service 15 s after SIGTERM
+STOP_GRACE_S = 45.0  # llorch up gives each service 15 s after SIGTERM (pool managers 25 s)
 
 
 class StackError(Exception):

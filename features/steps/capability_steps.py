@@ -113,11 +113,12 @@ def step_api_version(context: Any, version: str) -> None:
     assert context.capabilities["api_version"] == version, context.capabilities
 
 
-@then('the only engine is "{engine}", serving model "{model}" for "{workload}" with a context of {ctx:d}')
-def step_engine(context: Any, engine: str, model: str, workload: str, ctx: int) -> None:
+@then('the only engine is "{engine}", serving model "{model}" for {workloads} with a context of {ctx:d}')
+def step_engine(context: Any, engine: str, model: str, workloads: str, ctx: int) -> None:
     entry = only_engine(context)
     assert entry["engine"] == engine and entry["models"] == [model], entry
-    assert entry["supported_workloads"] == [workload] and entry["ctx_max"] == ctx, entry
+    wanted = sorted(w.strip().strip('"') for w in workloads.replace(" and ", ",").split(","))
+    assert entry["supported_workloads"] == wanted and entry["ctx_max"] == ctx, entry
     versions = entry["engine_versions"]
     assert versions and all(isinstance(v, str) and v for v in versions), entry
 

@@ -13,12 +13,18 @@ vocabularies. Callers on an event loop run it in a thread and read it once per u
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
 import functools
+import json
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from gguf import GGUF_MAGIC, GGUFReader, GGUFValueType, LlamaFileType
 
@@ -91,6 +97,56 @@ def read_facts(path: Path | str) -> ModelFacts | None:
 def _read_once(path: Path, size: int, mtime_ns: int) -> ModelFacts | None:
     """One read per unchanged file (its size and mtime key the cache): a restart costs nothing."""
     return _facts(GGUFReader(path))
+
+
+@functools.cache
+def _worker() -> concurrent.futures.ProcessPoolExecutor:
+    """One worker process per service, started on first use."""
+    # spawn, not fork: the services hold gRPC and event-loop threads that a forked child must not inherit
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    )
+
+
+async def facts_of(path: Path, cache_file: Path) -> ModelFacts | None:
+    """:func:`read_facts` for a service's event loop: the parse runs in a worker process (it holds the
+    GIL for seconds on a large vocabulary, which would stall every stream), and its result is kept in
+    ``cache_file`` per (path, size, mtime_ns), so a restart or a second service reads nothing."""
+    try:
+        stat = await asyncio.to_thread(path.stat)
+    except OSError:
+        return None
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = await asyncio.to_thread(_load_cache, cache_file)
+    if key in cache:
+        return _from_json(cache[key])
+    facts = await asyncio.get_running_loop().run_in_executor(_worker(), read_facts, path)
+    if facts is not None:
+        cache[key] = dataclasses.asdict(facts)
+        await asyncio.to_thread(_save_cache, cache_file, cache)
+    return facts
+
+
+def _load_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
+    try:
+        loaded = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _save_cache(cache_file: Path, cache: dict[str, dict[str, Any]]) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(cache, sort_keys=True))
+    partial.replace(cache_file)  # atomic: services sharing the file never read half of it
+
+
+def _from_json(data: dict[str, Any]) -> ModelFacts | None:
+    try:
+        return ModelFacts(**{**data, "kv_heads": tuple(data.get("kv_heads") or ())})
+    except TypeError:
+        return None
 
 
 def facts_json(facts: ModelFacts) -> FactsJson:

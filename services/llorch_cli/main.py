@@ -1,4 +1,5 @@
-"""`llorch`: start the services (each its own process) or the whole stack, and check configuration."""
+"""`llorch`: start the services (each its own process) or the whole stack, operate a running stack
+(`down`, `models`, `pools`), and check configuration."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from prometheus_client import disable_created_metrics
 from llorch.config import ConfigError, LlorchConfig, load_config
 from llorch.logs import setup_logging
 
-from . import config_cmd
+from . import config_cmd, down, models_cmd, ops, pools_cmd
 
 Serve = Callable[[LlorchConfig, asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = config_sub.add_parser("validate", help="validate FILE; exit 2 on errors")
     validate.add_argument("file", nargs="?", default=None)
     config_sub.add_parser("schema", help="print the JSON Schema")
+    down.add_parser(sub)
+    models_cmd.add_parser(sub)
+    pools_cmd.add_parser(sub)
     return parser
 
 
@@ -93,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         mock_main(args_list[1:])
         return
     args = _parser().parse_args(args_list)
+    if getattr(args, "run", None) is not None:  # the operator commands: down, models, pools
+        raise SystemExit(ops.run(args.prog, args.run, args))
     if args.command == "config":
         code = config_cmd.validate(args.file) if args.config_command == "validate" else config_cmd.schema()
         raise SystemExit(code)

@@ -71,6 +71,7 @@ class SupervisorMetrics:
 class Child(Protocol):
     name: str
     stops_last: bool  # a dependency of the others (Redis): stopped once they have exited
+    stop_grace_s: float  # how long it may take to exit after SIGTERM before its group is SIGKILLed
 
     def spawn(self) -> int:
         """Start it; return its pid. Raises OSError or ChildStartError."""
@@ -96,10 +97,13 @@ class ServiceChild:
 
     stops_last = False
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, args: Sequence[str], env: dict[str, str], stop_grace_s: float = STOP_GRACE_S
+    ) -> None:
         self.name = name
         self.argv = [sys.executable, "-m", "llorch_cli.main", *args]
         self.env = env
+        self.stop_grace_s = stop_grace_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> int:
@@ -139,6 +143,7 @@ class RedisChild:
 
     name = "redis"
     stops_last = True
+    stop_grace_s = STOP_GRACE_S
 
     def __init__(self, server: EmbeddedRedis) -> None:
         self.server = server
@@ -222,8 +227,8 @@ class Supervisor:
                 self._spawn(slot)
 
     def stop(self) -> None:
-        """Stop the children in reverse order, Redis after the rest: SIGTERM a tier, wait each, SIGKILL a
-        straggler's group."""
+        """Stop the children in reverse order, Redis after the rest: SIGTERM a tier, wait for each up to
+        its grace (counted from the tier's SIGTERM), SIGKILL a straggler's group."""
         self.stopping = True
         ordered = list(reversed(self.slots))
         for tier in (
@@ -232,8 +237,10 @@ class Supervisor:
         ):
             for slot in tier:
                 slot.child.terminate()
+            signalled = time.monotonic()
             for slot in tier:
-                if not slot.child.wait(STOP_GRACE_S):
+                left = signalled + slot.child.stop_grace_s - time.monotonic()
+                if not slot.child.wait(max(0.0, left)):
                     log.warning(
                         "child did not stop in time; killing it",
                         extra={"event": "child_kill", "child": slot.child.name},

@@ -34,8 +34,15 @@ from llorch.lifecycle import metrics_endpoint
 from llorch.logs import setup_logging
 from llorch.rpc import load_internal_token
 from llorch_gateway.auth import ensure_token_file
+from llorch_poolmgr.executor import DRAIN_GRACE_S, DRAIN_WRITE_S
+from llorch_poolmgr.process import STOP_TIMEOUT_S
+from llorch_poolmgr.service import FINAL_REPORT_S
 from llorch_poolmgr.topology import manager_args, plan_managers
 
+from . import pidfile
+from .api import Api, CliError, target_from_config
+from .display import LiveBlock
+from .drain import PoolRow, drain_all, rows_text
 from .embedded_redis import EmbeddedRedis
 from .supervise import (
     Child,
@@ -50,6 +57,12 @@ READY_TIMEOUT_S: Final = 600.0
 SUPERVISOR_METRICS_OFFSET: Final = 1  # from grpc.metrics_base_port: scheduler +0, pool managers +10+n
 SUPERVISOR_METRICS_ENV: Final = "LLORCH_SUPERVISOR_METRICS"
 TICK_S: Final = 0.1
+STOP_DRAIN_S: Final = 30.0
+"""On Ctrl-C or SIGTERM the pools are drained first (SPEC §5.6): running tasks get this long."""
+STOP_DRAIN_REQUEST_S: Final = 2.0
+POOL_MANAGER_STOP_GRACE_S: Final = DRAIN_GRACE_S + DRAIN_WRITE_S + FINAL_REPORT_S + STOP_TIMEOUT_S + 2.0
+"""A pool manager's own shutdown drain, then its engines' SIGTERM with SIGKILL after STOP_TIMEOUT_S
+(10 s), all before the supervisor SIGKILLs its group."""
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +136,7 @@ def _children(cfg: LlorchConfig, path: Path, env: dict[str, str], metrics_addres
     for plan in plans:
         print(f"pool manager {plan.index} ({plan.name}): {', '.join(plan.pools)}", flush=True)
         args = [*manager_args(plan), *config_arg]
-        children.append(ServiceChild(f"pool-manager-{plan.name}", args, env))
+        children.append(ServiceChild(f"pool-manager-{plan.name}", args, env, POOL_MANAGER_STOP_GRACE_S))
     gateway_env = dict(env)
     if metrics_address is not None:
         gateway_env[SUPERVISOR_METRICS_ENV] = metrics_address
@@ -143,12 +156,12 @@ def up(config: Path | None) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file, create=True)
     where, token_expr = _token_hint(cfg)
-    stopping = False
+    signals = 0  # the first stops the stack (after a drain), a second cuts the drain short
     supervisors: list[Supervisor] = []  # the one built below, once it exists
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal signals
+        signals += 1
         for supervisor in supervisors:
             supervisor.stopping = True  # no restart from here on, even mid-step
 
@@ -160,6 +173,11 @@ def up(config: Path | None) -> int:
         redis_server = EmbeddedRedis(cfg.state_dir)
         redis_server.lock()
         env["LLORCH_REDIS_URL"] = redis_server.url
+    try:
+        pid_path = pidfile.claim(cfg.state_dir)
+    except pidfile.AlreadyRunning as exc:
+        print(f"llorch up: {exc}", file=sys.stderr)
+        return 1
     metrics = SupervisorMetrics(CollectorRegistry(auto_describe=True))
     address = f"127.0.0.1:{cfg.grpc.metrics_base_port + SUPERVISOR_METRICS_OFFSET}"
     with _metrics_server(address, metrics.registry) as serving:
@@ -169,11 +187,39 @@ def up(config: Path | None) -> int:
         supervisor = Supervisor(children, metrics)
         supervisors.append(supervisor)
         try:
-            return _supervise(supervisor, cfg, redis_server, where, token_expr, lambda: stopping)
+            code = _supervise(supervisor, cfg, redis_server, where, token_expr, lambda: signals > 0)
+            if code == 0:  # a signal: stop, pools drained first
+                _drain_before_stop(cfg, lambda: signals > 1)
+            return code
         finally:
             supervisor.stop()
             if redis_server is not None:
                 redis_server.stop()
+            pidfile.release(pid_path)
+
+
+def _drain_before_stop(cfg: LlorchConfig, hurry: Callable[[], bool]) -> None:
+    """Drain every pool through the gateway so running tasks can finish, for at most STOP_DRAIN_S (a
+    second signal cuts it short); without a reachable gateway the stack just stops."""
+    print(
+        f"draining the pools before stopping (up to {STOP_DRAIN_S:g} s; Ctrl-C again to stop now)", flush=True
+    )
+    block = LiveBlock()
+
+    def show(rows: list[PoolRow]) -> None:
+        block.show(rows_text(rows))
+
+    try:
+        outcome = drain_all(Api(target_from_config(cfg), STOP_DRAIN_REQUEST_S), STOP_DRAIN_S, show, hurry)
+    except CliError as exc:
+        print(f"could not drain the pools ({exc}); stopping the services", flush=True)
+        return
+    busy = [p.pool_id for p in outcome.unsettled]
+    log.info(
+        "pools drained before stop",
+        extra={"event": "stop_drained", "busy": busy, "refused": sorted(outcome.refused)},
+    )
+    print("stopping the services" + (f" ({', '.join(busy)} still busy)" if busy else ""), flush=True)
 
 
 def _supervise(

@@ -31,7 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from llorch import gpu
 from llorch.adapters.base import EngineAdapter
 from llorch.config import PoolConfig
-from llorch.gguf_meta import ModelFacts, read_facts
+from llorch.gguf_meta import ModelFacts, facts_of
 
 from . import preload
 from .breaker import Breaker
@@ -118,6 +118,7 @@ class Replica:
         self.index = index
         self.replica_id = f"{pool.id}-r{index}" + (f"-g{generation}" if generation else "")
         self.model_path = model_path
+        self.state_dir = state_dir
         self.devices = devices
         self.probe = probe
         self.metrics = metrics
@@ -286,8 +287,8 @@ class Replica:
     async def _serve(self) -> None:
         """One life of the engine: checks, launch, self-test, Ready, watch. Always ends by raising."""
         self._set_state(ReplicaState.PRELOADING)
-        # Read per life: the engine re-reads the file on each launch too. Seconds on a big vocabulary.
-        facts = await asyncio.to_thread(read_facts, self.model_path)
+        # Parsed once per file version, in a worker process (seconds on a big vocabulary), then cached.
+        facts = await facts_of(self.model_path, self.state_dir / "gguf-facts.json")
         self.kv_bytes_per_token = _kv_bytes_per_token(self.model_path, facts)
         plan = preload.check(
             self.pool, self.devices, self.model_path, self.probe, self.vram_bump, facts=facts

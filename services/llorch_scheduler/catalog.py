@@ -35,7 +35,7 @@ from llorch import trust
 from llorch.config import CatalogModelConfig, ModelState, TrustPolicy
 from llorch.digest import DigestCache
 from llorch.errors import Code, JsonValue, OrchestratorError, invalid
-from llorch.gguf_meta import facts_json, read_facts
+from llorch.gguf_meta import facts_json, facts_of
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Catalog:
         self.verifications = verifications
         self.model_state = model_state
         self.hasher = DigestCache(path.parent / "catalog-digests.json")
+        self.facts_cache = path.parent / "gguf-facts.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
@@ -184,7 +185,7 @@ class Catalog:
                 )
             entry = _new_entry(req.id, req.path)
             entry.update(declared)
-            entry["facts"] = await _facts(Path(req.path))
+            entry["facts"] = await _facts(Path(req.path), self.facts_cache)
             await self._save(entry)
         log.info("catalog entry created", extra={"event": "catalog_created", "model_id": req.id})
         return entry, True
@@ -240,7 +241,7 @@ class Catalog:
                 entry["manifests"] = [
                     {"path": entry["path"], "digest": result.digest, "size_bytes": _size(Path(entry["path"]))}
                 ]
-            entry["facts"] = entry.get("facts") or await _facts(Path(entry["path"]))
+            entry["facts"] = entry.get("facts") or await _facts(Path(entry["path"]), self.facts_cache)
             entry["updated_ms"] = _now_ms()
             await self._save(entry)
         log.info(
@@ -330,8 +331,8 @@ def _new_entry(model_id: str, path: str) -> dict[str, Any]:
     }
 
 
-async def _facts(path: Path) -> dict[str, Any] | None:
-    facts = await asyncio.to_thread(read_facts, path)
+async def _facts(path: Path, cache_file: Path) -> dict[str, Any] | None:
+    facts = await facts_of(path, cache_file)
     return facts_json(facts) if facts is not None else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -317,6 +318,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             done = await manager.stub.Reload(request, metadata=metadata(self.token), timeout=RELOAD_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"the pool manager of {pool.pool_id}") from None
+        # The pool manager's next report would say it too; hearing it now means a task for the new
+        # model admitted right after this answer finds the pool.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            health = await manager.stub.Health(
+                poolmgr_pb2.HealthRequest(), metadata=metadata(self.token), timeout=5
+            )
+            self.registry.update(
+                manager.manager_id,
+                manager.address,
+                manager.metrics_address,
+                list(health.pools),
+                manager.running,
+            )
+            self.dispatcher.wake()
         others = [p for _, p in self.registry.pools() if p.pool_id != pool.pool_id and set_of(p) == old_set]
         if not others:
             why = OrchestratorError(

@@ -51,6 +51,7 @@ async def test_chat_uses_the_template_is_deterministic_and_embeds(
 ) -> None:
     stack = _stack(stack_factory, llama_server_bin, model_gguf)
     await stack.start()
+    await stack.wait_pools_ready("smollm2-chat", "smollm2-embed", timeout_s=120)
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.token)
 
     answer = client.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=12)

@@ -79,6 +79,7 @@ async def test_a_scheduler_killed_mid_burst_leaves_no_orphan(
         events = [e async for e in client.follow(task_id)]
         terminal = [e for e in events if e.event in ("end", "error")]
         assert len(terminal) == 1 and terminal[0] is events[-1], [e.event for e in events]
+
     # Admissions the kill cut off before their answer are complete queued tasks too: the new
     # scheduler dispatches them, so the queues empty.
     async def drained() -> bool:

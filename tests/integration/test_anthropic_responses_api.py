@@ -163,3 +163,40 @@ async def test_responses_text_streaming_and_function_tools_with_the_openai_sdk(s
 
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model="mock-tiny", input="x", previous_response_id="resp_1")
+
+
+HOSTILE = [
+    ("/v1/messages", b"{not json"),
+    ("/v1/messages", b'{"model":"mock-tiny","messages":[{"role":"user","content":"x"}]}'),  # no max_tokens
+    ("/v1/messages", b'{"model":"mock-tiny","max_tokens":"many","messages":[]}'),
+    (
+        "/v1/messages",
+        b'{"model":"mock-tiny","max_tokens":4,"messages":[{"role":"user","content":'
+        b'[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AA=="}}]}]}',
+    ),
+    (
+        "/v1/messages",
+        b'{"model":"mock-tiny","max_tokens":4,"messages":[{"role":"user","content":"\\ud800"}]}',
+    ),
+    ("/v1/messages/count_tokens", b"[]"),
+    ("/v1/responses", b'{"model":"mock-tiny"}'),
+    ("/v1/responses", b'{"model":"mock-tiny","input":5}'),
+    ("/v1/responses", b'{"model":"mock-tiny","input":"x","tools":[{"type":"web_search"}]}'),
+    ("/v1/responses", b"[" * 5000 + b"]" * 5000),
+]
+
+
+async def test_hostile_input_gets_each_api_s_error_shape(stack: Stack) -> None:
+    import aiohttp
+
+    await stack.start()
+    async with aiohttp.ClientSession() as http:
+        for path, body in HOSTILE:
+            headers = {**stack.headers, "Content-Type": "application/json"}
+            async with http.post(f"{stack.url}{path}", data=body, headers=headers) as r:
+                payload = await r.json()
+                assert 400 <= r.status < 500, (path, body[:60], r.status, payload)
+                if path.startswith("/v1/messages"):
+                    assert payload["type"] == "error" and payload["error"]["type"], payload
+                else:
+                    assert payload["error"]["type"] == "invalid_request_error", payload

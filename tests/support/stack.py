@@ -162,6 +162,19 @@ class Stack:
 
         await wait_until(ready, timeout_s, "the stack to be ready")
 
+    async def wait_pools_ready(self, *pool_ids: str, timeout_s: float = 60) -> None:
+        """Until each named pool is Ready (``wait_ready`` needs only one pool of the stack)."""
+
+        async def ready() -> bool:
+            async with aiohttp.ClientSession(headers=self.headers) as s:
+                for pool_id in pool_ids:
+                    async with s.get(f"{self.url}/v1/pools/{pool_id}/health") as r:
+                        if r.status != 200 or (await r.json())["state"] != "Ready":
+                            return False
+            return True
+
+        await wait_until(ready, timeout_s, f"pools {', '.join(pool_ids)} to be Ready")
+
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
