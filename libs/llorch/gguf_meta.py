@@ -108,10 +108,19 @@ def _worker() -> concurrent.futures.ProcessPoolExecutor:
     )
 
 
-async def facts_of(path: Path, cache_file: Path) -> ModelFacts | None:
+def default_cache_file() -> Path:
+    """``$XDG_CACHE_HOME/llorch/gguf-facts.json`` (``~/.cache`` by default): facts depend only on the
+    file, so every stack and service on the machine shares them."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "llorch" / "gguf-facts.json"
+
+
+async def facts_of(path: Path, cache_file: Path | None = None) -> ModelFacts | None:
     """:func:`read_facts` for a service's event loop: the parse runs in a worker process (it holds the
     GIL for seconds on a large vocabulary, which would stall every stream), and its result is kept in
-    ``cache_file`` per (path, size, mtime_ns), so a restart or a second service reads nothing."""
+    ``cache_file`` (:func:`default_cache_file`) per (path, size, mtime_ns), so a restart or another
+    service reads nothing."""
+    cache_file = cache_file or default_cache_file()
     try:
         stat = await asyncio.to_thread(path.stat)
     except OSError:

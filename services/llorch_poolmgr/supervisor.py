@@ -118,7 +118,6 @@ class Replica:
         self.index = index
         self.replica_id = f"{pool.id}-r{index}" + (f"-g{generation}" if generation else "")
         self.model_path = model_path
-        self.state_dir = state_dir
         self.devices = devices
         self.probe = probe
         self.metrics = metrics
@@ -288,7 +287,7 @@ class Replica:
         """One life of the engine: checks, launch, self-test, Ready, watch. Always ends by raising."""
         self._set_state(ReplicaState.PRELOADING)
         # Parsed once per file version, in a worker process (seconds on a big vocabulary), then cached.
-        facts = await facts_of(self.model_path, self.state_dir / "gguf-facts.json")
+        facts = await facts_of(self.model_path)
         self.kv_bytes_per_token = _kv_bytes_per_token(self.model_path, facts)
         plan = preload.check(
             self.pool, self.devices, self.model_path, self.probe, self.vram_bump, facts=facts

@@ -117,7 +117,13 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
             def register(server: grpc.aio.Server) -> None:
                 scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
 
-            loops = (parts.dispatcher.run(), parts.sweeper.run(), _gauges(service), parts.watch.run())
+            loops = (
+                parts.dispatcher.run(),
+                parts.sweeper.run(),
+                _gauges(service),
+                parts.watch.run(),
+                parts.catalog.verify_pending(),
+            )
             async with (
                 background(*loops),
                 grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops

@@ -21,6 +21,7 @@ gateway only exposes it (``/v1/catalog/models``), through the scheduler's ``Cata
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -117,7 +118,6 @@ class Catalog:
         self.verifications = verifications
         self.model_state = model_state
         self.hasher = DigestCache(path.parent / "catalog-digests.json")
-        self.facts_cache = path.parent / "gguf-facts.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
@@ -185,7 +185,7 @@ class Catalog:
                 )
             entry = _new_entry(req.id, req.path)
             entry.update(declared)
-            entry["facts"] = await _facts(Path(req.path), self.facts_cache)
+            entry["facts"] = await _facts(Path(req.path))
             await self._save(entry)
         log.info("catalog entry created", extra={"event": "catalog_created", "model_id": req.id})
         return entry, True
@@ -241,7 +241,7 @@ class Catalog:
                 entry["manifests"] = [
                     {"path": entry["path"], "digest": result.digest, "size_bytes": _size(Path(entry["path"]))}
                 ]
-            entry["facts"] = entry.get("facts") or await _facts(Path(entry["path"]), self.facts_cache)
+            entry["facts"] = entry.get("facts") or await _facts(Path(entry["path"]))
             entry["updated_ms"] = _now_ms()
             await self._save(entry)
         log.info(
@@ -249,6 +249,13 @@ class Catalog:
             extra={"event": "catalog_verified", "model_id": model_id, "result": result.status},
         )
         return entry
+
+    async def verify_pending(self) -> None:
+        """Verify every entry never verified (the configured ones, at start), one after another, so
+        their facts show and a reload onto them does not wait for the hash."""
+        for model_id in [m for m, e in list(self._entries.items()) if e["verification"]["status"] == "never"]:
+            with contextlib.suppress(OrchestratorError):  # deleted meanwhile
+                await self.verify(model_id)
 
     async def set_state(self, model_id: str, state: str) -> tuple[dict[str, Any], str]:
         """(the entry, its previous state). Entering Active or Canary needs ``trusted``."""
@@ -331,8 +338,8 @@ def _new_entry(model_id: str, path: str) -> dict[str, Any]:
     }
 
 
-async def _facts(path: Path, cache_file: Path) -> dict[str, Any] | None:
-    facts = await facts_of(path, cache_file)
+async def _facts(path: Path) -> dict[str, Any] | None:
+    facts = await facts_of(path)
     return facts_json(facts) if facts is not None else None
 
 
