@@ -53,7 +53,6 @@ from .chat import (
     Waiting,
     call_fields,
     json_response,
-    open_sse,
     waiting_comment,
 )
 from .dialects import anthropic_error
@@ -447,15 +446,8 @@ class AnthropicApi:
         if not req.stream:
             result = await self.runner.collect(request, admitted.task_id)
             return json_response(message_body(message_id, req.model, result), admitted.task_id)
-        response = await open_sse(request, admitted.task_id)
         frames = MessageFrames(message_id, req.model, estimate)
-        await response.write(frames.start())
-        async with self.runner.follow(request, admitted.task_id) as pieces:
-            async for piece in pieces:
-                if data := frames.feed(piece):
-                    await response.write(data)
-        await response.write_eof()
-        return response
+        return await self.runner.stream(request, admitted.task_id, frames)
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """``{input_tokens}``: admission's estimate of the prompt (:func:`prompt_estimate`)."""

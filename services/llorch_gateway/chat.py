@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
@@ -82,6 +82,14 @@ class Failed:
 
 
 Piece = Waiting | Text | ToolCalls | Done | Failed
+
+
+class Frames(Protocol):
+    """One compatible API's stream format: its opening bytes, then the bytes of each piece."""
+
+    def start(self) -> bytes: ...
+
+    def feed(self, piece: Piece) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +228,18 @@ class ChatRunner:
         finally:
             if not state.ended:
                 await self._cancel(task_id)
+
+    async def stream(self, request: web.Request, task_id: str, frames: Frames) -> web.StreamResponse:
+        """A streamed answer: ``frames.start()`` at once, then each piece in the API's shape."""
+        response = await open_sse(request, task_id)
+        if opening := frames.start():
+            await response.write(opening)
+        async with self.follow(request, task_id) as pieces:
+            async for piece in pieces:
+                if data := frames.feed(piece):
+                    await response.write(data)
+        await response.write_eof()
+        return response
 
     async def collect(self, request: web.Request, task_id: str) -> Result:
         """Wait for the whole answer (non-streamed routes); raises the task's error."""

@@ -24,7 +24,6 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -37,7 +36,6 @@ from .chat import (
     ChatCall,
     ChatRunner,
     Done,
-    Failed,
     Lenient,
     Piece,
     Result,
@@ -45,7 +43,6 @@ from .chat import (
     ToolCalls,
     Waiting,
     json_response,
-    open_sse,
     waiting_comment,
 )
 from .dialects import openai_error
@@ -295,17 +292,12 @@ class OpenAIApi:
         self, request: web.Request, call: ChatCall, req: _Sampling, chat: bool
     ) -> web.StreamResponse:
         admitted = await self.runner.admit(request, call)
-        chunks = _Chunks(admitted.task_id, req.model, chat)
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        chunks = _Chunks(admitted.task_id, req.model, chat, include_usage)
         if not req.stream:
             result = await self.runner.collect(request, admitted.task_id)
             return json_response(chunks.whole(result), admitted.task_id)
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        response = await open_sse(request, admitted.task_id)
-        async with self.runner.follow(request, admitted.task_id) as pieces:
-            async for frame in chunks.stream(pieces, include_usage):
-                await response.write(frame)
-        await response.write_eof()
-        return response
+        return await self.runner.stream(request, admitted.task_id, chunks)
 
 
 _STARTED = int(time.time())
@@ -314,10 +306,11 @@ _STARTED = int(time.time())
 class _Chunks:
     """One answer in OpenAI's shapes: ``chat.completion(.chunk)`` or ``text_completion``."""
 
-    def __init__(self, task_id: str, model: str, chat: bool) -> None:
+    def __init__(self, task_id: str, model: str, chat: bool, include_usage: bool) -> None:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{task_id}"
         self.model = model
         self.chat = chat
+        self.include_usage = include_usage
         self.created = int(time.time())
 
     def whole(self, result: Result) -> dict[str, object]:
@@ -341,27 +334,26 @@ class _Chunks:
             "usage": usage,
         }
 
-    async def stream(self, pieces: AsyncIterator[Piece], include_usage: bool) -> AsyncIterator[bytes]:
+    def start(self) -> bytes:
+        """A chat stream opens with the assistant's role (a completion has no opening)."""
         if self.chat:
-            yield self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
-        async for piece in pieces:
-            if isinstance(piece, Waiting):
-                yield waiting_comment(piece)
-            elif isinstance(piece, Text):
-                yield self._frame([self._choice({"content": piece.text}, piece.text)])
-            elif isinstance(piece, ToolCalls):
-                yield self._frame([self._choice({"tool_calls": piece.items}, "")])
-            elif isinstance(piece, Done):
-                last = self._choice({}, "")
-                last["finish_reason"] = piece.finish_reason
-                yield self._frame([last])
-                if include_usage:
-                    usage = _usage(piece.prompt_tokens, piece.completion_tokens)
-                    yield self._frame([], usage=usage)
-                yield DONE_FRAME
-            elif isinstance(piece, Failed):
-                yield _data({"error": openai_error(piece.error)})
-                yield DONE_FRAME
+            return self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+        return b""
+
+    def feed(self, piece: Piece) -> bytes:
+        if isinstance(piece, Waiting):
+            return waiting_comment(piece)
+        if isinstance(piece, Text):
+            return self._frame([self._choice({"content": piece.text}, piece.text)])
+        if isinstance(piece, ToolCalls):
+            return self._frame([self._choice({"tool_calls": piece.items}, "")])
+        if isinstance(piece, Done):
+            last = self._choice({}, "")
+            last["finish_reason"] = piece.finish_reason
+            usage = _usage(piece.prompt_tokens, piece.completion_tokens)
+            tail = self._frame([], usage=usage) if self.include_usage else b""
+            return self._frame([last]) + tail + DONE_FRAME
+        return _data({"error": openai_error(piece.error)}) + DONE_FRAME
 
     def _choice(self, delta: dict[str, object], text: str) -> dict[str, object]:
         if self.chat:

@@ -67,7 +67,6 @@ from .chat import (
     Waiting,
     call_fields,
     json_response,
-    open_sse,
     waiting_comment,
 )
 from .dialects import is_context_overflow, openai_error
@@ -565,15 +564,7 @@ class ResponsesApi:
         if not req.stream:
             result = await self.runner.collect(request, admitted.task_id)
             return json_response(response_body(shape, result), admitted.task_id)
-        response = await open_sse(request, admitted.task_id)
-        frames = ResponseFrames(shape)
-        await response.write(frames.start())
-        async with self.runner.follow(request, admitted.task_id) as pieces:
-            async for piece in pieces:
-                if data := frames.feed(piece):
-                    await response.write(data)
-        await response.write_eof()
-        return response
+        return await self.runner.stream(request, admitted.task_id, ResponseFrames(shape))
 
 
 def add_routes(app: web.Application, runner: ChatRunner) -> None:
