@@ -12,9 +12,7 @@ from tests.support.bdd import client, run
 from tests.support.stack import MOCK_MODEL, Stack, mock_pool
 
 
-@given(
-    'a running stack with one mock pool "{pool_id}" whose catalog also holds "{other}" and "{broken}"'
-)
+@given('a running stack with one mock pool "{pool_id}" whose catalog also holds "{other}" and "{broken}"')
 def step_reload_stack(context: Any, pool_id: str, other: str, broken: str) -> None:
     folder = context.workdir / "models"
     folder.mkdir(exist_ok=True)
