@@ -172,8 +172,13 @@ def test_the_pid_file_names_a_live_llorch_process_and_tells_a_stale_one(tmp_path
     pidfile.release(path)
     assert not path.exists()
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "llorch", "up"])
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)", "llorch", "up"],
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert sleeper.stdout is not None
+        assert sleeper.stdout.readline() == b"up\n"  # it runs its own command line now, not ours
         ticks = pidfile.start_ticks(sleeper.pid)
         assert ticks is not None
         path.write_text(json.dumps({"pid": sleeper.pid, "started": ticks}))
@@ -185,6 +190,8 @@ def test_the_pid_file_names_a_live_llorch_process_and_tells_a_stale_one(tmp_path
     finally:
         sleeper.kill()
         sleeper.wait()
+        if sleeper.stdout is not None:
+            sleeper.stdout.close()
     assert not live.running()
     assert pidfile.claim(tmp_path) == path  # a stale file does not block
     pidfile.release(path)
