@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from llorch.errors import Code, OrchestratorError
 
@@ -21,6 +21,8 @@ from .supervisor import Replica
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+
+Unload = Callable[[list[Replica]], Awaitable[None]]
 
 
 class Drains:
@@ -39,8 +41,9 @@ class Drains:
         for replica in replicas:
             replica.on_change = _also(replica.on_change, self.changed.set)
 
-    def drain(self, pool_id: str, deadline_ms: int) -> bool:
-        """Start draining ``pool_id`` (again: the new deadline counts); False when it is unknown."""
+    def drain(self, pool_id: str, deadline_ms: int, then: Unload | None = None) -> bool:
+        """Start draining ``pool_id`` (again: the new deadline counts); False when it is unknown.
+        ``then`` runs once the pool is drained (an unload)."""
         replicas = self.replicas.get(pool_id)
         if replicas is None:
             return False
@@ -52,7 +55,8 @@ class Drains:
         log.info(
             "pool draining", extra={"event": "drain_started", "pool_id": pool_id, "deadline_ms": deadline_ms}
         )
-        self._timers[pool_id] = asyncio.create_task(self._finish(pool_id, replicas, deadline_ms / 1000))
+        finish = self._finish(pool_id, replicas, deadline_ms / 1000, then)
+        self._timers[pool_id] = asyncio.create_task(finish)
         return True
 
     def resume(self, pool_id: str) -> None:
@@ -83,8 +87,12 @@ class Drains:
         if timer is not None:
             timer.cancel()
 
-    async def _finish(self, pool_id: str, replicas: list[Replica], deadline_s: float) -> None:
+    async def _finish(
+        self, pool_id: str, replicas: list[Replica], deadline_s: float, then: Unload | None
+    ) -> None:
         await self.settle(pool_id, replicas, deadline_s, "drained")
+        if then is not None:
+            await then(replicas)
         if self._timers.get(pool_id) is asyncio.current_task():
             del self._timers[pool_id]
 

@@ -55,6 +55,9 @@ class Runner:
     def start(self, replica: Replica) -> None:
         self._tasks[replica.replica_id] = asyncio.create_task(replica.run())
 
+    def runs(self, replica: Replica) -> bool:
+        return replica.replica_id in self._tasks
+
     async def stop(self, replica: Replica) -> None:
         """Cancel the replica's loop; its engine stops before this returns."""
         task = self._tasks.pop(replica.replica_id, None)

@@ -221,13 +221,18 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
             if cfg.id == request.pool_id:
                 self.drains.resume(cfg.id)
                 for replica in replicas:
-                    replica.resume()
+                    if self.reloads.runner.runs(replica):
+                        replica.resume()
+                    else:  # unloaded: its engine starts again
+                        replica.state = ReplicaState.PRELOADING
+                        self.reloads.runner.start(replica)
                 return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(cfg.id))
         return poolmgr_pb2.ResumeResponse(found=False)
 
     @unary
     async def Drain(self, request: poolmgr_pb2.DrainRequest, context: Context) -> poolmgr_pb2.ResumeResponse:
-        if not self.drains.drain(request.pool_id, request.deadline_ms):
+        then = self._unload if request.unload else None
+        if not self.drains.drain(request.pool_id, request.deadline_ms, then):
             return poolmgr_pb2.ResumeResponse(found=False)
         return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(request.pool_id))
 
@@ -241,6 +246,17 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
             model_ref=done.model_ref,
             model_digest=done.model_digest,
             engine_version=done.engine_version,
+        )
+
+    async def _unload(self, replicas: list[Replica]) -> None:
+        """Stop a drained pool's engines (its model was retired); the pool reports Stopped."""
+        for replica in replicas:
+            await self.reloads.runner.stop(replica)
+            replica.draining = False
+            replica.on_change()
+        log.info(
+            "pool unloaded",
+            extra={"event": "pool_unloaded", "pool_id": replicas[0].pool.id if replicas else ""},
         )
 
     def _state_of(self, pool_id: str) -> str:

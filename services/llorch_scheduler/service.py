@@ -354,7 +354,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _retire(self, model_id: str, deadline_ms: int) -> None:
         """SPEC §5.7: a retired model's pools drain (its running tasks finish or end at the deadline)
-        and its queued tasks end with POOL_UNAVAILABLE."""
+        and unload (their engines stop; resume starts them again), and its queued tasks end with
+        POOL_UNAVAILABLE."""
         why = OrchestratorError(Code.POOL_UNAVAILABLE, f"model {model_id} was retired")
         members = [(m, p) for m, p in self.registry.pools() if p.model_ref == model_id]
         for rs in {set_of(p) for _, p in members}:
@@ -364,7 +365,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         for manager, pool in members:
             if not manager.connected:
                 continue
-            drain = poolmgr_pb2.DrainRequest(pool_id=pool.pool_id, deadline_ms=deadline_ms)
+            drain = poolmgr_pb2.DrainRequest(pool_id=pool.pool_id, deadline_ms=deadline_ms, unload=True)
             try:
                 await manager.stub.Drain(drain, metadata=metadata(self.token), timeout=5)
             except grpc.aio.AioRpcError as exc:

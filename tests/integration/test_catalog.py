@@ -14,6 +14,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.support.procs import wait_until
 from tests.support.stack import MOCK_MODEL, Client, Stack, mock_pool
 
 
@@ -124,6 +125,20 @@ async def test_retired_model_ends_queued_tasks_and_drains(
     assert ended.event == "error" and ended.data["code"] == "POOL_UNAVAILABLE"
     got, error, _ = await client.submit(max_tokens=2)
     assert (got, error["code"]) == (503, "POOL_UNAVAILABLE") and "retired" in error["message"]
+
+    async def unloaded() -> bool:
+        health = await _health(http, stack, "mock-a")
+        return bool(health["state"] == "Stopped" and not health["live"])
+
+    await wait_until(unloaded, 30, "the retired model's pool to unload")
+    await _call(http, stack, "POST", "/v1/catalog/models/mock-tiny/state", {"state": "Active"})
+    assert (await _call(http, stack, "POST", "/v1/pools/mock-a/resume"))[0] == 202  # loads it again
+
+    async def ready() -> bool:
+        return bool((await _health(http, stack, "mock-a"))["state"] == "Ready")
+
+    await wait_until(ready, 30, "the pool to load again")
+    assert (await client.events(await client.admit(max_tokens=2)))[-1].event == "end"
 
 
 async def test_strict_trust_and_signatures(
