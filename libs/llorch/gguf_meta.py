@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,22 @@ async def facts_of(path: Path, cache_file: Path | None = None) -> ModelFacts | N
     ``cache_file`` (:func:`default_cache_file`) per (path, size, mtime_ns), so a restart or another
     service reads nothing."""
     cache_file = cache_file or default_cache_file()
+    key = (id(asyncio.get_running_loop()), str(path))
+    async with _locks.setdefault(key, asyncio.Lock()):  # replicas of one file parse it once
+        try:
+            return await _facts_cached(path, cache_file)
+        except (OSError, concurrent.futures.process.BrokenProcessPool) as exc:  # never fail a preload
+            log.warning(
+                "cannot read GGUF facts",
+                extra={"event": "gguf_unreadable", "path": str(path), "reason": type(exc).__name__},
+            )
+            return None
+
+
+_locks: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+async def _facts_cached(path: Path, cache_file: Path) -> ModelFacts | None:
     try:
         stat = await asyncio.to_thread(path.stat)
     except OSError:
@@ -146,7 +163,7 @@ def _load_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
 
 def _save_cache(cache_file: Path, cache: dict[str, dict[str, Any]]) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    partial = cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     partial.write_text(json.dumps(cache, sort_keys=True))
     partial.replace(cache_file)  # atomic: services sharing the file never read half of it
 
