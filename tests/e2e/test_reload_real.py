@@ -45,7 +45,7 @@ def _stack(stack_factory: Any, llama_server_bin: Path, model_gguf: Path, tmp_pat
                 "ctx": 2048,
                 "slots": 1,
                 "engine_bin": str(llama_server_bin),
-                "engine_args": ["--threads", "2"],
+                "engine_args": ["--threads", "1"],
                 "queue": {"capacity": 8, "full_policy": "reject"},
             }
         ],
