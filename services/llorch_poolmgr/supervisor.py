@@ -203,7 +203,7 @@ class Replica:
                         reraise=True,
                     ):
                         with attempt:
-                            await self._serve()
+                            await self._serve_typed()
                 except EngineFailed as exc:
                     self._open_circuit(exc.failure)
                 except ConfigFailed as exc:
@@ -282,6 +282,22 @@ class Replica:
                 "outcome": outcome,
             },
         )
+
+    async def _serve_typed(self) -> None:
+        """:meth:`_serve`, with an unexpected exception (a bug, an OS error) turned into a typed failure:
+        it is logged with its traceback, counts against the breaker and restarts the engine like a crash,
+        instead of ending the replica's run loop with the pool stuck in its last state."""
+        try:
+            await self._serve()
+        except (EngineFailed, ConfigFailed):
+            raise
+        except Exception as exc:
+            log.exception(
+                "unexpected error in the replica's supervision",
+                extra={"event": "replica_error", "pool_id": self.pool.id, "replica_id": self.replica_id},
+            )
+            message = f"unexpected pool manager error: {type(exc).__name__}: {exc}"
+            raise self._failed(Failure(PoolError.ENGINE_UNHEALTHY, message)) from exc
 
     async def _serve(self) -> None:
         """One life of the engine: checks, launch, self-test, Ready, watch. Always ends by raising."""
