@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -56,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(parsed)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A fatal signal (a SIGSEGV was seen once under heavy load) prints every thread's Python stack to
+    # stderr, which the pool manager keeps in the engine's log.
+    faulthandler.enable()
     try:
         import uvloop
     except ImportError:
