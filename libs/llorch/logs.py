@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from llorch.tracing import current_trace_id
+
 correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "correlation_id", default=None
 )
@@ -65,6 +67,7 @@ FIELDS: Final = (
     "status",
     "manager_id",
     "error",
+    "first_token_ms",
 )
 
 
@@ -84,6 +87,9 @@ class JsonFormatter(logging.Formatter):
         cid = correlation_id_var.get()
         if cid is not None:
             line["correlation_id"] = cid
+        trace_id = current_trace_id()  # the span being served, where tracing is on
+        if trace_id is not None:
+            line["trace_id"] = trace_id
         attrs = record.__dict__
         for name in FIELDS:
             if name in attrs:

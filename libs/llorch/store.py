@@ -10,6 +10,11 @@ touches one slot):
 - ``q:{rs}:interactive`` / ``q:{rs}:batch`` — sorted sets scored by the set's admission sequence
 - ``qseq:{rs}``   the set's admission sequence counter
 - ``lease:{rs}``  sorted set of dispatched task ids scored by lease expiry (epoch ms)
+- ``recent``      sorted set ``rs US task_id`` scored by admission (epoch µs), the newest
+  :data:`RECENT_TASKS_MAX`: the status views' list of tasks (a member whose record expired is dropped
+  when a read meets it)
+- ``failures``    sorted set of failed tasks (compact JSON: task_id, code, message) scored by when they
+  failed, the newest :data:`RECENT_FAILURES_MAX`
 
 Every multi-step change is one Lua script (registered once), so cancel is race-free by construction:
 once a terminal event is in the log, ``append`` refuses every later event.
@@ -63,6 +68,24 @@ LOCATOR_MARGIN_S: Final = 300
 """A locator outlives its task's deadline plus the retention by this much."""
 LEASE_MS: Final = 15_000
 """How long a dispatched task's lease lasts; its pool manager renews it well before that."""
+RECENT_TASKS_MAX: Final = 1000
+"""How many of the newest admissions the recent-tasks index keeps."""
+RECENT_FAILURES_MAX: Final = 100
+"""How many of the newest failures the recent-failures index keeps."""
+FAILURE_MESSAGE_MAX: Final = 500
+"""A failure's message is cut to this many characters in the index (the record keeps it whole)."""
+_SUMMARY_FIELDS: Final = (
+    "state",
+    "priority",
+    "model_ref",
+    "created_ms",
+    "tokens_out",
+    "pool_id",
+    "replica_id",
+    "dispatched_ms",
+    "error",
+)
+"""The record fields a :class:`TaskSummary` reads: never ``request`` (it holds the prompt)."""
 
 
 def now_ms() -> int:
@@ -107,6 +130,7 @@ class NewTask:
     engine: str
     deadline_ms: int
     request: TaskRequest
+    traceparent: str = ""  # the admitting span's W3C trace context: the dispatch joins its trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +160,38 @@ class TaskRecord:
     replica_id: str
     dispatched_ms: int  # 0 until dispatched
     error_json: str
+    traceparent: str = ""  # '' when tracing was off at admission
 
     @property
     def live(self) -> bool:
         return self.state in LIVE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """A task as the status views show it: its record without the request (so never its prompt).
+    ``error_code`` is the terminal error's code, None unless the task ended with one."""
+
+    task_id: str
+    state: TaskState
+    priority: Priority
+    model_ref: str
+    created_ms: int
+    tokens_out: int
+    pool_id: str
+    replica_id: str
+    dispatched_ms: int
+    error_code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """One entry of the recent-failures index: a task that ended ``failed``, and when."""
+
+    task_id: str
+    code: str
+    message: str
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +329,12 @@ class Keys:
 
     def channel(self) -> str:
         return f"{self.prefix}events"
+
+    def recent_tasks(self) -> str:
+        return f"{self.prefix}recent"
+
+    def recent_failures(self) -> str:
+        return f"{self.prefix}failures"
 
 
 class Store:
@@ -445,6 +503,7 @@ class Store:
                     **({"inputs": list(req.inputs)} if req.inputs else {}),
                 }
             ),
+            **({"traceparent": task.traceparent} if task.traceparent else {}),
         }
         class_cap = limits.batch_capacity if task.priority == "batch" else limits.interactive_capacity
         first, payloads = started
@@ -475,6 +534,7 @@ class Store:
         result = Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
         if result.status == AdmitStatus.OK:
             self.locate(task_id, rs)
+            await self._index_admitted(rs, task_id)
         elif result.status == AdmitStatus.FULL:  # nothing was admitted: the id is free again
             await self.client.delete(self.keys.locator(task_id))
         return result
@@ -493,7 +553,17 @@ class Store:
             if keys
         ]
         replies = iter(await self._many(self._append, calls))
-        return [_appended(next(replies)) if keys else Refused.UNKNOWN for keys in located]
+        results = [_appended(next(replies)) if keys else Refused.UNKNOWN for keys in located]
+        failed = [
+            (b.task_id, data)
+            for b, result in zip(batches, results, strict=True)
+            if isinstance(result, int)
+            for name, data, final in b.events
+            if final == TaskState.FAILED.value and name == "error"
+        ]
+        if failed:
+            await self._index_failures(failed)
+        return results
 
     async def append_queued_frames(self, frames: Sequence[tuple[str, str]]) -> None:
         """Queued `metrics` frames ``(task_id, data)``, each only if its task is still queued."""
@@ -563,7 +633,10 @@ class Store:
         prev, manager = await self._terminate(
             keys=keys, args=[retention_s, state.value, payload, self.keys.channel(), task_id]
         )
-        return Terminated(TaskState(prev) if prev else None, str(manager))
+        ended = Terminated(TaskState(prev) if prev else None, str(manager))
+        if ended.was_live and state == TaskState.FAILED:
+            await self._index_failures([(task_id, payload)])
+        return ended
 
     async def task(self, task_id: str) -> TaskRecord | None:
         keys = await self._task_keys(task_id)
@@ -791,6 +864,83 @@ class Store:
     async def leased(self, rs: str) -> list[str]:
         return cast(list[str], await self.client.zrange(self.keys.lease(rs), 0, -1))
 
+    # -- status views: recent tasks, running tasks, recent failures -------------------------------------
+    # The two indexes are single keys outside any replica set's slot, so they are written just after
+    # the step they follow, not inside it: a crash in between costs an index entry, never a task.
+
+    async def _index_admitted(self, rs: str, task_id: str) -> None:
+        key = self.keys.recent_tasks()
+        async with self.client.pipeline(transaction=False) as pipe:
+            # Microseconds: admissions in one millisecond keep their order (2**53 µs is year 2255).
+            pipe.zadd(key, {f"{rs}{US}{task_id}": time.time_ns() // 1000})
+            pipe.zremrangebyrank(key, 0, -RECENT_TASKS_MAX - 1)
+            await pipe.execute()
+
+    async def _index_failures(self, failed: Sequence[tuple[str, str]]) -> None:
+        """Index failed tasks ``(task_id, error payload)``. The member holds no time, so a retried
+        append batch (the same payload) finds its member there and ``NX`` keeps the first time."""
+        at = now_ms()
+        members = {_failure_member(task_id, payload): at for task_id, payload in failed}
+        key = self.keys.recent_failures()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, members, nx=True)
+            pipe.zremrangebyrank(key, 0, -RECENT_FAILURES_MAX - 1)
+            await pipe.execute()
+
+    async def recent_tasks(self, limit: int) -> list[TaskSummary]:
+        """The newest admitted tasks whose record still exists, newest first, at most ``limit``; index
+        members whose record has expired are removed as they are met."""
+        key = self.keys.recent_tasks()
+        found: list[TaskSummary] = []
+        seen: set[str] = set()
+        start = 0
+        while len(found) < limit:
+            page = cast(list[str], await self.client.zrevrange(key, start, start + limit - 1))
+            # Admissions meanwhile shift the ranks up: a member read twice is skipped the second time.
+            fresh = [m for m in page if m not in seen]
+            seen.update(fresh)
+            summaries = await self._summaries([_member_task(m) for m in fresh])
+            gone = [m for m, summary in zip(fresh, summaries, strict=True) if summary is None]
+            if gone:
+                await self.client.zrem(key, *gone)
+            taken = {s.task_id for s in found}
+            found.extend(s for s in summaries if s is not None and s.task_id not in taken)
+            if len(page) < limit:
+                break
+            start += len(page) - len(gone)
+        return found[:limit]
+
+    async def running_tasks(self) -> list[TaskSummary]:
+        """Tasks that hold a lease and whose record says running, the longest-running first."""
+        sets = sorted(cast(set[str], await self.client.smembers(self.keys.replica_sets())))
+        if not sets:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for rs in sets:
+                pipe.zrange(self.keys.lease(rs), 0, -1)
+            leased = await pipe.execute()
+        tasks = [(rs, task_id) for rs, ids in zip(sets, leased, strict=True) for task_id in ids]
+        running = [s for s in await self._summaries(tasks) if s is not None and s.state == TaskState.RUNNING]
+        return sorted(running, key=lambda s: (s.dispatched_ms, s.task_id))
+
+    async def recent_failures(self, limit: int) -> list[TaskFailure]:
+        """The newest failed tasks, newest first, at most ``limit``."""
+        entries = cast(
+            list[tuple[str, float]],
+            await self.client.zrevrange(self.keys.recent_failures(), 0, limit - 1, withscores=True),
+        )
+        return [_failure(member, score) for member, score in entries]
+
+    async def _summaries(self, tasks: Sequence[tuple[str, str]]) -> list[TaskSummary | None]:
+        """``(rs, task_id)`` → the task's summary, None where its record is gone."""
+        if not tasks:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for rs, task_id in tasks:
+                pipe.hmget(self.keys.task(rs, task_id), _SUMMARY_FIELDS)
+            rows = await pipe.execute()
+        return [_summary(task_id, row) for (_, task_id), row in zip(tasks, rows, strict=True)]
+
 
 @dataclass(frozen=True, slots=True)
 class SessionBudgets:
@@ -842,6 +992,62 @@ def _record(task_id: str, f: Mapping[str, str]) -> TaskRecord:
         replica_id=f.get("replica_id", ""),
         dispatched_ms=int(f.get("dispatched_ms") or 0),
         error_json=f.get("error", ""),
+        traceparent=f.get("traceparent", ""),
+    )
+
+
+def _member_task(member: str) -> tuple[str, str]:
+    """A recent-tasks member ``rs US task_id`` as ``(rs, task_id)``."""
+    rs, _, task_id = member.partition(US)
+    return rs, task_id
+
+
+def _error_fields(payload: str) -> dict[str, Any]:
+    """An error payload's JSON object; {} for anything else (a record's error is ours, but a status
+    view must not fail on one)."""
+    try:
+        body = json.loads(payload) if payload else {}
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _summary(task_id: str, row: Sequence[str | None]) -> TaskSummary | None:
+    f = dict(zip(_SUMMARY_FIELDS, row, strict=True))
+    if f["state"] is None:
+        return None
+    code = _error_fields(f["error"] or "").get("code")
+    return TaskSummary(
+        task_id=task_id,
+        state=TaskState(f["state"]),
+        priority="batch" if f["priority"] == "batch" else "interactive",
+        model_ref=f["model_ref"] or "",
+        created_ms=int(f["created_ms"] or 0),
+        tokens_out=int(f["tokens_out"] or 0),
+        pool_id=f["pool_id"] or "",
+        replica_id=f["replica_id"] or "",
+        dispatched_ms=int(f["dispatched_ms"] or 0),
+        error_code=str(code) if code else None,
+    )
+
+
+def _failure_member(task_id: str, payload: str) -> str:
+    body = _error_fields(payload)
+    entry = {
+        "task_id": task_id,
+        "code": str(body.get("code", "")),
+        "message": str(body.get("message", ""))[:FAILURE_MESSAGE_MAX],
+    }
+    return json.dumps(entry, separators=(",", ":"), sort_keys=True)
+
+
+def _failure(member: str, score: float) -> TaskFailure:
+    entry = _error_fields(member)
+    return TaskFailure(
+        task_id=str(entry.get("task_id", "")),
+        code=str(entry.get("code", "")),
+        message=str(entry.get("message", "")),
+        at_ms=int(score),
     )
 
 

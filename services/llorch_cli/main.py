@@ -1,5 +1,5 @@
-"""`llorch`: start the services (each its own process) or the whole stack, operate a running stack
-(`down`, `models`, `pools`), and check configuration."""
+"""`llorch`: start the services (each its own process) or the whole stack, watch and use a running stack
+(`status`, `submit`, `tasks`), operate it (`down`, `models`, `pools`), and check configuration."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any
 
 from prometheus_client import disable_created_metrics
 
+from llorch import config_rules as rules
 from llorch.config import ConfigError, LlorchConfig, load_config
 from llorch.logs import setup_logging
 
-from . import config_cmd, down, models_cmd, ops, pools_cmd
+from . import config_cmd, down, models_cmd, ops, pools_cmd, status_cmd, submit_cmd, tasks_cmd
 
 Serve = Callable[[LlorchConfig, asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -50,6 +51,50 @@ def run_service(name: str, cfg: LlorchConfig, serve: Serve) -> None:
         asyncio.run(main())
 
 
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a config rule, so a bad value exits 2 with the rule's own message."""
+
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _pool_manager_options(cmd: argparse.ArgumentParser) -> None:
+    """Where a pool manager registers, binds and is dialled, and which host's pools it serves."""
+    cmd.add_argument(
+        "--scheduler",
+        type=_checked(rules.check_host_port),
+        default=None,
+        metavar="HOST:PORT",
+        help="where to register: overrides grpc.scheduler for this process",
+    )
+    cmd.add_argument(
+        "--listen",
+        type=_checked(rules.check_bind_host),
+        default=None,
+        metavar="HOST",
+        help="the host the gRPC and metrics servers bind (default: grpc.scheduler's host)",
+    )
+    cmd.add_argument(
+        "--advertise",
+        type=_checked(rules.check_bind_host),
+        default=None,
+        metavar="HOST",
+        help="the host the scheduler dials (default: the --listen host; required with 0.0.0.0 or ::)",
+    )
+    cmd.add_argument(
+        "--host",
+        type=_checked(rules.check_pool_host),
+        default=rules.LOCAL_HOST,
+        metavar="NAME",
+        help="serve the pools whose `host` is NAME (default: local)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llorch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,9 +110,19 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="YAML config (default $LLORCH_CONFIG or ~/.config/llorch/config.yaml)",
         )
+        if name == "scheduler":
+            cmd.add_argument(
+                "--listen",
+                type=_checked(rules.check_host_port),
+                default=None,
+                metavar="HOST:PORT",
+                help="the address gRPC binds, e.g. 0.0.0.0:50051 in a container; metrics bind its host "
+                "(default: grpc.scheduler, which stays the address the others dial)",
+            )
         if name == "pool-manager":
+            _pool_manager_options(cmd)
             cmd.add_argument("--index", type=int, default=0, help="n: gRPC on base_port+n, metrics on 9111+n")
-            cmd.add_argument("--pools", default=None, help="comma-separated pool ids (default: all)")
+            cmd.add_argument("--pools", default=None, help="comma-separated pool ids (default: --host's)")
             cmd.add_argument(
                 "--assign",
                 action="append",
@@ -83,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = config_sub.add_parser("validate", help="validate FILE; exit 2 on errors")
     validate.add_argument("file", nargs="?", default=None)
     config_sub.add_parser("schema", help="print the JSON Schema")
+    status_cmd.add_parser(sub)
+    submit_cmd.add_parser(sub)
+    tasks_cmd.add_parser(sub)
     down.add_parser(sub)
     models_cmd.add_parser(sub)
     pools_cmd.add_parser(sub)
@@ -97,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mock_main(args_list[1:])
         return
     args = _parser().parse_args(args_list)
-    if getattr(args, "run", None) is not None:  # the operator commands: down, models, pools
+    if getattr(args, "run", None) is not None:  # the client commands: status, submit, tasks, down, ...
         raise SystemExit(ops.run(args.prog, args.run, args))
     if args.command == "config":
         code = config_cmd.validate(args.file) if args.config_command == "validate" else config_cmd.schema()
@@ -118,15 +176,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "scheduler":
         from llorch_scheduler.__main__ import serve as scheduler
 
-        run_service("scheduler", cfg, scheduler)
+        async def serve_scheduler(c: LlorchConfig, stop: asyncio.Event) -> None:
+            await scheduler(c, stop, args.listen)
+
+        run_service("scheduler", cfg, serve_scheduler)
     else:
+        from llorch_poolmgr.__main__ import ServeOptionError, advertised_host, select_pools
         from llorch_poolmgr.__main__ import serve as pool_manager
 
         pools = args.pools.split(",") if args.pools else None
         assign = {pool: int(gpu) for pool, _, gpu in (a.partition("=") for a in args.assign)}
+        if args.scheduler is not None:
+            cfg = cfg.model_copy(update={"grpc": cfg.grpc.model_copy(update={"scheduler": args.scheduler})})
+        try:  # refused here, before logging starts, so the reason is the one line on stderr
+            select_pools(cfg, args.host, pools)
+            advertised_host(args.listen, args.advertise)
+        except ServeOptionError as exc:
+            print(f"llorch pool-manager: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
         async def serve_pm(c: LlorchConfig, stop: asyncio.Event) -> None:
-            await pool_manager(c, stop, args.index, pools, assign)
+            where = {"host": args.host, "listen": args.listen, "advertise": args.advertise}
+            await pool_manager(c, stop, args.index, pools, assign, **where)
 
         run_service("pool-manager", cfg, serve_pm)
 

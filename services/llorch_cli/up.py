@@ -1,6 +1,7 @@
 """`llorch up`: the whole stack on one machine, supervised — embedded Redis (when redis.url is null), the
 scheduler, one pool manager per device mask (plus one for CPU pools, see llorch_poolmgr.topology) and the
-gateway, each its own process.
+gateway, each its own process. Only the `host: local` pools get pool managers here; pools of other hosts
+are served by `llorch pool-manager --host NAME` there.
 
 A child that dies is restarted with backoff, and `llorch up` gives up (exit 1) when one keeps dying; see
 llorch_cli.supervise for the policy. Restarts are logged and counted in
@@ -30,6 +31,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from llorch import gpu
 from llorch.config import ConfigError, LlorchConfig, load_config, resolve_config_path
+from llorch.config_rules import LOCAL_HOST
 from llorch.lifecycle import metrics_endpoint
 from llorch.logs import setup_logging
 from llorch.rpc import load_internal_token
@@ -127,10 +129,23 @@ def _setup_logging(cfg: LlorchConfig) -> None:
     setup_logging("up", cfg.telemetry.log_level, cfg.telemetry.log_file)
 
 
+def _local_config(cfg: LlorchConfig) -> LlorchConfig:
+    """`cfg` narrowed to the pools of this machine (`host: local`); the others' pool managers run on
+    their own hosts (`llorch pool-manager --host NAME`), so they are only named here."""
+    remote: dict[str, list[str]] = {}
+    for pool in cfg.pools:
+        if pool.host != LOCAL_HOST:
+            remote.setdefault(pool.host, []).append(pool.id)
+    for host, ids in sorted(remote.items()):
+        line = f"pools left to host {host} (its own `llorch pool-manager --host {host}`): {', '.join(ids)}"
+        print(line, flush=True)
+    return cfg.model_copy(update={"pools": [p for p in cfg.pools if p.host == LOCAL_HOST]})
+
+
 def _children(cfg: LlorchConfig, path: Path, env: dict[str, str], metrics_address: str | None) -> list[Child]:
     config_arg = ["--config", str(path.resolve())]
     probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
-    plans = plan_managers(cfg, probe.devices())
+    plans = plan_managers(_local_config(cfg), probe.devices())
     probe.close()
     children: list[Child] = [ServiceChild("scheduler", ["scheduler", *config_arg], env)]
     for plan in plans:

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.rpc import load_internal_token
 from llorch.store import Store
@@ -34,6 +35,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
     scheduler = SchedulerClient(cfg.grpc.scheduler, internal)
     async with (
+        tracing.traced(cfg.telemetry.otlp_endpoint, "gateway"),  # before build_app (its middleware)
         Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
         aiohttp.ClientSession() as http,
     ):

@@ -11,14 +11,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
+from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import is_valid_id, new_task_id
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
-from . import anthropic_api, catalog_api, openai_api, render, responses_api
+from . import anthropic_api, catalog_api, openai_api, render, responses_api, status_api
 from .auth import Authenticator
 from .chat import ChatRunner
 from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
@@ -144,14 +146,14 @@ class Api:
 
     async def pools(self, request: web.Request) -> web.Response:
         reply = await self.d.scheduler.list_pools()
-        return _json([_pool_health(view) for view in reply.pools])
+        return _json([render.pool_health(view) for view in reply.pools])
 
     async def pool_health(self, request: web.Request) -> web.Response:
         pool_id = request.match_info["pool_id"]
         reply = await self.d.scheduler.list_pools()
         for view in reply.pools:
             if view.state.pool_id == pool_id:
-                return _json(_pool_health(view))
+                return _json(render.pool_health(view))
         raise OrchestratorError(Code.NOT_FOUND, f"pool {pool_id} is unknown")
 
     async def drain(self, request: web.Request) -> web.Response:
@@ -199,6 +201,18 @@ class Api:
     async def capabilities(self, request: web.Request) -> web.Response:
         caps = await self.d.scheduler.capabilities()
         return _json(render.capabilities(caps, self.d.auth.limits(request.get("client", ""))))
+
+    async def task_trace(self, request: web.Request) -> str:
+        """The requests on one task (its stream, status, cancel) join the task's trace: the
+        traceparent its admission stored ('' for others, or when it cannot be read)."""
+        task_id = request.match_info.get("task_id", "")
+        if not is_valid_id(task_id):
+            return ""
+        try:
+            record = await self.d.store.task(task_id)
+        except RedisError:  # the handler meets the outage itself and answers it
+            return ""
+        return record.traceparent if record is not None else ""
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -266,71 +280,18 @@ def _budget_headers(result: scheduler_pb2.AdmitResponse) -> dict[str, str]:
     return headers
 
 
-def _pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
-    pool = view.state
-    slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
-    gpus = [t for t in pool.telemetry if t.vram_total_bytes]
-    last_error = (
-        {"code": pool.last_error.code, "message": pool.last_error.message, "at_ms": pool.last_error.at_ms}
-        if pool.has_error
-        else None
-    )
-    return {
-        "pool_id": pool.pool_id,
-        "live": pool.live,
-        "ready": pool.state == "Ready",
-        "draining": view.draining,
-        "state": pool.state,
-        "engine": pool.engine,
-        "engine_version": pool.engine_version or None,
-        "model_ref": pool.model_ref,
-        "model_digest": pool.model_digest,
-        "devices": list(pool.devices),
-        "ctx": pool.ctx,
-        "replicas": [
-            {
-                "replica_id": r.replica_id,
-                "state": r.state,
-                "pid": r.pid or None,
-                "port": r.port or None,
-                "slots_total": r.slots_total,
-                "slots_busy": r.slots_busy,
-                "circuit": r.circuit or "closed",
-                "kv_cache_usage_ratio": r.kv_cache_usage_ratio
-                if r.HasField("kv_cache_usage_ratio")
-                else None,
-            }
-            for r in pool.replicas
-        ],
-        "last_error": last_error,
-        "restarts": pool.restarts,
-        "circuit": pool.circuit or "closed",
-        "metrics": {
-            "slots_total": slots_total,
-            "slots_free": view.slots_free,
-            "tasks_running": view.tasks_running,
-            "vram_used_bytes": sum(t.vram_used_bytes for t in gpus) if gpus else None,
-            "vram_total_bytes": sum(t.vram_total_bytes for t in gpus) if gpus else None,
-            "gpu_utilization": (
-                max(utils)
-                if (utils := [t.gpu_utilization for t in gpus if t.HasField("gpu_utilization")])
-                else None
-            ),
-            "kv_cache_usage_ratio": (
-                pool.kv_cache_usage_ratio if pool.HasField("kv_cache_usage_ratio") else None
-            ),
-        },
-    }
-
-
 def build_app(deps: Deps) -> web.Application:
+    api = Api(deps)
+    # After auth: an unauthenticated request starts no span and reads no task record. Absent (zero
+    # cost) unless tracing is on.
+    traced = [tracing.http_middleware(api.task_trace)] if tracing.enabled() else []
     app = web.Application(
-        middlewares=[edge, deps.auth.middleware, read_body], client_max_size=deps.cfg.api.max_body_bytes
+        middlewares=[edge, deps.auth.middleware, *traced, read_body],
+        client_max_size=deps.cfg.api.max_body_bytes,
     )
     app[METRICS] = deps.metrics
     app[MAX_BODY] = deps.cfg.api.max_body_bytes
     app[BODY_TIMEOUT] = deps.cfg.api.body_timeout_s
-    api = Api(deps)
     app.router.add_post("/v1/tasks", api.submit)
     app.router.add_get("/v1/tasks/{task_id}", api.status)
     app.router.add_get("/v1/tasks/{task_id}/stream", api.stream)
@@ -349,6 +310,7 @@ def build_app(deps: Deps) -> web.Application:
     anthropic_api.add_routes(app, runner)
     catalog_api.add_routes(app, deps.scheduler)
     responses_api.add_routes(app, runner)
+    status_api.add_routes(app, deps.scheduler, deps.store)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

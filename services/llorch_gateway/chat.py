@@ -33,6 +33,7 @@ from llorch.v1 import scheduler_pb2
 from .edge import CORRELATION_HEADER
 from .feed import EventFeed, Tail
 from .scheduler_client import SchedulerClient
+from .sse import log_stream_ended
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +233,22 @@ class ChatRunner:
     async def stream(self, request: web.Request, task_id: str, frames: Frames) -> web.StreamResponse:
         """A streamed answer: ``frames.start()`` at once, then each piece in the API's shape."""
         response = await open_sse(request, task_id)
-        if opening := frames.start():
-            await response.write(opening)
-        async with self.follow(request, task_id) as pieces:
-            async for piece in pieces:
-                if data := frames.feed(piece):
-                    await response.write(data)
-        await response.write_eof()
+        ending = ("error", Code.INTERNAL.value)  # cut by an error, unless it ends or the client leaves
+        try:
+            if opening := frames.start():
+                await response.write(opening)
+            async with self.follow(request, task_id) as pieces:
+                async for piece in pieces:
+                    if data := frames.feed(piece):
+                        await response.write(data)
+                    if isinstance(piece, Done | Failed):
+                        ending = ("end", "") if isinstance(piece, Done) else ("error", piece.error.code.value)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            ending = ("disconnect", "")
+            raise
+        finally:
+            log_stream_ended(task_id, *ending)
         return response
 
     async def collect(self, request: web.Request, task_id: str) -> Result:

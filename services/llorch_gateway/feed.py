@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 
 from llorch.events import TERMINAL
@@ -21,12 +22,19 @@ log = logging.getLogger(__name__)
 
 
 class Subscription:
-    def __init__(self) -> None:
+    def __init__(self, timed: bool = False) -> None:
         self._items: list[Event] = []
         self._ready = asyncio.Event()
+        # seq -> time.monotonic() when the feed delivered it live; only for a consumer that pops them
+        # (the SSE relay's sse_relay_lag_ms), else it would grow with the task
+        self.arrivals: dict[int, float] | None = {} if timed else None
 
     def push(self, events: list[Event]) -> None:
         """Deliver live events; an empty list means "re-read from the stream"."""
+        if self.arrivals is not None:
+            now = time.monotonic()
+            for e in events:
+                self.arrivals.setdefault(e.seq, now)
         self._items.extend(events) if events else self._items.append(RESYNC)
         self._ready.set()
 
@@ -54,8 +62,9 @@ class EventFeed:
         self.connected = asyncio.Event()
 
     @contextlib.contextmanager
-    def subscribe(self, task_id: str) -> Iterator[Subscription]:
-        sub = Subscription()
+    def subscribe(self, task_id: str, timed: bool = False) -> Iterator[Subscription]:
+        """Live events of ``task_id``; ``timed`` records when each arrived (see Subscription.arrivals)."""
+        sub = Subscription(timed)
         self._subs.setdefault(task_id, set()).add(sub)
         try:
             yield sub

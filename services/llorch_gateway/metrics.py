@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llorch.metrics import LATENCY_BUCKETS_MS
 
 UNION_TIMEOUT_S = 2.0
+# A relay lag is normally well under the contract's first bucket (5 ms): two finer ones below it.
+RELAY_LAG_BUCKETS_MS = (1, 2.5, *LATENCY_BUCKETS_MS)
 
 
 class GatewayMetrics:
@@ -21,6 +25,14 @@ class GatewayMetrics:
         )
         self.component_up = Gauge(
             "component_up", "1 when the component answered", ["component"], registry=registry
+        )
+        # Events carry no append time; the feed's receipt is the nearest: the script that appends an
+        # event publishes it in the same step. Events replayed from the log are not counted.
+        self.sse_relay_lag = Histogram(
+            "sse_relay_lag_ms",
+            "From the gateway's receipt of a live task event to the write of its SSE frame (ms)",
+            buckets=RELAY_LAG_BUCKETS_MS,
+            registry=registry,
         )
 
     async def union(self, session: aiohttp.ClientSession, components: dict[str, str]) -> bytes:

@@ -4,6 +4,8 @@ rendered. Absent values are null, integers are JSON numbers (never protobuf's in
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
@@ -124,3 +126,107 @@ def _engine(engine: scheduler_pb2.EngineCapability, rate_limits: object) -> dict
             ],
         },
     }
+
+
+def pool_health(view: scheduler_pb2.PoolView) -> dict[str, object]:
+    """PoolHealth (SPEC §2.3): a pool as its manager reports it plus the scheduler's view of its load."""
+    pool = view.state
+    slots_total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
+    gpus = [t for t in pool.telemetry if t.vram_total_bytes]
+    last_error = (
+        {"code": pool.last_error.code, "message": pool.last_error.message, "at_ms": pool.last_error.at_ms}
+        if pool.has_error
+        else None
+    )
+    return {
+        "pool_id": pool.pool_id,
+        "live": pool.live,
+        "ready": pool.state == "Ready",
+        "draining": view.draining,
+        "state": pool.state,
+        "engine": pool.engine,
+        "engine_version": pool.engine_version or None,
+        "model_ref": pool.model_ref,
+        "model_digest": pool.model_digest,
+        "devices": list(pool.devices),
+        "ctx": pool.ctx,
+        "replicas": [
+            {
+                "replica_id": r.replica_id,
+                "state": r.state,
+                "pid": r.pid or None,
+                "port": r.port or None,
+                "slots_total": r.slots_total,
+                "slots_busy": r.slots_busy,
+                "circuit": r.circuit or "closed",
+                "kv_cache_usage_ratio": _opt(r, "kv_cache_usage_ratio"),
+            }
+            for r in pool.replicas
+        ],
+        "last_error": last_error,
+        "restarts": pool.restarts,
+        "circuit": pool.circuit or "closed",
+        "metrics": {
+            "slots_total": slots_total,
+            "slots_free": view.slots_free,
+            "tasks_running": view.tasks_running,
+            "vram_used_bytes": sum(t.vram_used_bytes for t in gpus) if gpus else None,
+            "vram_total_bytes": sum(t.vram_total_bytes for t in gpus) if gpus else None,
+            "gpu_utilization": (
+                max(utils)
+                if (utils := [t.gpu_utilization for t in gpus if t.HasField("gpu_utilization")])
+                else None
+            ),
+            "kv_cache_usage_ratio": _opt(pool, "kv_cache_usage_ratio"),
+        },
+    }
+
+
+@dataclass
+class _Gpu:
+    name: str = ""
+    total: int = 0
+    free: int | None = None  # None: no probe saw the device
+    used_by_pools: int = 0
+    utilization: list[float] = field(default_factory=list)
+    pools: set[str] = field(default_factory=set)
+
+    @property
+    def used(self) -> int:
+        by_probe = self.total - self.free if self.free is not None else 0
+        return max(self.used_by_pools, by_probe)
+
+
+def gpus(views: Iterable[scheduler_pb2.PoolView]) -> list[dict[str, object]]:
+    """The GPUs the pools report, one entry per device label (labels name a machine's GPUs, as in
+    Capabilities' per-device concurrency), in label order; devices without VRAM (``cpu``) are left out.
+
+    ``vram_used_bytes`` is the device's use as its probe sees it (total less free, other processes
+    included), and never less than what the pools report their replicas use on it: a simulated GPU's
+    engines report their own use beside the probe's reservations.
+    """
+    seen: dict[str, _Gpu] = {}
+    for view in views:
+        for t in view.state.telemetry:
+            if not t.vram_total_bytes:
+                continue
+            gpu = seen.setdefault(t.device, _Gpu())
+            gpu.name = gpu.name or t.name
+            gpu.total = max(gpu.total, t.vram_total_bytes)
+            if t.name:  # the probe's view (see DeviceTelemetry): its free figure is the device's
+                gpu.free = t.vram_free_bytes
+            gpu.used_by_pools += t.vram_used_bytes
+            if t.HasField("gpu_utilization"):
+                gpu.utilization.append(t.gpu_utilization)
+            gpu.pools.add(view.state.pool_id)
+    return [
+        {
+            "device": device,
+            "name": gpu.name or device,
+            "vram_total_bytes": gpu.total,
+            "vram_used_bytes": gpu.used,
+            "utilization": max(gpu.utilization) if gpu.utilization else None,
+            "pools": sorted(gpu.pools),
+        }
+        for device, gpu in sorted(seen.items())
+    ]

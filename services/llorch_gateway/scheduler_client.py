@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import grpc.aio
 
+from llorch import tracing
 from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
 from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -33,13 +34,14 @@ class SchedulerClient:
             raise from_rpc_error(exc, what) from None
 
     async def admit(self, request: scheduler_pb2.AdmitRequest) -> scheduler_pb2.AdmitResponse:
-        call = self.stub.Admit(request, metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S)
+        md = tracing.grpc_metadata(metadata(self.token))  # the task's trace starts here
+        call = self.stub.Admit(request, metadata=md, timeout=DEFAULT_DEADLINE_S)
         return await self._call(call, "the scheduler")
 
     async def cancel(self, task_id: str) -> scheduler_pb2.CancelResponse:
         call = self.stub.Cancel(
             scheduler_pb2.CancelRequest(task_id=task_id),
-            metadata=metadata(self.token),
+            metadata=tracing.grpc_metadata(metadata(self.token)),
             timeout=DEFAULT_DEADLINE_S,
         )
         return await self._call(call, "the scheduler")

@@ -23,16 +23,20 @@ clean end of the body, reconnects with its Last-Event-ID and resumes from the lo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
+import time
 
 from aiohttp import web
+from prometheus_client import Histogram
 
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.events import TERMINAL as TERMINAL_EVENTS
+from llorch.events import EventName
 from llorch.store import READ_PAGE, Event, Store
 
-from .edge import CORRELATION_HEADER
+from .edge import CORRELATION_HEADER, METRICS
 from .feed import EventFeed, Subscription, Tail
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,7 @@ async def relay(
 ) -> web.StreamResponse:
     after = parse_last_event_id(request)
     # Subscribe before the replay so nothing appended in between can be missed.
-    with feed.subscribe(task_id) as sub:
+    with feed.subscribe(task_id, timed=True) as sub:
         replay = await store.read_events(task_id, after)
         if not replay and not await store.task_exists(task_id):
             raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
@@ -82,16 +86,20 @@ async def relay(
             }
         )
         await response.prepare(request)
+        ending = ("disconnect", "")  # unless the terminal event is written or an error cuts it
         try:
             ahead = not replay and after >= 0 and (last is None or last.seq < after)
             log_at = (last.seq if last is not None else -1) if ahead else after
-            stream = _Stream(response, store, task_id, after, log_at)
+            stream = _Stream(response, store, task_id, after, log_at, request.app[METRICS].sse_relay_lag)
             if last is not None and last.name in TERMINAL_EVENTS and last.seq <= after:
                 # A reconnect at or past the end of a finished task. (A log that grew between the
                 # replay and this read is not that: its events are delivered by the feed below.)
                 await stream.write_terminal(last)
+                ending = stream_ending(last)
                 return response
             await stream.run(replay, sub, heartbeat_s)
+            # No terminal event: the task's log expired while the client followed it.
+            ending = stream_ending(stream.terminal) if stream.terminal else ("error", Code.NOT_FOUND.value)
         except ConnectionResetError:
             pass  # the client went away; the task is not affected
         except Exception as exc:  # after the 200 an error can only end the stream
@@ -99,8 +107,28 @@ async def relay(
                 "stream cut by an error",
                 extra={"event": "sse_aborted", "task_id": task_id, "error": type(exc).__name__},
             )
+            ending = ("error", Code.INTERNAL.value)
             await abort_stream(response, Code.INTERNAL)
+        finally:
+            log_stream_ended(task_id, *ending)
     return response
+
+
+def stream_ending(terminal: Event) -> tuple[str, str]:
+    """``stream_ended``'s (reason, code) after a task's terminal event was written to the client."""
+    if terminal.name == EventName.END:
+        return "end", ""
+    return "error", str(json.loads(terminal.data).get("code", ""))
+
+
+def log_stream_ended(task_id: str, reason: str, code: str = "") -> None:
+    """SPEC §5.11 ``stream_ended``: a client's stream of a task is over. ``reason`` is ``end`` (the
+    task's end was sent), ``error`` (its error was sent, or a server-side error cut the stream;
+    ``code`` says which) or ``disconnect`` (the client went away first)."""
+    extra: dict[str, object] = {"event": "stream_ended", "task_id": task_id, "reason": reason}
+    if code:
+        extra["code"] = code
+    log.info("stream ended", extra=extra)
 
 
 async def abort_stream(response: web.StreamResponse, code: Code) -> None:
@@ -121,14 +149,25 @@ class _Stream:
     events up to its id are read but not sent, except the terminal event."""
 
     def __init__(
-        self, response: web.StreamResponse, store: Store, task_id: str, after: int, log_at: int
+        self,
+        response: web.StreamResponse,
+        store: Store,
+        task_id: str,
+        after: int,
+        log_at: int,
+        lag: Histogram | None = None,
     ) -> None:
         self.response = response
         self.tail = Tail(store, task_id, log_at)
         self.after = after
+        self.lag = lag
+        self.arrivals: dict[int, float] = {}
+        self.terminal: Event | None = None  # the task's terminal event, once written
 
     async def run(self, replay: list[Event], sub: Subscription, heartbeat_s: float) -> None:
         """Write the replayed events, then follow the log until the terminal event."""
+        if sub.arrivals is not None:
+            self.arrivals = sub.arrivals
         if await self.write(self.tail.accept(replay)):
             return
         async for batch in self.tail.batches(sub, heartbeat_s, caught_up=len(replay) < READ_PAGE):
@@ -139,14 +178,29 @@ class _Stream:
 
     async def write(self, events: list[Event]) -> bool:
         """Write the events the client lacks; True (and the body ends) after the terminal one."""
-        frames = [_frame(e) for e in events if e.seq > self.after or e.name in TERMINAL_EVENTS]
+        sent = [e for e in events if e.seq > self.after or e.name in TERMINAL_EVENTS]
         if events:
             self.after = max(self.after, events[-1].seq)
-        if frames:
-            await self.response.write("".join(frames).encode())
+        if sent:
+            await self.response.write("".join(_frame(e) for e in sent).encode())
+            self._observe_lag(sent)
         if self.tail.ended:
+            self.terminal = events[-1] if events else self.terminal  # accept() stops at the terminal
             await self.response.write_eof()
         return self.tail.ended
+
+    def _observe_lag(self, written: list[Event]) -> None:
+        """sse_relay_lag_ms for the written events the live feed delivered (replayed ones have no
+        arrival time); arrivals at or before the client's position are dropped either way."""
+        if not self.arrivals:
+            return
+        now = time.monotonic()
+        for e in written:
+            arrived = self.arrivals.pop(e.seq, None)
+            if arrived is not None and self.lag is not None:
+                self.lag.observe((now - arrived) * 1000)
+        for seq in [s for s in self.arrivals if s <= self.after]:
+            del self.arrivals[seq]
 
     async def write_terminal(self, event: Event) -> None:
         """The terminal event again, for a client that resumed at or past it; then the body ends."""

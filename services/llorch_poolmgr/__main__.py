@@ -1,8 +1,14 @@
-"""Composition root of a pool manager process: `llorch pool-manager --config F [--index N]`."""
+"""Composition root of a pool manager process: `llorch pool-manager --config F [--index N]`.
+
+Where it runs: by default on the scheduler's machine (`llorch up`), listening on grpc.scheduler's host.
+On another host it serves the pools whose `host` is its `--host NAME`, binds `--listen HOST` and
+registers `--advertise HOST` with the scheduler, which dials that address back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -10,8 +16,9 @@ from pathlib import Path
 import grpc.aio
 from prometheus_client import CollectorRegistry
 
-from llorch import gpu, trust
+from llorch import gpu, tracing, trust
 from llorch.config import LlorchConfig, PoolConfig
+from llorch.config_rules import LOCAL_HOST
 from llorch.digest import DigestCache
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
 from llorch.rpc import load_internal_token
@@ -31,13 +38,69 @@ from .topology import resolve_devices
 log = logging.getLogger(__name__)
 
 
-def addresses(cfg: LlorchConfig, index: int) -> tuple[str, str]:
-    """(gRPC address, metrics address) of pool manager `index` (SPEC §1: 50061+n and 9111+n)."""
-    host = cfg.grpc.scheduler.rpartition(":")[0]
+class ServeOptionError(ValueError):
+    """The pool manager's options do not describe something it can serve; the message says why."""
+
+
+def addresses(cfg: LlorchConfig, index: int, host: str | None = None) -> tuple[str, str]:
+    """(gRPC address, metrics address) of pool manager `index` (SPEC §1: 50061+n and 9111+n) on `host`
+    (default: grpc.scheduler's host); an IPv6 host comes back in brackets."""
+    host = (host or cfg.grpc.scheduler.rpartition(":")[0]).strip("[]")
+    if ":" in host:
+        host = f"[{host}]"
     return (
         f"{host}:{cfg.grpc.pool_manager_base_port + index}",
         f"{host}:{cfg.grpc.metrics_base_port + 10 + index}",
     )
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False  # a host name
+
+
+def advertised_host(listen: str | None, advertise: str | None) -> str | None:
+    """The host the scheduler dials: `advertise`, else the `listen` host (None: grpc.scheduler's host).
+
+    A wildcard listen host (0.0.0.0, ::) binds every address but names none the scheduler could dial,
+    so it needs `advertise`."""
+    if advertise is not None:
+        if _is_wildcard(advertise):
+            raise ServeOptionError(
+                f"--advertise {advertise} is a wildcard: give an address the scheduler can dial"
+            )
+        return advertise
+    if listen is not None and _is_wildcard(listen):
+        raise ServeOptionError(
+            f"--listen {listen} binds every address, so the scheduler cannot dial it: add --advertise HOST, "
+            "the address this pool manager is reached at (e.g. the Pod IP)"
+        )
+    return listen
+
+
+def select_pools(
+    cfg: LlorchConfig, host: str = LOCAL_HOST, pool_ids: list[str] | None = None
+) -> list[PoolConfig]:
+    """The pools this pool manager serves: those whose `host` is `host`, narrowed to `pool_ids`."""
+    selected = [p for p in cfg.pools if p.host == host and (pool_ids is None or p.id in pool_ids)]
+    if not selected:
+        among = f" among --pools {','.join(pool_ids)}" if pool_ids is not None else ""
+        hosts = ", ".join(sorted({p.host for p in cfg.pools}))
+        raise ServeOptionError(f"no pool has host: {host}{among} (the config's pool hosts: {hosts})")
+    return selected
+
+
+def manager_id(host: str, index: int) -> str:
+    """The id this pool manager registers under: unique per host, since every host counts from 0."""
+    return f"pm-{index}" if host == LOCAL_HOST else f"pm-{host}-{index}"
+
+
+def _bindable(address: str) -> str:
+    """`address` as the metrics server binds it: prometheus_client takes an IPv6 host without brackets."""
+    host, _, port = address.rpartition(":")
+    return f"{host.strip('[]')}:{port}"
 
 
 async def build_pools(
@@ -97,18 +160,30 @@ async def serve(
     index: int = 0,
     pool_ids: list[str] | None = None,
     assign: dict[str, int] | None = None,
+    *,
+    host: str = LOCAL_HOST,
+    listen: str | None = None,
+    advertise: str | None = None,
 ) -> None:
+    """Serve the pools of `host` (narrowed to `pool_ids`) on `listen`, registered as `advertise`."""
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
-    address, metrics_address = addresses(cfg, index)
+    selected = select_pools(cfg, host, pool_ids)
+    bind, metrics_bind = addresses(cfg, index, listen)
+    address, metrics_address = addresses(cfg, index, advertised_host(listen, advertise))
+    me = manager_id(host, index)
+    # `devices: auto` placement counts the pools that share this host's GPUs, not other hosts' pools.
+    cfg = cfg.model_copy(update={"pools": [p for p in cfg.pools if p.host == host]})
     metrics = PoolMetrics(CollectorRegistry())
-    selected = [p for p in cfg.pools if pool_ids is None or p.id in pool_ids]
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
-    with metrics_endpoint(metrics_address, metrics.registry):
+    with metrics_endpoint(_bindable(metrics_bind), metrics.registry):
         probe = gpu.open_probe(cfg.telemetry, cfg.state_dir)
         if probe.reason:
             log.info("no GPU telemetry", extra={"event": "gpu_probe", "reason": probe.reason})
         pools = await build_pools(cfg, selected, metrics, probe, assign or {})
-        async with Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store:
+        async with (
+            tracing.traced(cfg.telemetry.otlp_endpoint, "poolmgr", me),  # flushed last
+            Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+        ):
             events = EventLog(store, cfg.sse.retention_s)
             executor = Executor(events, pools.replicas, metrics)
 
@@ -142,7 +217,7 @@ async def serve(
             for replica in pools.replicas.values():
                 runner.start(replica)
             registration = Registration(
-                cfg.grpc.scheduler, token, f"pm-{index}", address, metrics_address, pools, executor
+                cfg.grpc.scheduler, token, me, address, metrics_address, pools, executor
             )
             async with (
                 background(
@@ -151,10 +226,13 @@ async def serve(
                     renew_leases_forever(store, executor),
                     executor.watchdog.watch(),
                 ),
-                grpc_server(address, token, register),  # exits first: stop serving, then stop the loops
+                grpc_server(bind, token, register),  # exits first: stop serving, then stop the loops
             ):
                 log.info(
-                    "pool manager listening", extra={"event": "pool_manager_started", "address": address}
+                    "pool manager listening on %s, registered as %s",
+                    bind,
+                    address,
+                    extra={"event": "pool_manager_started", "address": bind, "manager_id": me},
                 )
                 await stop.wait()
                 # Shutdown drains: no new Start, running tasks finish within the grace period or end

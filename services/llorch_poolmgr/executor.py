@@ -21,10 +21,13 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from llorch import events
+from opentelemetry.trace import SpanKind
+
+from llorch import events, tracing
 from llorch.adapters.base import Finished, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
 from llorch.resilience import STORE_ERRORS
@@ -181,7 +184,10 @@ class Executor:
         self.watchdog.progress[req.task_id] = progress
         code = ""
         try:
-            code = await self._stream(req, replica, writer, started, progress)
+            with _engine_span(req, replica, progress):
+                code = await self._stream(req, replica, writer, started, progress)
+                if code:
+                    tracing.mark_failed(code)
         except asyncio.CancelledError:
             if progress.expired is None:
                 code = Code.CANCELED.value  # Abort: the scheduler already wrote the terminal event
@@ -300,6 +306,18 @@ class Executor:
         self.metrics.first_token.labels(pool.engine, replica.engine_version, pool.id, req.priority).observe(
             first_token_ms
         )
+        log.info(
+            "first token",
+            extra={
+                "event": "first_token",
+                "task_id": req.task_id,
+                "pool_id": pool.id,
+                "replica_id": replica.replica_id,
+                "engine": pool.engine,
+                "first_token_ms": first_token_ms,
+                "queue_time_ms": req.queue_time_ms,
+            },
+        )
         return first_token_ms
 
     def _decode_metrics(self, req: poolmgr_pb2.GenerateRequest, progress: Progress, now: float) -> str:
@@ -363,3 +381,24 @@ class Executor:
             exc, tokens, engine=replica.pool.engine, pool_id=replica.pool.id, replica_id=replica.replica_id
         )
         writer.add(events.EventName.ERROR, data, TaskState.FAILED)
+
+
+@contextlib.contextmanager
+def _engine_span(req: poolmgr_pb2.GenerateRequest, replica: Replica, progress: Progress) -> Iterator[None]:
+    """The engine call's span: current while the adapter talks to the engine, so its request carries
+    this span's traceparent; the tokens streamed are set when it ends."""
+    pool = replica.pool
+    with tracing.span(
+        "engine",
+        SpanKind.CLIENT,
+        task_id=req.task_id,
+        pool_id=pool.id,
+        replica_id=replica.replica_id,
+        model=pool.model,
+        engine=pool.engine,
+        workload=req.workload,
+    ):
+        try:
+            yield
+        finally:
+            tracing.annotate(tokens_out=progress.tokens)

@@ -8,6 +8,7 @@ from llorch.metrics import LATENCY_BUCKETS_MS
 
 _REPLICA = ("engine", "engine_version", "pool_id", "replica_id")
 _POOL_PRIORITY = ("engine", "engine_version", "pool_id", "priority")
+_GPU = ("pool_id", "device")
 
 
 class PoolMetrics:
@@ -62,4 +63,16 @@ class PoolMetrics:
         )
         self.tasks_failed = Counter(
             "tasks_failed_total", "Tasks ended by an error", ["engine", "pool_id", "code"], registry=registry
+        )
+        # Whole devices as the GPU probe reads them (every process on the GPU, unlike vram_used_bytes).
+        # Labelled by the pool that uses the GPU: pools of two managers may share one, and pool_id keeps
+        # their series apart. CPU pools have none.
+        self.gpu_vram_total = Gauge(
+            "gpu_device_vram_total_bytes", "Total memory of the GPU", _GPU, registry=registry
+        )
+        self.gpu_vram_used = Gauge(
+            "gpu_device_vram_used_bytes", "Memory in use on the GPU, all processes", _GPU, registry=registry
+        )
+        self.gpu_device_utilization = Gauge(
+            "gpu_device_utilization", "GPU utilization percent, whole device", _GPU, registry=registry
         )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
+from llorch import tracing
 from llorch.config import PoolConfig
 from llorch.resilience import Outage, until_done
 from llorch.rpc import metadata, unary
@@ -186,12 +187,25 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
     @unary
     async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
         """Take a slot and run the task (it outlives this call); its end is reported on the
-        registration stream."""
-        return poolmgr_pb2.StartReply(accepted=self.executor.try_start(request) is not None)
+        registration stream. The run's engine span is a child of this one (the run's task starts
+        inside it and inherits it)."""
+        with tracing.server_span(
+            "llorch.v1.PoolManager/Start",
+            context.invocation_metadata(),
+            task_id=request.task_id,
+            pool_id=request.pool_id,
+            replica_id=request.replica_id,
+        ):
+            accepted = self.executor.try_start(request) is not None
+            tracing.annotate(accepted=accepted)
+        return poolmgr_pb2.StartReply(accepted=accepted)
 
     @unary
     async def Abort(self, request: poolmgr_pb2.AbortRequest, context: Context) -> poolmgr_pb2.AbortResponse:
-        return poolmgr_pb2.AbortResponse(aborted=self.executor.abort(request.task_id))
+        with tracing.server_span(
+            "llorch.v1.PoolManager/Abort", context.invocation_metadata(), task_id=request.task_id
+        ):
+            return poolmgr_pb2.AbortResponse(aborted=self.executor.abort(request.task_id))
 
     @unary
     async def Health(

@@ -74,10 +74,17 @@ async def _mock(seen: Telemetry, port: int, devices: list[str]) -> None:
 
 
 def export(metrics: PoolMetrics, labels: tuple[str, str, str, str], seen: Telemetry) -> None:
-    """Set the replica's gauges (labels: engine, engine_version, pool_id, replica_id)."""
+    """Set the replica's gauges (labels: engine, engine_version, pool_id, replica_id) and the per-GPU
+    gauges of its devices."""
     if seen.kv_cache_usage_ratio is not None:
         metrics.kv_usage.labels(*labels).set(seen.kv_cache_usage_ratio)
     for device, nbytes in seen.vram_used_bytes.items():
         metrics.vram_used.labels(*labels, device).set(nbytes)
     for device, util in seen.gpu_utilization.items():
         metrics.gpu_utilization.labels(*labels, device).set(util)
+    pool_id = labels[2]
+    for device, dev in seen.gpus.items():
+        metrics.gpu_vram_total.labels(pool_id, device).set(dev.total_bytes)
+        metrics.gpu_vram_used.labels(pool_id, device).set(dev.used_bytes)
+        if dev.utilization is not None:
+            metrics.gpu_device_utilization.labels(pool_id, device).set(dev.utilization)

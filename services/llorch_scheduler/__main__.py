@@ -11,6 +11,7 @@ import grpc.aio
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
 from llorch.rpc import load_internal_token
@@ -93,13 +94,19 @@ def build(
     return Parts(sessions, watch, admission, dispatcher, sweeper, catalog)
 
 
-async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
+async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = None) -> None:
+    """Serve gRPC on `listen` (default: grpc.scheduler, the address the others dial) and the metrics on
+    its host; `llorch scheduler --listen 0.0.0.0:50051` in a container."""
+    listen = listen or cfg.grpc.scheduler
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     metrics = SchedulerMetrics(CollectorRegistry())
-    host = cfg.grpc.scheduler.rpartition(":")[0]
+    host = listen.rpartition(":")[0].strip("[]")  # prometheus_client takes an IPv6 host bare
     registry = PoolRegistry()
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
-        async with Store.connect(redis_url(cfg), cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store:
+        async with (
+            tracing.traced(cfg.telemetry.otlp_endpoint, "scheduler"),  # flushed last, after the store
+            Store.connect(redis_url(cfg), cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+        ):
             parts = build(cfg, store, registry, metrics, token)
             await parts.catalog.import_config(cfg.catalog.models)
             service = SchedulerService(
@@ -126,11 +133,9 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
             )
             async with (
                 background(*loops),
-                grpc_server(cfg.grpc.scheduler, token, register),  # exits first: stop serving, then the loops
+                grpc_server(listen, token, register),  # exits first: stop serving, then the loops
             ):
-                log.info(
-                    "scheduler listening", extra={"event": "scheduler_started", "address": cfg.grpc.scheduler}
-                )
+                log.info("scheduler listening", extra={"event": "scheduler_started", "address": listen})
                 await stop.wait()
             await registry.aclose()
             parts.catalog.close()

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from llorch import events
+from llorch import events, tracing
 from llorch.config import SchedulerConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
@@ -118,6 +118,7 @@ class Admission:
                 body=req.body,
                 inputs=req.inputs if embedding else (),
             ),
+            traceparent=tracing.current_traceparent(),  # Admit's span: the dispatch continues its trace
         )
         tokens = req.expected_tokens or max_tokens
         budgets = await self.sessions.admit(req, task_id, info, prompt_est, max_tokens)

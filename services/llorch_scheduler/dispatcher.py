@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc.aio
+from opentelemetry.trace import SpanKind
 
-from llorch import events
+from llorch import events, tracing
 from llorch.config import LlorchConfig, SamplerProfile
 from llorch.errors import Code, OrchestratorError
 from llorch.resilience import Outage, until_done
@@ -169,20 +170,57 @@ class Dispatcher:
         request.budget_json = budget_json(budgets)
         self._inflight[task_id] = InFlight(rs, claim, target, time.monotonic())
         self.estimator.started(rs, task_id, request.max_tokens)
-        try:
-            reply = await target.manager.stub.Start(
-                request, metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        await self._start(rs, claim, target, request, record)
+
+    async def _start(
+        self,
+        rs: str,
+        claim: Claim,
+        target: Candidate,
+        request: poolmgr_pb2.GenerateRequest,
+        record: TaskRecord,
+    ) -> None:
+        """The Start call, in a span of the admitting request's trace (kept in the task record while
+        the task waited in its queue)."""
+        task_id = claim.task_id
+        with tracing.span(
+            "dispatch",
+            SpanKind.CLIENT,
+            record.traceparent,
+            task_id=task_id,
+            pool_id=request.pool_id,
+            replica_id=request.replica_id,
+            model=record.model_ref,
+        ):
+            try:
+                reply = await target.manager.stub.Start(
+                    request, metadata=tracing.grpc_metadata(metadata(self.token)), timeout=DEFAULT_DEADLINE_S
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "start failed",
+                    extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name},
+                )
+                await self._lost(task_id)
+                return
+            if not reply.accepted:
+                self._forget(task_id)
+                await self._refused(rs, claim)
+                self.wake()
+                return
+            log.info(
+                "task dispatched",
+                extra={
+                    "event": "dispatched",
+                    "task_id": task_id,
+                    "pool_id": request.pool_id,
+                    "replica_id": request.replica_id,
+                    "model_id": record.model_ref,
+                    "kv_warmth": request.kv_warm,
+                    "queue_time_ms": request.queue_time_ms,
+                    "attempt": request.attempt,
+                },
             )
-        except grpc.aio.AioRpcError as exc:
-            log.warning(
-                "start failed", extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name}
-            )
-            await self._lost(task_id)
-            return
-        if not reply.accepted:
-            self._forget(task_id)
-            await self._refused(rs, claim)
-            self.wake()
 
     def _generate_request(
         self, rs: str, task_id: str, record: TaskRecord, target: Candidate, claim: Claim

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc.aio
 
+from llorch import tracing
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.rpc import from_rpc_error, metadata, unary
 from llorch.store import Store, TaskState
@@ -64,7 +65,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Admit(
         self, request: scheduler_pb2.AdmitRequest, context: Context
     ) -> scheduler_pb2.AdmitResponse:
-        admitted = await self.admission.admit(submission_of(request))
+        with tracing.server_span("llorch.v1.Scheduler/Admit", context.invocation_metadata()):
+            admitted = await self.admission.admit(submission_of(request))
+            tracing.annotate(task_id=admitted.task_id, model=request.model_ref)
         self.dispatcher.wake()
         reply = scheduler_pb2.AdmitResponse(
             task_id=admitted.task_id,
@@ -88,7 +91,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Cancel(
         self, request: scheduler_pb2.CancelRequest, context: Context
     ) -> scheduler_pb2.CancelResponse:
-        previous = await self.canceller.cancel(request.task_id)
+        with tracing.server_span(
+            "llorch.v1.Scheduler/Cancel", context.invocation_metadata(), task_id=request.task_id
+        ):
+            previous = await self.canceller.cancel(request.task_id)  # its Abort joins this trace
         return scheduler_pb2.CancelResponse(previous_state=previous.value)
 
     def abort(self, manager_address: str, task_id: str) -> None:
@@ -101,7 +107,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return
         try:
             await manager.stub.Abort(
-                poolmgr_pb2.AbortRequest(task_id=task_id), metadata=metadata(self.token), timeout=5
+                poolmgr_pb2.AbortRequest(task_id=task_id),
+                metadata=tracing.grpc_metadata(metadata(self.token)),
+                timeout=5,
             )
         except grpc.aio.AioRpcError as exc:
             log.warning(

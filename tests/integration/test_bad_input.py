@@ -629,7 +629,7 @@ async def test_probes_are_open(
 @pytest.mark.parametrize(
     ("method", "path", "token"),
     [
-        ("GET", "/", False),
+        ("GET", "/index.html", False),
         ("GET", "/nope", False),
         ("POST", "/v2/tasks", False),
         ("GET", "/v1/nope", True),
@@ -648,8 +648,8 @@ async def test_unknown_route_is_404(
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("GET", "/v1/tasks", "POST"),
-        ("PUT", "/v1/tasks", "POST"),
+        ("DELETE", "/v1/tasks", "POST"),
+        ("PUT", "/v1/tasks", "GET"),
         ("DELETE", "/v1/tasks/some-task", "GET"),
         ("POST", "/v1/tasks/some-task", "GET"),
         ("POST", "/v1/tasks/some-task/stream", "GET"),

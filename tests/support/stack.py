@@ -122,14 +122,18 @@ class Stack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def _spawn(self, name: str, *args: str) -> Proc:
-        argv = python_module("llorch_cli.main", *args, "--config", str(self.config_path))
+    def _spawn(self, name: str, *args: str, config: Path | None = None) -> Proc:
+        argv = python_module("llorch_cli.main", *args, "--config", str(config or self.config_path))
         proc = Proc(argv, self.workdir / f"{name}.log", self.env)
         self.procs[name] = proc
         return proc
 
-    def start_pool_manager(self) -> Proc:
-        return self._spawn("pool-manager", "pool-manager", "--index", "0")
+    def start_pool_manager(
+        self, args: Sequence[str] = ("--index", "0"), name: str = "pool-manager", config: Path | None = None
+    ) -> Proc:
+        """A pool manager with ``args`` (default: index 0, the local pools) on the stack's config, or on
+        ``config`` (another host's copy of it)."""
+        return self._spawn(name, "pool-manager", *args, config=config)
 
     def start_pool_managers(self) -> None:
         """One pool manager per device mask plus one for CPU pools, planned as `llorch up` plans them."""
@@ -139,8 +143,10 @@ class Stack:
             self._spawn(f"pool-manager-{plan.name}", *manager_args(plan))
         probe.close()
 
-    async def start(self, ready: bool = True, per_device: bool = False) -> None:
-        self._spawn("scheduler", "scheduler")
+    async def start(
+        self, ready: bool = True, per_device: bool = False, scheduler_args: Sequence[str] = ()
+    ) -> None:
+        self._spawn("scheduler", "scheduler", *scheduler_args)
         if per_device:
             self.start_pool_managers()
         else:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ from llorch_cli import config_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
+HOST_NAME_RULE = (
+    "expected 'local' or a host name: lowercase letters, digits and '-', in dot-separated labels of at "
+    "most 63 characters (e.g. a Kubernetes node name)"
+)
 LLORCH_ENV = ("LLORCH_CONFIG", "LLORCH_STATE_DIR", "LLORCH_REDIS_URL", "LLORCH_API_BIND", "LLORCH_LOG_LEVEL")
 
 
@@ -427,7 +433,13 @@ RULE_CASES: list[tuple[str, dict[str, Any], str]] = [
         "pools[0].queue.capacity: must be <= 100000",
     ),
     ("vram factor", config(pool(0, vram={"factor": 0.9})), "pools[0].vram.factor: must be >= 1.0"),
-    ("host local", config(pool(0, host="other")), "pools[0].host: must be 'local'"),
+    ("host upper case", config(pool(0, host="GPU-Box")), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host underscore", config(pool(0, host="gpu_box")), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host leading dash", config(pool(0, host="-gpu")), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host empty label", config(pool(0, host="gpu..lan")), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host label > 63", config(pool(0, host="a" * 64)), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host name > 253", config(pool(0, host=".".join(["a" * 63] * 4))), f"pools[0].host: {HOST_NAME_RULE}"),
+    ("host type", config(pool(0, host=2)), "pools[0].host: expected string, got int"),
     (
         "engine enum",
         config(pool(0, engine="ollama")),
@@ -483,6 +495,8 @@ def test_rule_violation_is_reported(data: dict[str, Any], expected: str) -> None
         config(*(pool(i, engine=e) for i, e in enumerate(["llamacpp", "vllm", "mock", "mock"]))),
         config(redis={"url": "redis://default@127.0.0.1:6379/0"}),  # a user name is not a secret
         config(api={"bind": "[::1]:8080", "tokens": [{"name": "a", "token_file": "/t"}]}),
+        config(pool(0, host="local"), pool(1, host="gpu-box-2"), pool(2, host="ip-10-0-1-7.ec2.internal")),
+        config(pool(0, host="a" * 63), pool(1, host=".".join(["a" * 63] * 3 + ["b" * 61]))),  # 63 and 253
     ],
 )
 def test_rule_boundaries_are_accepted(data: dict[str, Any]) -> None:
@@ -675,6 +689,31 @@ def test_schema_is_deterministic_json() -> None:
     assert set(schema["required"]) == {"version", "pools"}
     assert set(schema["properties"]) == set(LlorchConfig.model_fields)
     assert schema["properties"]["state_dir"]["default"] == "~/.local/state/llorch"
+
+
+@functools.cache
+def _schema_host_rule() -> dict[str, Any]:
+    rule: dict[str, Any] = json.loads(config_schema_json())["$defs"]["PoolConfig"]["properties"]["host"]
+    return rule
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}[a-z0-9]", fullmatch=True),
+        st.text(alphabet="aZ0-._ ", max_size=12),
+    )
+)
+def test_schema_host_pattern_agrees_with_the_loader(host: str) -> None:
+    """Editors check `pools[].host` with the published schema: it must accept exactly what loads."""
+    rule = _schema_host_rule()
+    by_schema = re.fullmatch(rule["pattern"].strip("^$"), host) is not None and len(host) <= rule["maxLength"]
+    try:
+        validate_config(config(pool(0, host=host)))
+        loads = True
+    except ConfigError:
+        loads = False
+    assert by_schema == loads, host
 
 
 def test_cli_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Final, Self
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from llorch import tracing
 from llorch.adapters._sse import SseReader
 from llorch.adapters.base import Finished
 from llorch.errors import Code, OrchestratorError
@@ -99,17 +100,19 @@ class EngineHttp:
     ) -> aiohttp.ClientResponse:
         """Send once, and once more if a stale keep-alive connection broke before any answer.
 
-        The caller owns the response (``async with`` it, or close/release it).
+        The caller owns the response (``async with`` it, or close/release it). Inside a span (the
+        pool manager's engine span) the request carries its ``traceparent``.
         """
         session = self.session()
         limits = self.stream_timeout if stream else self.control_timeout
+        headers = tracing.http_headers()
         try:
-            return await session.request(method, url, json=payload, timeout=limits)
+            return await session.request(method, url, json=payload, timeout=limits, headers=headers)
         except aiohttp.ClientConnectorError:
             raise  # nothing listens: no point in a second try
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             # A stale keep-alive connection (see _KEEPALIVE_S); a dead engine fails again at connect.
-            return await session.request(method, url, json=payload, timeout=limits)
+            return await session.request(method, url, json=payload, timeout=limits, headers=headers)
 
     @asynccontextmanager
     async def open_stream(
