@@ -30,10 +30,9 @@ from llorch.ids import is_valid_id
 from llorch.store import Event, Store
 from llorch.v1 import scheduler_pb2
 
-from .edge import CORRELATION_HEADER
 from .feed import EventFeed, Tail
 from .scheduler_client import SchedulerClient
-from .sse import log_stream_ended
+from .sse import log_stream_ended, open_event_stream
 
 log = logging.getLogger(__name__)
 
@@ -353,16 +352,7 @@ def _session(request: web.Request) -> str:
 async def open_sse(request: web.Request, task_id: str) -> web.StreamResponse:
     """Start a compatible API's ``text/event-stream`` answer for ``task_id`` (``X-Task-Id`` names the
     task, so the native stream, status and cancel routes work on it)."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Task-Id": task_id,
-            CORRELATION_HEADER: request["correlation_id"],
-        }
-    )
-    await response.prepare(request)
-    return response
+    return await open_event_stream(request, {"X-Task-Id": task_id})
 
 
 def waiting_comment(piece: Waiting) -> bytes:

@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 from prometheus_client import Histogram
@@ -77,15 +78,7 @@ async def relay(
         if not replay and not await store.task_exists(task_id):
             raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
         last = await store.last_event(task_id) if not replay and after >= 0 else None
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                CORRELATION_HEADER: request["correlation_id"],
-                **(headers or {}),
-            }
-        )
-        await response.prepare(request)
+        response = await open_event_stream(request, headers)
         ending = ("disconnect", "")  # unless the terminal event is written or an error cuts it
         try:
             ahead = not replay and after >= 0 and (last is None or last.seq < after)
@@ -206,3 +199,20 @@ class _Stream:
         """The terminal event again, for a client that resumed at or past it; then the body ends."""
         await self.response.write(_frame(event).encode())
         await self.response.write_eof()
+
+
+async def open_event_stream(
+    request: web.Request, headers: Mapping[str, str] | None = None
+) -> web.StreamResponse:
+    """Send the 200 head of a ``text/event-stream`` answer (uncached, with the correlation id and
+    ``headers``); every SSE route of the gateway starts its answer here."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            CORRELATION_HEADER: request["correlation_id"],
+            **(headers or {}),
+        }
+    )
+    await response.prepare(request)
+    return response

@@ -33,8 +33,8 @@ from llorch.store import Store, TaskState, TaskSummary, now_ms
 from llorch.v1 import scheduler_pb2
 
 from . import render
-from .edge import CORRELATION_HEADER
 from .scheduler_client import SchedulerClient
+from .sse import open_event_stream
 
 STREAM_INTERVAL_S: Final = 1.0
 SNAPSHOT_FRESH_S: Final = 0.5
@@ -216,14 +216,7 @@ class StatusApi:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         first = await self.source.snapshot()  # before the 200: a failure is an ordinary error response
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                CORRELATION_HEADER: request["correlation_id"],
-            }
-        )
-        await response.prepare(request)
+        response = await open_event_stream(request)
         try:
             await response.write(_frame(first))
             while not await self._closing_within(STREAM_INTERVAL_S):  # the stream's pace

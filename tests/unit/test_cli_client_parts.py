@@ -4,13 +4,9 @@ commands end to end against a canned gateway in this process."""
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from llorch_cli.status_cmd import render, snapshots
 from llorch_cli.submit_cmd import Run, Waiting, queued_text, summary_text, waiting_text
 from llorch_cli.tasks_cmd import tasks_table
 from llorch_cli.terminal import ago, duration, usage_bar
+from tests.support.canned_gateway import Canned, as_json, canned_gateway, sse
 
 TOKEN = "unit-client-token"
 NOW_MS = 1_760_000_000_000
@@ -336,67 +333,10 @@ def test_a_config_found_at_the_default_path_or_named_is_used(
 # ---- the commands against a canned gateway --------------------------------------------------------------
 
 
-@dataclass
-class Route:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-
-
-@dataclass
-class Canned:
-    """Routes by ``"METHOD /path?query"`` pattern (fnmatch); what was asked, in order."""
-
-    routes: dict[str, Route] = field(default_factory=dict)
-    seen: list[tuple[str, str, object, str | None]] = field(default_factory=list)
-
-    def route(self, key: str) -> Route:
-        for pattern, route in self.routes.items():
-            if fnmatch.fnmatchcase(key, pattern):
-                return route
-        return Route(404, b'{"code": "NOT_FOUND", "message": "no route", "retriable": false}')
-
-
 @pytest.fixture
 def gateway() -> Iterator[tuple[str, Canned]]:
-    canned = Canned()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.do_GET()
-
-        def do_GET(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
-            canned.seen.append((self.command, self.path, body, self.headers.get("Authorization")))
-            route = canned.route(f"{self.command} {self.path}")
-            self.send_response(route.status)
-            self.send_header("Content-Type", route.content_type)
-            self.send_header("Content-Length", str(len(route.body)))
-            self.end_headers()
-            self.wfile.write(route.body)
-
-        def log_message(self, format: str, *args: object) -> None:  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", canned
-    server.shutdown()
-    server.server_close()
-
-
-def sse(*frames: tuple[str, dict[str, object]]) -> Route:
-    text = ": hb\n\n" + "".join(
-        f"id: {i}\nevent: {name}\ndata: {json.dumps(data)}\n\n" for i, (name, data) in enumerate(frames)
-    )
-    return Route(200, text.encode(), "text/event-stream")
-
-
-def as_json(value: object, status: int = 200) -> Route:
-    return Route(status, json.dumps(value).encode())
+    with canned_gateway() as running:
+        yield running
 
 
 @pytest.fixture

@@ -7,10 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,47 +17,15 @@ from llorch_cli.api import gateway_url, resolve_target
 from llorch_cli.display import table
 from llorch_cli.drain import PoolRow
 from llorch_cli.main import main
+from tests.support.canned_gateway import Canned, canned_gateway
 
 TOKEN = "unit-test-token"
 
 
-@dataclass
-class Canned:
-    """What the fake gateway answers next, and what it was asked."""
-
-    status: int = 200
-    body: bytes = b"{}"
-    seen: list[tuple[str, str, dict[str, object] | None, str | None]] = field(default_factory=list)
-
-
 @pytest.fixture
 def gateway() -> Iterator[tuple[str, Canned]]:
-    canned = Canned()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.do_GET()
-
-        def do_GET(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
-            canned.seen.append((self.command, self.path, body, self.headers.get("Authorization")))
-            self.send_response(canned.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(canned.body)))
-            self.end_headers()
-            self.wfile.write(canned.body)
-
-        def log_message(self, format: str, *args: object) -> None:  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", canned
-    server.shutdown()
-    server.server_close()
+    with canned_gateway() as running:
+        yield running
 
 
 def _llorch(url: str, tmp_path: Path, *args: str) -> int:
@@ -76,7 +41,7 @@ def test_reload_waits_and_reports_the_new_model(
     gateway: tuple[str, Canned], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, canned = gateway
-    canned.body = json.dumps(
+    body = json.dumps(
         {
             "pool_id": "p/1",
             "state": "Ready",
@@ -85,6 +50,7 @@ def test_reload_waits_and_reports_the_new_model(
             "engine_version": "v2",
         }
     ).encode()
+    canned.answer_all(200, body)
     assert _llorch(url, tmp_path, "pools", "reload", "p/1", "m2") == 0
     assert canned.seen == [
         ("POST", "/v1/pools/p%2F1/reload?wait=true", {"new_model_ref": "m2"}, f"Bearer {TOKEN}")
@@ -97,8 +63,7 @@ def test_a_failed_reload_is_one_line_with_its_context(
     gateway: tuple[str, Canned], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, canned = gateway
-    canned.status = 409
-    canned.body = json.dumps(
+    body = json.dumps(
         {
             "code": "RELOAD_FAILED",
             "message": "the new engine failed its self-test; the old model serves again",
@@ -107,6 +72,7 @@ def test_a_failed_reload_is_one_line_with_its_context(
             "last_error": {"code": "SELFTEST_FAILED", "message": "no token", "at_ms": 1},
         }
     ).encode()
+    canned.answer_all(409, body)
     assert _llorch(url, tmp_path, "pools", "reload", "mock-a", "m2") == 1
     assert capsys.readouterr().err.splitlines() == [
         "llorch pools reload: RELOAD_FAILED: the new engine failed its self-test; the old model serves again",
@@ -119,12 +85,11 @@ def test_reload_without_wait_and_an_answer_that_is_not_json(
     gateway: tuple[str, Canned], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, canned = gateway
-    canned.status = 202
-    canned.body = b'{"pool_id": "mock-a", "state": "reloading", "reload_id": "r-1"}'
+    canned.answer_all(202, b'{"pool_id": "mock-a", "state": "reloading", "reload_id": "r-1"}')
     assert _llorch(url, tmp_path, "pools", "reload", "mock-a", "m2", "--no-wait") == 0
     assert canned.seen[-1][1] == "/v1/pools/mock-a/reload"
     assert capsys.readouterr().out == "mock-a: reloading (reload id r-1)\n"
-    canned.status, canned.body = 502, b"<html>bad gateway</html>"
+    canned.answer_all(502, b"<html>bad gateway</html>")
     assert _llorch(url, tmp_path, "pools", "list") == 1
     assert capsys.readouterr().err == "llorch pools list: HTTP_502: <html>bad gateway</html>\n"
 
