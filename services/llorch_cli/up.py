@@ -120,7 +120,10 @@ def _banner(cfg: LlorchConfig, url: str, where: str, token_expr: str) -> str:
         f"\nllama-orch is up: {url}\nAPI token: {where}\n\nTry:\n"
         f"  curl -s -H \"Authorization: Bearer {token_expr}\" -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model_ref": "{model}", "prompt": "Hello", "max_tokens": 32}}\' {url}/v1/tasks\n'
-        f'  curl -N -H "Authorization: Bearer {token_expr}" {url}/v1/tasks/<task_id>/stream\n\n'
+        f'  curl -N -H "Authorization: Bearer {token_expr}" {url}/v1/tasks/<task_id>/stream\n'
+        f'  LLORCH_API_TOKEN={token_expr} llorch submit --url {url} {model} "Hello"\n'
+        f"  LLORCH_API_TOKEN={token_expr} llorch status --url {url}\n\n"
+        f"Status page: {url}/ (it asks for the API token)\n"
         "Ctrl-C stops everything."
     )
 
