@@ -361,7 +361,19 @@ class ApiClient:
         return parse_metrics(text)
 
     async def post_artifact(
-        self, kind: str, content: Mapping[str, object], tags: Sequence[str] = ()
+        self,
+        kind: str,
+        content: Mapping[str, object],
+        tags: Sequence[str] = (),
+        metadata: Mapping[str, object] | None = None,
     ) -> tuple[int, JsonObject]:
         """``POST /v1/artifacts``; the caller decides what a status other than 201/200 means."""
-        return await self.post_json("/v1/artifacts", {"kind": kind, "content": content, "tags": list(tags)})
+        body: dict[str, object] = {"kind": kind, "content": content, "tags": list(tags)}
+        if metadata is not None:
+            body["metadata"] = metadata
+        return await self.post_json("/v1/artifacts", body)
+
+    async def get_artifact(self, artifact_id: str) -> JsonObject:
+        """``GET /v1/artifacts/{id}``: the Artifact (ArtifactRef, ``content`` and ``metadata``)."""
+        path = f"/v1/artifacts/{artifact_id}"
+        return as_object(await self.get_json(path), f"GET {path}")

@@ -5,7 +5,8 @@
 #
 #   GATE_CONFIG   config to start (default examples/dev-llamacpp.yaml)
 #   GATE_BIND     gateway host:port for the run (default 127.0.0.1:8080; must be free)
-#   LLORCH_GATE_OUT  where the text goes when POST /v1/artifacts is not served (default gate-out/)
+#   LLORCH_GATE_OUT  where a copy of the text goes (default gate-out/); the gate stores it as a
+#                    trace artifact through POST /v1/artifacts and reads it back
 #   LLORCH_ALLOW_CPU_GATE=1  lets a CPU-only set count (reported as cpu-fallback)
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 import redis
 
+from tests.support.log_scan import assert_logs_clean
 from tests.support.mockengine import StartMock, mock_engines
 from tests.support.redis_server import RedisServer
 from tests.support.stack import Stack
@@ -49,6 +50,8 @@ def stack_factory(tmp_path: Path, redis_url: str) -> Iterator[Any]:
     yield build
     for stack in stacks:
         stack.stop()
+    for stack in stacks:  # a whole run's logs are scanned: no token in any service's or engine's log
+        assert_logs_clean(stack)
 
 
 @pytest.fixture

@@ -120,25 +120,60 @@ class ApiConfig(_Model):
         return (self.public_base_url or f"http://{self.bind}").rstrip("/")
 
 
+class GrpcTlsConfig(_Model):
+    """TLS on every internal gRPC server and channel (SPEC §10); the internal token stays required.
+
+    A server presents ``cert_file``/``key_file``; a client checks the server against ``ca_file`` (null:
+    the system roots) and, for mTLS, presents the same certificate. ``require_client_cert`` makes the
+    servers refuse a client whose certificate ``ca_file`` did not sign."""
+
+    cert_file: ConfigPath | None = None  # PEM chain, this process's identity (server and mTLS client)
+    key_file: ConfigPath | None = None
+    ca_file: ConfigPath | None = None  # PEM roots that signed the peers' certificates
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        problems: list[rules.Problem] = []
+        if (self.cert_file is None) != (self.key_file is None):
+            problems.append((("key_file",), "cert_file and key_file go together"))
+        if self.require_client_cert and (self.ca_file is None or self.cert_file is None):
+            msg = "needs ca_file (to check clients) and cert_file/key_file (presented as a client)"
+            problems.append((("require_client_cert",), msg))
+        rules.raise_problems("GrpcTlsConfig", problems)
+        return self
+
+
 class GrpcConfig(_Model):
     scheduler: HostPort = "127.0.0.1:50051"
     pool_manager_base_port: Port = 50061
     metrics_base_port: Port = 9101
     internal_token_file: ConfigPath | None = None
+    tls: GrpcTlsConfig | None = None  # null: plaintext gRPC (loopback only)
 
 
 class RedisConfig(_Model):
-    """``url: null`` makes ``llorch up`` start a private redis-server; the password comes from env only."""
+    """``url: null`` makes ``llorch up`` start a private redis-server that requires a generated password.
+
+    The password comes from ``LLORCH_REDIS_PASSWORD``, else ``password_file``; never from the URL."""
 
     url: Annotated[str | None, AfterValidator(rules.check_redis_url)] = None
     key_prefix: Annotated[str, StringConstraints(min_length=1)] = "llorch:"
     cluster: bool = False  # `url` is one node of a Redis Cluster (not with the embedded Redis)
+    username: Annotated[str, StringConstraints(min_length=1)] | None = None  # an ACL user (null: default)
+    password_file: ConfigPath | None = None
+    tls_ca_file: ConfigPath | None = None  # roots that signed a rediss:// server's certificate
 
     @model_validator(mode="after")
     def _cluster_needs_url(self) -> Self:
+        problems: list[rules.Problem] = []
         if self.cluster and self.url is None:
-            problem = (("cluster",), "needs redis.url (a cluster node): the embedded Redis is one server")
-            rules.raise_problems("RedisConfig", [problem])
+            problems.append(
+                (("cluster",), "needs redis.url (a cluster node): the embedded Redis is one server")
+            )
+        if self.tls_ca_file is not None and not (self.url or "").startswith("rediss://"):
+            problems.append((("tls_ca_file",), "needs a rediss:// redis.url"))
+        rules.raise_problems("RedisConfig", problems)
         return self
 
 
@@ -378,15 +413,31 @@ class CatalogConfig(_Model):
 
 class ArtifactsConfig(_Model):
     dir: ConfigPath | None = None  # null: <state_dir>/artifacts
-    max_bytes: int = Field(default=8_388_608, ge=1)
+    max_bytes: int = Field(default=8_388_608, ge=1)  # canonical content; over it: 413
+    retention_days: int | None = Field(default=None, ge=1)  # null: keep forever
+
+
+POLICY_BUILTIN_RULES: Final = ("default", "scheme", "invalid-host", "plugin-error", "private-network")
+"""The ``rule`` of decisions no config rule made (:mod:`llorch.policy`)."""
 
 
 class PolicyRule(_Model):
-    id: Annotated[str, StringConstraints(min_length=1)]
+    """One allow/deny rule of the policy hook (SPEC §5.9); a request matches when every list does.
+
+    ``hosts`` are case-insensitive globs (``*.example.com``). An allow rule whose pattern is a plain
+    host (no glob characters) *names* that host: under ``deny_private_networks`` it alone lets a fetch
+    reach the host's private addresses. ``max_bytes`` and ``timeout_ms`` override the policy's own
+    limits for the fetches this rule allows.
+    """
+
+    id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
     action: Literal["allow", "deny"]
-    hosts: list[str] = Field(min_length=1)  # globs
+    hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(min_length=1)
     schemes: list[Literal["http", "https"]] = ["http", "https"]
     methods: list[Literal["GET", "HEAD", "POST"]] = ["GET", "HEAD", "POST"]
+    ports: list[Port] | None = None  # null: any port
+    max_bytes: int | None = Field(default=None, ge=1)
+    timeout_ms: int | None = Field(default=None, ge=1)
 
 
 class PolicyConfig(_Model):
@@ -403,6 +454,9 @@ class PolicyConfig(_Model):
     def _unique(self) -> Self:
         problems = rules.duplicate_problems((r.id for r in self.rules), "rule id", ("rules",), "id")
         problems += rules.duplicate_problems(self.plugins, "plugin", ("plugins",))
+        for i, rule in enumerate(self.rules):  # decisions and metrics name these; a rule may not
+            if rule.id in POLICY_BUILTIN_RULES or rule.id.startswith("plugin:"):
+                problems.append((("rules", i, "id"), f"{rule.id!r} is reserved for a built-in rule"))
         rules.raise_problems("PolicyConfig", problems)
         return self
 
@@ -423,7 +477,7 @@ class FakeGpu(_Model):
 class TelemetryConfig(_Model):
     log_level: LogLevel = "info"
     log_file: ConfigPath | None = None
-    log_prompts: bool = False
+    log_prompts: bool = False  # only false: prompts and outputs are never logged (SPEC §5.11)
     otlp_endpoint: str | None = None
     gpu_provider: Literal["nvml", "fake"] = "nvml"
     fake_gpus: list[FakeGpu] = []
@@ -434,6 +488,10 @@ class TelemetryConfig(_Model):
         problems = rules.duplicate_problems(indices, "GPU index", ("fake_gpus",), "index")
         if self.fake_gpus and self.gpu_provider != "fake":
             problems.append((("fake_gpus",), "needs gpu_provider: fake"))
+        if self.log_prompts:
+            # Accepting `true` and logging nothing would be inert config (issue 15).
+            msg = "true is not supported yet: prompts and outputs are never logged; remove it or set false"
+            problems.append((("log_prompts",), msg))
         rules.raise_problems("TelemetryConfig", problems)
         return self
 
@@ -599,6 +657,11 @@ def _rebase_paths(data: dict[str, object], base: Path) -> None:
     rebase(data.get("artifacts"), "dir")
     rebase(data.get("telemetry"), "log_file")
     rebase(data.get("grpc"), "internal_token_file")
+    grpc = data.get("grpc")
+    for key in ("cert_file", "key_file", "ca_file"):
+        rebase(grpc.get("tls") if isinstance(grpc, dict) else None, key)
+    for key in ("password_file", "tls_ca_file"):
+        rebase(data.get("redis"), key)
     for token in items(data.get("api"), "tokens"):
         rebase(token, "token_file")
     for model in items(data.get("catalog"), "models"):

@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, start_http_server
 
+from llorch.config import GrpcTlsConfig
+from llorch.grpc_tls import add_port
 from llorch.rpc import AuthInterceptor
 
 SHUTDOWN_GRACE_S = 2.0
@@ -23,9 +25,13 @@ Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABL
 
 @asynccontextmanager
 async def grpc_server(
-    address: str, token: str, register: Callable[[grpc.aio.Server], None]
+    address: str,
+    token: str,
+    register: Callable[[grpc.aio.Server], None],
+    tls: GrpcTlsConfig | None = None,
 ) -> AsyncIterator[grpc.aio.Server]:
-    """Serve on ``address``; on exit stop advertising health first, then stop with a grace period."""
+    """Serve on ``address`` (with TLS when ``tls`` is set); on exit stop advertising health first, then
+    stop with a grace period."""
     # gRPC sets SO_REUSEPORT by default, which lets a second process bind the same port and silently
     # take half the connections; without it a port clash fails at start.
     server = grpc.aio.server(interceptors=[AuthInterceptor(token)], options=[("grpc.so_reuseport", 0)])
@@ -33,7 +39,7 @@ async def grpc_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
-        server.add_insecure_port(address)
+        add_port(server, address, tls)
     except RuntimeError:
         raise SystemExit(
             f"cannot listen on {address}: the port is taken or the address is not local"

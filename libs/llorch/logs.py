@@ -68,6 +68,16 @@ FIELDS: Final = (
     "manager_id",
     "error",
     "first_token_ms",
+    "decision_id",
+    "tool",
+    "method",
+    "url_redacted",
+    "decision",
+    "rule",
+    "plugin",
+    "bytes_in",
+    "bytes_out",
+    "latency_ms",
 )
 
 

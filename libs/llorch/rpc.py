@@ -86,12 +86,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if key == "authorization":
                 offered = value.encode() if isinstance(value, str) else value
         if not hmac.compare_digest(offered, self._expected):
-            return _deny_handler()
+            return _deny_handler(method, "internal token missing" if not offered else "internal token wrong")
         return await continuation(handler_call_details)
 
 
-def _deny_handler() -> grpc.RpcMethodHandler[Any, Any]:
+def _deny_handler(method: str, reason: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """Refuse the call, and log it (never the offered value) with the peer, so a misconfigured pool
+    manager on another host shows up in this service's log."""
+
     async def deny(_request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        event = "poolmgr_refused" if method.endswith("/RegisterPoolManager") else "rpc_refused"
+        fields = {"event": event, "reason": reason, "path": method, "address": context.peer()}
+        log.warning("internal call refused", extra=fields)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "internal token missing or wrong")
 
     return grpc.unary_unary_rpc_method_handler(deny)

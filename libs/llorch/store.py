@@ -376,15 +376,22 @@ class Store:
         password: str | None = None,
         max_connections: int = 1024,
         cluster: bool = False,
+        username: str | None = None,
+        ssl_ca_certs: str | None = None,
     ) -> AsyncIterator[Store]:
-        """``cluster``: ``url`` names one node of a Redis Cluster (the client discovers the others)."""
+        """``cluster``: ``url`` names one node of a Redis Cluster (the client discovers the others).
+        ``username``/``password``: AUTH (an ACL user, or the default user); ``ssl_ca_certs``: the roots
+        that signed a ``rediss://`` server's certificate (null: the system's)."""
         common: dict[str, Any] = {
+            "username": username,
             "password": password,
             "decode_responses": True,
             "socket_connect_timeout": SOCKET_TIMEOUT_S,
             "socket_keepalive": True,
             "health_check_interval": HEALTH_CHECK_S,
         }
+        if ssl_ca_certs is not None:  # a plain connection class refuses ssl_* keywords
+            common["ssl_ca_certs"] = ssl_ca_certs
         # A frozen Redis fails a call after SOCKET_TIMEOUT_S (a retriable error) instead of hanging it.
         client: aioredis.Redis | RedisCluster
         if cluster:

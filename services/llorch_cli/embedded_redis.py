@@ -30,6 +30,7 @@ import redis
 
 LOCK_NAME: Final = "llorch.lock"
 PID_NAME: Final = "server.pid"
+AUTH_CONF_NAME: Final = "auth.conf"
 ORPHAN_STOP_S: Final = 10.0
 _PR_SET_PDEATHSIG: Final = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls into it
@@ -85,11 +86,14 @@ def _serves_dir(pid: int, data_dir: Path) -> bool:
 
 
 class EmbeddedRedis:
-    """A private server; ``appendonly`` False (tests) keeps nothing on disk."""
+    """A private server; ``appendonly`` False (tests) keeps nothing on disk. With ``password`` it refuses
+    unauthenticated clients (`llorch up` always gives one); the password goes to the server in a 0600
+    config file, never on its command line, where `ps` would show it."""
 
-    def __init__(self, state_dir: Path, appendonly: bool = True) -> None:
+    def __init__(self, state_dir: Path, appendonly: bool = True, password: str | None = None) -> None:
         self.dir = state_dir / "redis"
         self.appendonly = appendonly
+        self.password = password
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -111,6 +115,7 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             [
                 server_binary(),
+                *self._auth_config(),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -135,7 +140,7 @@ class EmbeddedRedis:
     def wait_ready(self, timeout_s: float = 10.0) -> bool:
         """Wait until the server answers PING; False if it exited or the deadline passed."""
         assert self.proc is not None, "spawn() first"
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -148,6 +153,19 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def _auth_config(self) -> list[str]:
+        """The server's config-file argument holding ``requirepass`` (none without a password)."""
+        if self.password is None:
+            return []
+        path = self.dir / AUTH_CONF_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # recreated below with 0600, whatever mode an old one had
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f'requirepass "{quoted}"\n')
+        return [str(path)]
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

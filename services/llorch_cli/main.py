@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import disable_created_metrics
+from pydantic import ValidationError
 
 from llorch import config_rules as rules
 from llorch.config import ConfigError, LlorchConfig, load_config
@@ -33,6 +34,8 @@ def _load(path: str | None) -> LlorchConfig:
 
 def run_service(name: str, cfg: LlorchConfig, serve: Serve) -> None:
     """Composition-root plumbing shared by the services: logging, uvloop, signals → stop event."""
+    from llorch.policy import PolicyLoadError  # here: the client commands need not import aiohttp
+
     setup_logging(name, cfg.telemetry.log_level, cfg.telemetry.log_file)
     disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -44,11 +47,15 @@ def run_service(name: str, cfg: LlorchConfig, serve: Serve) -> None:
         await serve(cfg, stop)
 
     try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+    except PolicyLoadError as exc:  # a configured policy plugin that cannot load: a config error
+        print(f"llorch {name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
@@ -93,6 +100,28 @@ def _pool_manager_options(cmd: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="serve the pools whose `host` is NAME (default: local)",
     )
+    for flag, key, what in (
+        ("--tls-ca", "ca_file", "PEM roots that signed the scheduler's certificate (and mTLS clients')"),
+        ("--tls-cert", "cert_file", "PEM certificate chain this pool manager presents"),
+        ("--tls-key", "key_file", "the private key of --tls-cert"),
+    ):
+        text = f"{what}: overrides grpc.tls.{key}"
+        cmd.add_argument(flag, type=Path, default=None, metavar="FILE", help=text)
+
+
+def _with_tls_flags(cfg: LlorchConfig, args: argparse.Namespace) -> LlorchConfig:
+    """``cfg`` with ``--tls-ca/--tls-cert/--tls-key`` applied to grpc.tls; exit 2 when incomplete."""
+    from llorch.grpc_tls import with_overrides
+
+    try:
+        tls = with_overrides(cfg.grpc.tls, args.tls_ca, args.tls_cert, args.tls_key)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            path = f"grpc.tls.{where}" if where else "grpc.tls"
+            print(f"llorch pool-manager: {path}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg.model_copy(update={"grpc": cfg.grpc.model_copy(update={"tls": tls})})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         assign = {pool: int(gpu) for pool, _, gpu in (a.partition("=") for a in args.assign)}
         if args.scheduler is not None:
             cfg = cfg.model_copy(update={"grpc": cfg.grpc.model_copy(update={"scheduler": args.scheduler})})
+        cfg = _with_tls_flags(cfg, args)
         try:  # refused here, before logging starts, so the reason is the one line on stderr
             select_pools(cfg, args.host, pools)
             advertised_host(args.listen, args.advertise)

@@ -34,6 +34,7 @@ from llorch.config import ConfigError, LlorchConfig, load_config, resolve_config
 from llorch.config_rules import LOCAL_HOST
 from llorch.lifecycle import metrics_endpoint
 from llorch.logs import setup_logging
+from llorch.redis_auth import PASSWORD_ENV, read_password_file, redis_password
 from llorch.rpc import load_internal_token
 from llorch_gateway.auth import ensure_token_file
 from llorch_poolmgr.executor import DRAIN_GRACE_S, DRAIN_WRITE_S
@@ -58,6 +59,7 @@ from .supervise import (
 READY_TIMEOUT_S: Final = 600.0
 SUPERVISOR_METRICS_OFFSET: Final = 1  # from grpc.metrics_base_port: scheduler +0, pool managers +10+n
 SUPERVISOR_METRICS_ENV: Final = "LLORCH_SUPERVISOR_METRICS"
+REDIS_PASSWORD_FILE: Final = "redis.password"
 TICK_S: Final = 0.1
 STOP_DRAIN_S: Final = 30.0
 """On Ctrl-C or SIGTERM the pools are drained first (SPEC §5.6): running tasks get this long."""
@@ -162,6 +164,17 @@ def _children(cfg: LlorchConfig, path: Path, env: dict[str, str], metrics_addres
     return children
 
 
+def embedded_redis_password(cfg: LlorchConfig) -> str:
+    """The embedded Redis's password: the configured one, else ``<state_dir>/redis.password``
+    (generated, mode 0600, on first use)."""
+    configured = redis_password(cfg.redis)
+    if configured is not None:
+        return configured
+    path = cfg.state_dir / REDIS_PASSWORD_FILE
+    ensure_token_file(path)
+    return read_password_file(path)
+
+
 def up(config: Path | None) -> int:
     try:
         path = resolve_config_path(config)
@@ -188,9 +201,11 @@ def up(config: Path | None) -> int:
     env = dict(os.environ)
     redis_server: EmbeddedRedis | None = None
     if cfg.redis.url is None:
-        redis_server = EmbeddedRedis(cfg.state_dir)
+        password = embedded_redis_password(cfg)
+        redis_server = EmbeddedRedis(cfg.state_dir, password=password)
         redis_server.lock()
         env["LLORCH_REDIS_URL"] = redis_server.url
+        env[PASSWORD_ENV] = password  # the children's only source: never on a command line or in a log
     try:
         pid_path = pidfile.claim(cfg.state_dir)
     except pidfile.AlreadyRunning as exc:

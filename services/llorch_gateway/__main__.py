@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from llorch import tracing
 from llorch.config import LlorchConfig
+from llorch.redis_auth import connect_store
 from llorch.rpc import load_internal_token
-from llorch.store import Store
 from llorch.throttle import BackoffClamp
 
 from .app import Deps, build_app
@@ -33,10 +33,10 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("gateway bound beyond loopback", extra={"event": "bind_public", "address": cfg.api.bind})
     assert cfg.redis.url is not None, "redis.url must be set (llorch up sets LLORCH_REDIS_URL)"
-    scheduler = SchedulerClient(cfg.grpc.scheduler, internal)
+    scheduler = SchedulerClient(cfg.grpc.scheduler, internal, cfg.grpc.tls)
     async with (
         tracing.traced(cfg.telemetry.otlp_endpoint, "gateway"),  # before build_app (its middleware)
-        Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+        connect_store(cfg.redis) as store,
         aiohttp.ClientSession() as http,
     ):
         feed = EventFeed(store)

@@ -17,13 +17,24 @@ from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import is_valid_id, new_task_id
+from llorch.policy import PolicyEngine, load_plugins
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2
 
-from . import anthropic_api, catalog_api, openai_api, render, responses_api, status_api
+from . import (
+    anthropic_api,
+    artifacts_api,
+    catalog_api,
+    openai_api,
+    openapi,
+    policy_api,
+    render,
+    responses_api,
+    status_api,
+)
 from .auth import Authenticator
 from .chat import ChatRunner
-from .edge import BODY_TIMEOUT, MAX_BODY, METRICS, edge, read_body
+from .edge import BODY_TIMEOUT, LARGE_BODIES, MAX_BODY, METRICS, edge, read_body
 from .feed import EventFeed
 from .metrics import GatewayMetrics
 from .models import DrainRequest, ReloadRequest, TaskRequest, parse_json_object, parse_model
@@ -291,6 +302,7 @@ def build_app(deps: Deps) -> web.Application:
     )
     app[METRICS] = deps.metrics
     app[MAX_BODY] = deps.cfg.api.max_body_bytes
+    app[LARGE_BODIES] = {}
     app[BODY_TIMEOUT] = deps.cfg.api.body_timeout_s
     app.router.add_post("/v1/tasks", api.submit)
     app.router.add_get("/v1/tasks/{task_id}", api.status)
@@ -309,8 +321,12 @@ def build_app(deps: Deps) -> web.Application:
     openai_api.add_routes(app, runner, deps.scheduler)
     anthropic_api.add_routes(app, runner)
     catalog_api.add_routes(app, deps.scheduler)
+    artifacts_api.add_routes(app, deps.cfg)
     responses_api.add_routes(app, runner)
     status_api.add_routes(app, deps.scheduler, deps.store)
+    policy = PolicyEngine(deps.cfg.policy, load_plugins(deps.cfg.policy.plugins))
+    policy_api.add_routes(app, policy, deps.metrics)
+    openapi.add_routes(app)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)

@@ -17,7 +17,7 @@ from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError
 from llorch.throttle import BackoffClamp, TokenBucket
 
-from .edge import Handler
+from .edge import Handler, route_template
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class Authenticator:
             offered = request.headers.get("X-API-Key", "").strip()
         if not offered:
             log.info(
-                "auth failed", extra={"event": "auth_failed", "reason": "missing", "route": request.path}
+                "auth failed",
+                extra={"event": "auth_failed", "reason": "missing", "route": route_template(request)},
             )
             raise OrchestratorError(
                 Code.UNAUTHENTICATED, "send the API token as Authorization: Bearer <token>"
@@ -114,7 +115,8 @@ class Authenticator:
             # Bytes that are not visible ASCII (non-UTF-8 arrives as surrogate escapes) can match no
             # token; refuse them as a malformed credential, and never echo or encode them.
             log.info(
-                "auth failed", extra={"event": "auth_failed", "reason": "malformed", "route": request.path}
+                "auth failed",
+                extra={"event": "auth_failed", "reason": "malformed", "route": route_template(request)},
             )
             raise OrchestratorError(
                 Code.UNAUTHENTICATED, "the API token must be visible ASCII: Authorization: Bearer <token>"
@@ -126,7 +128,8 @@ class Authenticator:
                 matched = token.name
         if not matched:
             log.info(
-                "auth failed", extra={"event": "auth_failed", "reason": "mismatch", "route": request.path}
+                "auth failed",
+                extra={"event": "auth_failed", "reason": "mismatch", "route": route_template(request)},
             )
             raise OrchestratorError(Code.FORBIDDEN, "the API token is not valid")
         return matched

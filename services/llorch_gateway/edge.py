@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORRELATION_HEADER: Final = "X-Correlation-Id"
 MAX_BODY: Final = web.AppKey("max_body_bytes", int)
+LARGE_BODIES: Final = web.AppKey("large_bodies", dict[str, int])
+"""Routes (by path) whose body limit is above ``api.max_body_bytes``: the artifacts upload
+(``artifacts.max_bytes`` plus 64 KiB for the envelope, SPEC §5.8)."""
+
+
+def body_limit(request: web.Request) -> int:
+    """The body limit of ``request``'s route: ``api.max_body_bytes`` unless the route is a large one."""
+    return request.app[LARGE_BODIES].get(request.path, request.app[MAX_BODY])
+
+
 BODY_TIMEOUT: Final = web.AppKey("body_timeout_s", float)
 METRICS: Final = web.AppKey("gateway_metrics", GatewayMetrics)
 
@@ -50,6 +60,13 @@ LINGER_S: Final = 2.0
 """After a response to a request whose body was not read, drain it at most this long, then close."""
 MAX_LINE_BYTES: Final = 8190
 """The longest request line or header line accepted (aiohttp's default, stated)."""
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template (``/v1/tasks/{task_id}``), for logs and metrics: never the raw
+    path, which may carry anything a client put in it, a token included."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
 
 
 def error_response(exc: OrchestratorError, request: web.BaseRequest) -> web.Response:
@@ -82,7 +99,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> OrchestratorErro
             allow=allow,
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app[MAX_BODY]
+        limit = body_limit(request)
         return OrchestratorError(
             Code.PAYLOAD_TOO_LARGE, f"the body is over the limit of {limit} bytes", limit_bytes=limit
         )
@@ -97,12 +114,14 @@ async def read_body(request: web.Request, handler: Handler) -> web.StreamRespons
     be read in time or is malformed."""
     if not request.body_exists:
         return await handler(request)
+    if (limit := body_limit(request)) != request.app[MAX_BODY]:
+        request = request.clone(client_max_size=limit)  # before the read: the limit is the clone's
     limit_s = request.app[BODY_TIMEOUT]
     try:
         async with asyncio.timeout(limit_s):
             await request.read()  # cached: the handler's read() and json() get it from memory
     except TimeoutError:
-        log.info("request body timed out", extra={"event": "body_timeout", "route": request.path})
+        log.info("request body timed out", extra={"event": "body_timeout", "route": route_template(request)})
         response = error_response(
             OrchestratorError(
                 Code.INVALID_PARAMS,
@@ -112,7 +131,7 @@ async def read_body(request: web.Request, handler: Handler) -> web.StreamRespons
             request,
         )
     except web.RequestPayloadError as exc:
-        log.info("malformed request body", extra={"event": "bad_body", "route": request.path})
+        log.info("malformed request body", extra={"event": "bad_body", "route": route_template(request)})
         response = error_response(
             OrchestratorError(Code.INVALID_PARAMS, f"the request body is malformed: {exc}", field="body"),
             request,
@@ -151,7 +170,9 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 # connection instead (a handler that streams should end its own stream first).
                 log.exception("error after the response started", extra={"event": "response_aborted"})
                 raise ConnectionResetError("the response had started; connection closed") from None
-            log.exception("unhandled error", extra={"event": "internal_error", "route": request.path})
+            log.exception(
+                "unhandled error", extra={"event": "internal_error", "route": route_template(request)}
+            )
             response = error_response(
                 OrchestratorError(Code.INTERNAL, "internal error; retry shortly"), request
             )
@@ -161,9 +182,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         correlation_id_var.reset(token)
-        info = request.match_info.route.resource
-        route = info.canonical if info is not None else "unmatched"
-        request.app[METRICS].http_requests.labels(route, request.method, str(status)).inc()
+        request.app[METRICS].http_requests.labels(route_template(request), request.method, str(status)).inc()
 
 
 class EdgeRequestHandler(RequestHandler):

@@ -34,6 +34,13 @@ class GatewayMetrics:
             buckets=RELAY_LAG_BUCKETS_MS,
             registry=registry,
         )
+        # rule: a config rule id, a built-in rule name or `plugin:<name>` (bounded by the config).
+        self.policy_decisions = Counter(
+            "policy_decisions_total",
+            "Outbound policy decisions (SPEC §5.9)",
+            ["decision", "rule"],
+            registry=registry,
+        )
 
     async def union(self, session: aiohttp.ClientSession, components: dict[str, str]) -> bytes:
         """Own families plus each component's exposition; a component that fails gets component_up 0."""

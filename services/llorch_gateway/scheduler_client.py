@@ -8,6 +8,8 @@ from typing import TypeVar
 import grpc.aio
 
 from llorch import tracing
+from llorch.config import GrpcTlsConfig
+from llorch.grpc_tls import open_channel
 from llorch.rpc import DEFAULT_DEADLINE_S, from_rpc_error, metadata
 from llorch.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -19,8 +21,8 @@ CATALOG_DEADLINE_S = 120.0
 
 
 class SchedulerClient:
-    def __init__(self, address: str, token: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, token: str, tls: GrpcTlsConfig | None = None) -> None:
+        self.channel = open_channel(address, tls)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.token = token
 

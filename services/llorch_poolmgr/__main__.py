@@ -21,8 +21,8 @@ from llorch.config import LlorchConfig, PoolConfig
 from llorch.config_rules import LOCAL_HOST
 from llorch.digest import DigestCache
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
+from llorch.redis_auth import connect_store
 from llorch.rpc import load_internal_token
-from llorch.store import Store
 from llorch.v1 import poolmgr_pb2_grpc
 
 from .drain import Drains
@@ -182,7 +182,7 @@ async def serve(
         pools = await build_pools(cfg, selected, metrics, probe, assign or {})
         async with (
             tracing.traced(cfg.telemetry.otlp_endpoint, "poolmgr", me),  # flushed last
-            Store.connect(cfg.redis.url, cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+            connect_store(cfg.redis) as store,
         ):
             events = EventLog(store, cfg.sse.retention_s)
             executor = Executor(events, pools.replicas, metrics)
@@ -217,7 +217,7 @@ async def serve(
             for replica in pools.replicas.values():
                 runner.start(replica)
             registration = Registration(
-                cfg.grpc.scheduler, token, me, address, metrics_address, pools, executor
+                cfg.grpc.scheduler, token, me, address, metrics_address, pools, executor, cfg.grpc.tls
             )
             async with (
                 background(
@@ -226,7 +226,7 @@ async def serve(
                     renew_leases_forever(store, executor),
                     executor.watchdog.watch(),
                 ),
-                grpc_server(bind, token, register),  # exits first: stop serving, then stop the loops
+                grpc_server(bind, token, register, cfg.grpc.tls),  # exits first: stop serving, then the loops
             ):
                 log.info(
                     "pool manager listening on %s, registered as %s",

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import grpc.aio
 
 from llorch import tracing
-from llorch.config import PoolConfig
+from llorch.config import GrpcTlsConfig, PoolConfig
+from llorch.grpc_tls import open_channel, tls_refusal
 from llorch.resilience import Outage, until_done
 from llorch.rpc import metadata, unary
 from llorch.store import LEASE_MS, Store
@@ -293,8 +294,11 @@ class Registration:
         metrics_address: str,
         pools: Pools,
         executor: Executor,
+        tls: GrpcTlsConfig | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
+        self.tls = tls
+        self.refused: str | None = None  # the refusal last logged, so a retry loop logs it once
         self.token = token
         self.manager_id = manager_id
         self.address = address
@@ -313,6 +317,7 @@ class Registration:
                 await self._stream()
             except grpc.aio.AioRpcError as exc:
                 self.outage.failed(exc)
+                await self._log_refusal(exc)
                 log.debug(
                     "scheduler stream closed", extra={"event": "register_retry", "code": exc.code().name}
                 )
@@ -322,13 +327,31 @@ class Registration:
             await asyncio.sleep(wait_s)
             wait_s = min(REGISTER_BACKOFF_S[1], wait_s * 2) if self.outage.down else REGISTER_BACKOFF_S[0]
 
+    async def _log_refusal(self, exc: grpc.aio.AioRpcError) -> None:
+        """Say why the scheduler refused us: a TLS handshake failure never reaches the scheduler's
+        code, so this (the client's) log is where a wrong certificate shows up."""
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            reason = "the scheduler refused the internal token"
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE and self.tls is not None:
+            why = await tls_refusal(self.scheduler_address, self.tls)
+            if why is None:
+                return  # not a TLS problem: the outage is logged already
+            reason = f"TLS handshake with the scheduler failed: {why}"
+        else:
+            return
+        if reason != self.refused:
+            self.refused = reason
+            fields = {"event": "register_refused", "reason": reason, "address": self.scheduler_address}
+            log.error("registration refused", extra=fields)
+
     async def _stream(self) -> None:
-        async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+        async with open_channel(self.scheduler_address, self.tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             in_flight: list[int] = []
             call = stub.RegisterPoolManager(self._reports(in_flight), metadata=metadata(self.token))
             async for _ack in call:
                 self.outage.recovered()
+                self.refused = None
                 if in_flight:
                     self.acked = in_flight.pop(0)
                     self._acked.set()

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.lifecycle import background, grpc_server, metrics_endpoint
+from llorch.redis_auth import connect_store
 from llorch.rpc import load_internal_token
 from llorch.store import Store
 from llorch.throttle import BackoffClamp
@@ -101,11 +102,11 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
     token = load_internal_token(cfg.state_dir, cfg.grpc.internal_token_file)
     metrics = SchedulerMetrics(CollectorRegistry())
     host = listen.rpartition(":")[0].strip("[]")  # prometheus_client takes an IPv6 host bare
-    registry = PoolRegistry()
+    registry = PoolRegistry(cfg.grpc.tls)
     with metrics_endpoint(f"{host}:{cfg.grpc.metrics_base_port}", metrics.registry):
         async with (
             tracing.traced(cfg.telemetry.otlp_endpoint, "scheduler"),  # flushed last, after the store
-            Store.connect(redis_url(cfg), cfg.redis.key_prefix, cluster=cfg.redis.cluster) as store,
+            connect_store(cfg.redis, redis_url(cfg)) as store,
         ):
             parts = build(cfg, store, registry, metrics, token)
             await parts.catalog.import_config(cfg.catalog.models)
@@ -133,7 +134,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
             )
             async with (
                 background(*loops),
-                grpc_server(listen, token, register),  # exits first: stop serving, then the loops
+                grpc_server(listen, token, register, cfg.grpc.tls),  # exits first, then the loops
             ):
                 log.info("scheduler listening", extra={"event": "scheduler_started", "address": listen})
                 await stop.wait()

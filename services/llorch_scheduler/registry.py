@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import grpc.aio
 
+from llorch.config import GrpcTlsConfig
+from llorch.grpc_tls import open_channel
 from llorch.ids import replica_set_id
 from llorch.v1 import poolmgr_pb2_grpc, types_pb2
 
@@ -73,7 +75,8 @@ def set_of(pool: types_pb2.PoolState) -> str:
 
 
 class PoolRegistry:
-    def __init__(self) -> None:
+    def __init__(self, tls: GrpcTlsConfig | None = None) -> None:
+        self.tls = tls  # how the scheduler dials the pool managers back
         self.managers: dict[str, Manager] = {}
         self._slots: dict[str, ReplicaSlots] = {}
 
@@ -92,7 +95,7 @@ class PoolRegistry:
     ) -> None:
         manager = self.managers.get(manager_id)
         if manager is None or manager.address != address:
-            channel = grpc.aio.insecure_channel(address)
+            channel = open_channel(address, self.tls)
             manager = Manager(
                 manager_id, address, metrics_address, channel, poolmgr_pb2_grpc.PoolManagerStub(channel)
             )

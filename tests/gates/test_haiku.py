@@ -15,9 +15,11 @@ budget); ``engine``/``engine_version`` labels visible. If the minute changed dur
 gate tries once more.
 
 CPU: a set whose devices are all ``cpu`` counts only with ``LLORCH_ALLOW_CPU_GATE=1`` and is reported
-as ``cpu-fallback``. Output: the text is printed, and stored as a ``trace`` artifact when
-``POST /v1/artifacts`` answers 201/200; otherwise it is written to ``$LLORCH_GATE_OUT/haiku.txt``
-(default ``./gate-out/``) and the output says so. The text is never compared with anything.
+as ``cpu-fallback``. Output: the text is printed and stored as a ``trace`` artifact (tags ``haiku-gate``
+and the mode, metadata with the task id) through ``POST /v1/artifacts``, then read back with
+``GET /v1/artifacts/{id}``: a POST other than 201/200, or a document that differs from what was posted,
+fails the gate. A copy goes to ``$LLORCH_GATE_OUT/haiku.txt`` (default ``./gate-out/``). The text is
+never compared with anything else.
 """
 
 from __future__ import annotations
@@ -272,7 +274,8 @@ async def attempt(client: ApiClient) -> Outcome:
 
 
 async def store(client: ApiClient, outcome: Outcome, mode: str) -> str:
-    """Store the text as a ``trace`` artifact, or in ``$LLORCH_GATE_OUT/haiku.txt``; says where."""
+    """Store the text as a ``trace`` artifact and read it back (the gate fails when either does not
+    work), with a copy in ``$LLORCH_GATE_OUT/haiku.txt``; says where."""
     end = outcome.frames[-1].data
     content: JsonObject = {
         "gate": "haiku",
@@ -289,11 +292,27 @@ async def store(client: ApiClient, outcome: Outcome, mode: str) -> str:
         "tokens_out": end.get("tokens_out"),
         "finish_reason": end.get("finish_reason"),
     }
-    status, answer = await client.post_artifact("trace", content, ["haiku-gate", mode])
-    if status in (200, 201) and isinstance(answer.get("id"), str):
-        return f"stored as trace artifact {answer['id']}"
-    path = write_out(content)
-    return f"POST /v1/artifacts answered {status}, so the text was written to {path} instead"
+    path = write_out(content)  # a local copy as well, for a person reading the run
+    metadata: JsonObject = {"gate": "haiku", "task_id": outcome.task_id, "mode": mode}
+    status, answer = await client.post_artifact("trace", content, ["haiku-gate", mode], metadata)
+    assert status in (200, 201), f"POST /v1/artifacts answered {status}: {answer}"
+    artifact_id = get_str(answer, "id")
+    stored = await client.get_artifact(artifact_id)
+    tags = stored.get("tags")
+    problems = [
+        name
+        for name, ok in (
+            ("id", stored.get("id") == artifact_id),
+            ("kind", stored.get("kind") == "trace"),
+            ("content", stored.get("content") == content),
+            ("metadata", stored.get("metadata") == metadata),
+            ("tags", isinstance(tags, list) and {"haiku-gate", mode} <= set(tags)),
+            ("url", get_str(stored, "url").endswith(f"/v1/artifacts/{artifact_id}")),
+        )
+        if not ok
+    ]
+    assert not problems, f"GET /v1/artifacts/{artifact_id} does not match what was posted: {problems}"
+    return f"stored as trace artifact {artifact_id} ({get_str(stored, 'url')}) and read back; copy in {path}"
 
 
 def write_out(content: JsonObject) -> Path:

@@ -215,7 +215,8 @@ async def test_a_killed_redis_is_restarted_on_the_same_port_and_dir(up: Up, clie
     up.start()
     await up.wait_ready()
     first = await up.wait_pid("redis")
-    store = aioredis.Redis(port=_redis_port(up))
+    password = (up.stack.workdir / "state" / "redis.password").read_text()  # `llorch up` generated it
+    store = aioredis.Redis(port=_redis_port(up), password=password)
     try:
         await store.set("supervisor-test", "kept")
         await store.execute_command("WAITAOF", 1, 0, 10_000)  # on disk before the kill

@@ -8,8 +8,9 @@ from llorch_cli.embedded_redis import EmbeddedRedis
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        self._server = EmbeddedRedis(workdir, appendonly=False)
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        """``password``: the server requires it (``requirepass``)."""
+        self._server = EmbeddedRedis(workdir, appendonly=False, password=password)
         self._server.start()
         self.port = self._server.port
         self.url = self._server.url

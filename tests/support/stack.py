@@ -122,18 +122,24 @@ class Stack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def _spawn(self, name: str, *args: str, config: Path | None = None) -> Proc:
+    def _spawn(
+        self, name: str, *args: str, config: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
         argv = python_module("llorch_cli.main", *args, "--config", str(config or self.config_path))
-        proc = Proc(argv, self.workdir / f"{name}.log", self.env)
+        proc = Proc(argv, self.workdir / f"{name}.log", {**self.env, **(env or {})})
         self.procs[name] = proc
         return proc
 
     def start_pool_manager(
-        self, args: Sequence[str] = ("--index", "0"), name: str = "pool-manager", config: Path | None = None
+        self,
+        args: Sequence[str] = ("--index", "0"),
+        name: str = "pool-manager",
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """A pool manager with ``args`` (default: index 0, the local pools) on the stack's config, or on
-        ``config`` (another host's copy of it)."""
-        return self._spawn(name, "pool-manager", *args, config=config)
+        ``config`` (another host's copy of it); ``env`` adds to the stack's environment."""
+        return self._spawn(name, "pool-manager", *args, config=config, env=env)
 
     def start_pool_managers(self) -> None:
         """One pool manager per device mask plus one for CPU pools, planned as `llorch up` plans them."""

@@ -747,3 +747,71 @@ def test_cli_validate_uses_llorch_config(tmp_path: Path, monkeypatch: pytest.Mon
 def test_cli_schema_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert config_cmd.schema() == 0
     assert capsys.readouterr().out == config_schema_json()
+
+
+# ---- grpc.tls and redis credentials (issue 15) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"grpc": {"tls": {"cert_file": "c.pem"}}}, "grpc.tls.key_file: cert_file and key_file go together"),
+        ({"grpc": {"tls": {"key_file": "k.pem"}}}, "grpc.tls.key_file: cert_file and key_file go together"),
+        (
+            {"grpc": {"tls": {"cert_file": "c.pem", "key_file": "k.pem", "require_client_cert": True}}},
+            "grpc.tls.require_client_cert: needs ca_file (to check clients) and cert_file/key_file "
+            "(presented as a client)",
+        ),
+        (
+            {"grpc": {"tls": {"ca_file": "ca.pem", "require_client_cert": True}}},
+            "grpc.tls.require_client_cert: needs ca_file (to check clients) and cert_file/key_file "
+            "(presented as a client)",
+        ),
+        ({"grpc": {"tls": {"ca": "ca.pem"}}}, "grpc.tls.ca: unknown key"),
+        (
+            {"redis": {"url": "redis://h:6379/0", "tls_ca_file": "ca.pem"}},
+            "redis.tls_ca_file: needs a rediss://",
+        ),
+        ({"redis": {"tls_ca_file": "ca.pem"}}, "redis.tls_ca_file: needs a rediss:// redis.url"),
+        ({"redis": {"username": ""}}, "redis.username"),
+    ],
+    ids=[
+        "cert-no-key",
+        "key-no-cert",
+        "mtls-no-ca",
+        "mtls-no-cert",
+        "unknown",
+        "ca-plain",
+        "ca-embedded",
+        "user",
+    ],
+)
+def test_tls_and_redis_credential_rules(keys: dict[str, Any], expected: str) -> None:
+    errors = errors_of(config(**keys))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_tls_and_redis_credentials_default_off_and_resolve_relative_paths(tmp_path: Path) -> None:
+    assert validate_config(config()).grpc.tls is None
+    redis = validate_config(config()).redis
+    assert (redis.username, redis.password_file, redis.tls_ca_file) == (None, None, None)
+    file = write(
+        tmp_path / "etc" / "config.yaml",
+        "version: 1\n"
+        "grpc: {tls: {cert_file: pki/me.pem, key_file: pki/me.key, ca_file: pki/ca.pem,"
+        " require_client_cert: true}}\n"
+        "redis: {url: 'rediss://redis.lan:6380/0', username: llorch, password_file: redis.pw,"
+        " tls_ca_file: pki/redis-ca.pem}\n"
+        "pools: [{id: a, engine: mock, model: m}]\n",
+    )
+    cfg = load_config(file, env={})
+    pki = tmp_path / "etc" / "pki"
+    assert cfg.grpc.tls is not None
+    assert (cfg.grpc.tls.cert_file, cfg.grpc.tls.key_file, cfg.grpc.tls.ca_file) == (
+        pki / "me.pem",
+        pki / "me.key",
+        pki / "ca.pem",
+    )
+    assert cfg.grpc.tls.require_client_cert
+    assert cfg.redis.password_file == tmp_path / "etc" / "redis.pw"
+    assert (cfg.redis.username, cfg.redis.tls_ca_file) == ("llorch", pki / "redis-ca.pem")
