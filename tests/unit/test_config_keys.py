@@ -40,6 +40,14 @@ OWNED_ELSEWHERE: Final = ()
 
 PROOF: Final[dict[str, str]] = {
     "version": "tests/unit/test_config.py::test_version_must_be_the_int_1",
+    "pools.restart.initial_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
+    "pools.restart.max_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
+    "pools.restart.breaker_window_s": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
+    "pools.preload": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
+    "pools.timeouts.wall_ms": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
+    "pools.timeouts.start_ms": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
+    "pools.timeouts.selftest_ms": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
+    "pools.engine_env": "tests/unit/test_launch.py::test_engine_env_reaches_the_engine_with_the_device_mask",
     "grpc.tls.cert_file": "tests/integration/test_grpc_tls.py::test_a_tls_server_refuses_plaintext_and_unknown_clients",
     "grpc.tls.key_file": "tests/integration/test_grpc_tls.py::test_a_certificate_without_its_key_is_refused",
     "grpc.tls.ca_file": "tests/integration/test_grpc_tls.py::test_a_tls_server_refuses_plaintext_and_unknown_clients",
@@ -182,14 +190,6 @@ UNPROVEN: Final[dict[str, str]] = {
     "sampler_profiles.*.min_p": "dispatcher.py sends the profile; no test observes the values",
     "sampler_profiles.*.repeat_penalty": "dispatcher.py sends the profile; no test observes the values",
     "pools.sampler_profile_version": "dispatcher.py picks the profile by it; no test observes which",
-    "pools.preload": "poolmgr preload/supervisor; no test sets preload: false",
-    "pools.timeouts.wall_ms": "poolmgr watchdog; tests keep the default",
-    "pools.timeouts.start_ms": "poolmgr supervisor/watcher; no test sets it",
-    "pools.timeouts.selftest_ms": "poolmgr selftest; no test sets it",
-    "pools.restart.initial_backoff_ms": "poolmgr supervisor; tests set it but none observes the delay",
-    "pools.restart.max_backoff_ms": "poolmgr supervisor; tests set it but none observes the delay",
-    "pools.restart.breaker_window_s": "poolmgr supervisor; tests keep the default",
-    "pools.engine_env": "poolmgr process.py adds it to the engine's env; no test reads the env",
 }
 
 

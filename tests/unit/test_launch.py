@@ -175,3 +175,12 @@ def test_an_auto_pool_offloads_on_its_resolved_gpu_and_gets_a_slot_save_path() -
     assert launch.argv[-4:] == ("-ngl", "999", "--slot-save-path", "/s")
     mock = engine_command(pool("mock", devices="cpu"), "mock", MODEL, 9000, no_ports, slots_dir=Path("/s"))
     assert "--slot-save-path" not in mock.argv  # only llama-server erases slots
+
+
+def test_engine_env_reaches_the_engine_with_the_device_mask() -> None:
+    from llorch_poolmgr.process import engine_env
+
+    env = engine_env(pool("mock", engine_env={"LLORCH_TEST_KNOB": "on", "OMP_NUM_THREADS": "3"}), [1, 0])
+    assert env["LLORCH_TEST_KNOB"] == "on" and env["OMP_NUM_THREADS"] == "3"
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("1,0", "PCI_BUS_ID")
+    assert engine_env(pool("mock"), None)["CUDA_VISIBLE_DEVICES"] == ""  # a CPU pool sees no GPU

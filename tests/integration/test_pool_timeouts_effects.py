@@ -1,0 +1,89 @@
+"""Effects of the pool keys that only a running pool manager shows (issue 15, "No inert config"):
+``preload: false``, ``timeouts.start_ms``, ``timeouts.selftest_ms`` and ``timeouts.wall_ms``, each on its
+own pool of one stack; ``tests/unit/test_config_keys.py`` names this test in its table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from tests.support.procs import wait_until
+from tests.support.stack import MOCK_MODEL, Client, Stack, mock_pool
+
+MODELS = ("mock-tiny", "mock-lazy", "mock-slow-start", "mock-slow-test", "mock-wall")
+ONE_LIFE = {"initial_backoff_ms": 60_000, "breaker_failures": 1}  # the first failure opens the circuit
+
+
+async def _health(http: aiohttp.ClientSession, stack: Stack, pool_id: str) -> dict[str, Any]:
+    async with http.get(f"{stack.url}/v1/pools/{pool_id}/health", headers=stack.headers) as r:
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
+
+
+async def _last_error(http: aiohttp.ClientSession, stack: Stack, pool_id: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def failed() -> bool:
+        seen.update(await _health(http, stack, pool_id))
+        return seen["state"] == "Unavailable"
+
+    await wait_until(failed, 60, f"pool {pool_id} to give up")
+    return dict(seen["last_error"])
+
+
+async def test_preload_and_the_pool_timeouts_take_effect(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    stack = stack_factory(
+        pools=[
+            mock_pool("mock-a"),
+            mock_pool("mock-lazy", model="mock-lazy", preload=False),
+            mock_pool(
+                "mock-slow-start",
+                model="mock-slow-start",
+                args=["--start-delay-ms", "30000"],
+                timeouts={"start_ms": 1000},
+                restart=ONE_LIFE,
+            ),
+            mock_pool(
+                "mock-slow-test",
+                model="mock-slow-test",
+                args=["--first-token-delay-ms", "30000"],
+                timeouts={"selftest_ms": 1000},
+                restart=ONE_LIFE,
+            ),
+            mock_pool(
+                "mock-wall",
+                model="mock-wall",
+                ctx=1024,  # a replica set of its own: its tasks run on this pool only
+                args=["--token-delay-ms", "50"],
+                timeouts={"wall_ms": 1000},
+            ),
+        ],
+        models=[{"id": model, "path": str(MOCK_MODEL)} for model in MODELS],
+    )
+    await stack.start()
+    await stack.wait_pools_ready("mock-a", "mock-wall")
+
+    # preload: false — the pool stays Stopped until resumed, then loads.
+    assert (await _health(http, stack, "mock-lazy"))["state"] == "Stopped"
+    async with http.post(f"{stack.url}/v1/pools/mock-lazy/resume", headers=stack.headers) as r:
+        assert r.status == 202, await r.text()
+    await stack.wait_pools_ready("mock-lazy")
+
+    # timeouts.start_ms and timeouts.selftest_ms: each names itself in the pool's last error.
+    slow_start = await _last_error(http, stack, "mock-slow-start")
+    assert "timeouts.start_ms" in slow_start["message"], slow_start
+    slow_test = await _last_error(http, stack, "mock-slow-test")
+    assert "timeouts.selftest_ms" in slow_test["message"], slow_test
+
+    # timeouts.wall_ms: a run that keeps streaming is cut off at the pool's wall time (50 s of tokens
+    # asked for, 1 s allowed; the idle limit, 60 s, never trips while tokens flow).
+    client = Client(stack, http)
+    task_id = await client.admit(model_ref="mock-wall", max_tokens=1000)
+    events = await client.events(task_id)
+    assert events[-1].event == "error", events[-1]
+    assert events[-1].data["code"] == "DECODE_TIMEOUT", events[-1].data
+    tokens = [e for e in events if e.event == "token"]
+    assert 0 < len(tokens) < 1000
