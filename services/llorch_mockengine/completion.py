@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from llorch_mockengine.generation import (
     word_indices,
 )
 from llorch_mockengine.replies import bad_request, json_response
+
+log = logging.getLogger(__name__)
 
 DEFAULT_N_PREDICT = 16
 _SEED_RANDOM = (-1, 0xFFFFFFFF)
@@ -156,6 +159,8 @@ async def handle_completion(request: web.Request, engine: Engine) -> web.StreamR
         params = parse_params(await request.json())
     except ValueError as exc:
         return bad_request(str(exc))
+    if engine.knobs.log_requests:
+        log.info("completion settings %s", json.dumps(params.settings, sort_keys=True))
 
     async def respond(slot: Slot, run: Run) -> web.StreamResponse:
         if params.stream:

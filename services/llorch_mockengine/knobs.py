@@ -45,6 +45,9 @@ class Knobs:
     embedding_dim: int = 64
     chat_usage: bool = True
     """False: chat answers carry no ``usage`` (nor the usage chunk), to test a client's own count."""
+    log_requests: bool = False
+    """``--log-requests``: log each completion's sampling settings (never its prompt) on stderr, so a
+    test can see what the pool manager sent."""
 
     @property
     def build_info(self) -> str:
@@ -188,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", "--embeddings", action="store_true")
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--no-chat-usage", dest="chat_usage", action="store_false")
+    p.add_argument("--log-requests", action="store_true")
     # With a value it overrides build_info; bare `--version` prints it and exits, like llama-server.
     p.add_argument("--version", nargs="?", const="", default=MOCK_VERSION)
     # llama-server flags the pool manager may pass; accepted and ignored.
@@ -236,6 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Knobs | str:
         embedding=ns.embedding,
         embedding_dim=ns.embedding_dim,
         chat_usage=ns.chat_usage,
+        log_requests=ns.log_requests,
     )
     if knobs.parallel < 1 or knobs.ctx < 1 or knobs.embedding_dim < 1:
         parser.error("--parallel, --ctx and --embedding-dim must be positive")

@@ -1,9 +1,11 @@
 """Effects of the pool keys that only a running pool manager shows (issue 15, "No inert config"):
 ``preload: false``, ``timeouts.start_ms``, ``timeouts.selftest_ms`` and ``timeouts.wall_ms``, each on its
-own pool of one stack; ``tests/unit/test_config_keys.py`` names this test in its table."""
+own pool of one stack, and ``sampler_profiles`` with ``pools[].sampler_profile_version`` (what reaches the
+engine, from the mock's ``--log-requests``); ``tests/unit/test_config_keys.py`` names these tests."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -11,6 +13,7 @@ import aiohttp
 from tests.support.procs import wait_until
 from tests.support.stack import MOCK_MODEL, Client, Stack, mock_pool
 
+CUSTOM = {"temperature": 0.25, "top_k": 7, "top_p": 0.5, "min_p": 0.01, "repeat_penalty": 1.1}
 MODELS = ("mock-tiny", "mock-lazy", "mock-slow-start", "mock-slow-test", "mock-wall")
 ONE_LIFE = {"initial_backoff_ms": 60_000, "breaker_failures": 1}  # the first failure opens the circuit
 
@@ -87,3 +90,25 @@ async def test_preload_and_the_pool_timeouts_take_effect(
     assert events[-1].data["code"] == "DECODE_TIMEOUT", events[-1].data
     tokens = [e for e in events if e.event == "token"]
     assert 0 < len(tokens) < 1000
+
+
+async def test_the_pools_sampler_profile_reaches_the_engine(
+    stack_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    stack = stack_factory(
+        pools=[mock_pool(args=["--log-requests"], sampler_profile_version="custom-v1")],
+        extra={"sampler_profiles": {"v1": {**CUSTOM, "temperature": 0.0}, "custom-v1": CUSTOM}},
+    )
+    await stack.start()
+    await stack.wait_pools_ready("mock-a")
+    client = Client(stack, http)
+    task_id = await client.admit(max_tokens=2)
+    assert (await client.events(task_id))[-1].event == "end"
+    logs = "".join(path.read_text() for path in stack.workdir.rglob("mock-a-r0*.log"))
+    sent = [
+        json.loads(line.split("completion settings ", 1)[1])
+        for line in logs.splitlines()
+        if "completion settings " in line
+    ]
+    assert sent, "the engine logged no completion"
+    assert {key: sent[-1][key] for key in CUSTOM} == CUSTOM  # the task's own request, after the self-test's

@@ -40,6 +40,12 @@ OWNED_ELSEWHERE: Final = ()
 
 PROOF: Final[dict[str, str]] = {
     "version": "tests/unit/test_config.py::test_version_must_be_the_int_1",
+    "sampler_profiles.*.temperature": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
+    "sampler_profiles.*.top_k": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
+    "sampler_profiles.*.top_p": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
+    "sampler_profiles.*.min_p": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
+    "sampler_profiles.*.repeat_penalty": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
+    "pools.sampler_profile_version": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
     "pools.restart.initial_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
     "pools.restart.max_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
     "pools.restart.breaker_window_s": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
@@ -184,12 +190,6 @@ PROOF: Final[dict[str, str]] = {
 UNPROVEN: Final[dict[str, str]] = {
     "scheduler.dispatch_attempts": "dispatcher.py _refused: capacity refusals before REPLICA_EXHAUSTED; no test makes a manager refuse",
     "sse.queued_metrics_interval_ms": "queuewatch.py scan period; only the default is exercised",
-    "sampler_profiles.*.temperature": "dispatcher.py sends the profile; no test observes the values",
-    "sampler_profiles.*.top_k": "dispatcher.py sends the profile; no test observes the values",
-    "sampler_profiles.*.top_p": "dispatcher.py sends the profile; no test observes the values",
-    "sampler_profiles.*.min_p": "dispatcher.py sends the profile; no test observes the values",
-    "sampler_profiles.*.repeat_penalty": "dispatcher.py sends the profile; no test observes the values",
-    "pools.sampler_profile_version": "dispatcher.py picks the profile by it; no test observes which",
 }
 
 
