@@ -7,6 +7,7 @@ observes what the key changes. ``tests/unit/test_config_keys.py`` names these te
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,25 @@ def test_log_prompts_true_is_refused_with_a_clear_message(tmp_path: Path) -> Non
         _config(tmp_path, telemetry={"log_prompts": True})
     [error] = refused.value.errors
     assert error.startswith("telemetry.log_prompts: ") and "not supported yet" in error
+
+
+@pytest.mark.parametrize("interval_ms", [250, 4000])
+async def test_the_queue_watch_scans_every_queued_metrics_interval(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch, interval_ms: int
+) -> None:
+    """sse.queued_metrics_interval_ms is the pause between two scans of the queues (the cadence of
+    queued `metrics` frames): the watch's loop waits exactly that long before each scan."""
+    from llorch_scheduler import queuewatch
+
+    waits: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            raise asyncio.CancelledError  # two turns of the loop are enough
+
+    monkeypatch.setattr(queuewatch.asyncio, "sleep", pause)
+    parts = _parts(_config(tmp_path, sse={"queued_metrics_interval_ms": interval_ms}), store)
+    with pytest.raises(asyncio.CancelledError):
+        await parts.watch.run()
+    assert waits == [interval_ms / 1000] * 2

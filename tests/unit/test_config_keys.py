@@ -6,9 +6,8 @@ add ``*`` (``sampler_profiles.*.top_k``). The walk below reads the pydantic mode
 ``test_every_key_has_a_row`` until it comes with its proof.
 
 A few rows point at a unit test of the function the key feeds (marked "unit"), where the wiring from the
-config to that function is one line. ``UNPROVEN`` lists the keys that the code reads but no test changes
-yet: each is reported as an xfail with where it is read, so the debt stays visible. ``log_prompts`` is
-the one key refused at load (only ``false`` is accepted), with a test for the message.
+config to that function is one line. ``log_prompts`` is the one key refused at load (only ``false`` is
+accepted), with a test for the message.
 """
 
 # ruff: noqa: E501  (the table's rows are pytest node ids, which read best unbroken)
@@ -35,11 +34,11 @@ CATALOG: Final = EFFECTS + "::test_configured_catalog_fields_reach_the_catalog"
 TOKENS: Final = EFFECTS + "::test_api_tokens_come_from_their_env_var_or_file_under_their_name"
 INTERNAL_TOKEN: Final = EFFECTS + "::test_internal_token_file_or_state_dir_is_where_the_internal_token_is"
 
-# Other parts of issue 15 are making these effective right now; their rows move into PROOF when they land.
-OWNED_ELSEWHERE: Final = ()
 
 PROOF: Final[dict[str, str]] = {
     "version": "tests/unit/test_config.py::test_version_must_be_the_int_1",
+    "scheduler.dispatch_attempts": "tests/unit/test_scheduler_parts.py::test_dispatch_attempts_bounds_the_refusals_before_replica_exhausted",  # unit
+    "sse.queued_metrics_interval_ms": "tests/unit/test_config_effects.py::test_the_queue_watch_scans_every_queued_metrics_interval",  # unit
     "sampler_profiles.*.temperature": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
     "sampler_profiles.*.top_k": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
     "sampler_profiles.*.top_p": "tests/integration/test_pool_timeouts_effects.py::test_the_pools_sampler_profile_reaches_the_engine",
@@ -186,12 +185,6 @@ PROOF: Final[dict[str, str]] = {
     "telemetry.fake_gpus.free_mib": "tests/unit/test_gpu.py::test_fake_inventory_follows_the_config",
 }
 
-# Read by the code, but no test sets them and observes the effect yet (issue 15 debt, reported as xfail).
-UNPROVEN: Final[dict[str, str]] = {
-    "scheduler.dispatch_attempts": "dispatcher.py _refused: capacity refusals before REPLICA_EXHAUSTED; no test makes a manager refuse",
-    "sse.queued_metrics_interval_ms": "queuewatch.py scan period; only the default is exercised",
-}
-
 
 def _models_in(annotation: object) -> list[tuple[type[BaseModel], str]]:
     """The models an annotation holds, each with the path segment it adds (``.*`` for map values)."""
@@ -221,10 +214,6 @@ def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
 KEYS: Final = sorted(set(_key_paths(LlorchConfig)))
 
 
-def _owned_elsewhere(key: str) -> bool:
-    return key.startswith(OWNED_ELSEWHERE)
-
-
 @cache
 def _test_functions(file: str) -> frozenset[str]:
     tree = ast.parse((ROOT / file).read_text(encoding="utf-8"))
@@ -248,17 +237,13 @@ def test_the_walk_finds_nested_list_and_map_keys() -> None:
 
 
 def test_every_key_has_a_row() -> None:
-    missing = [k for k in KEYS if k not in PROOF and k not in UNPROVEN and not _owned_elsewhere(k)]
+    missing = [k for k in KEYS if k not in PROOF]
     assert not missing, f"config keys without a proof of their effect (add a row to PROOF): {missing}"
 
 
 def test_every_row_names_a_key_that_exists() -> None:
-    stale = sorted((PROOF.keys() | UNPROVEN.keys()) - set(KEYS))
+    stale = sorted(PROOF.keys() - set(KEYS))
     assert not stale, f"rows for keys the config no longer has: {stale}"
-    assert not PROOF.keys() & UNPROVEN.keys()
-    assert not [k for k in PROOF.keys() | UNPROVEN.keys() if _owned_elsewhere(k)]
-    for prefix in OWNED_ELSEWHERE:  # an exemption for a key that is gone must go too
-        assert any(k.startswith(prefix) for k in KEYS), prefix
 
 
 @pytest.mark.parametrize("key", sorted(PROOF))
@@ -266,8 +251,3 @@ def test_the_named_test_exists(key: str) -> None:
     file, _, name = PROOF[key].partition("::")
     assert (ROOT / file).is_file(), f"{key}: no file {file}"
     assert name in _test_functions(file), f"{key}: {file} has no test {name}"
-
-
-@pytest.mark.parametrize("key", sorted(UNPROVEN))
-def test_unproven_key(key: str) -> None:
-    pytest.xfail(f"{key} has no test of its effect yet: {UNPROVEN[key]}")

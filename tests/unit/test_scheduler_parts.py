@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +22,7 @@ from llorch import events
 from llorch.config import GREEDY_V1, validate_config
 from llorch.errors import Code, OrchestratorError
 from llorch.store import LEASE_MS, NewTask, Placement, QueueLimits, Store, TaskRequest, TaskState
-from llorch.v1 import types_pb2
+from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, types_pb2
 from llorch_cli.embedded_redis import EmbeddedRedis
 from llorch_scheduler.__main__ import build
 from llorch_scheduler.admission import Admission
@@ -71,13 +72,13 @@ class Parts:
         self.registry.update("pm-0", address or f"127.0.0.1:{free_port()}", "127.0.0.1:1", list(pools))
 
 
-def _build(store: Store, capacity: int = 4, policy: str = "reject") -> Parts:
+def _build(store: Store, capacity: int = 4, policy: str = "reject", dispatch_attempts: int = 1) -> Parts:
     """The scheduler's object graph, as serve() builds it (pool config comes from the reports)."""
     cfg = validate_config(
         {
             "version": 1,
             "sse": {"retention_s": 60},
-            "scheduler": {"dispatch_attempts": 1},
+            "scheduler": {"dispatch_attempts": dispatch_attempts},
             "sampler_profiles": {"greedy-v1": GREEDY_V1.model_dump()},
             "catalog": {"models": [{"id": MODEL, "path": str(Path(__file__))}]},
             "pools": [
@@ -240,6 +241,47 @@ async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(
     assert [name for name, _ in log] == ["started", "error"]
     assert log[-1][1]["code"] == "WORKER_RESET" and log[-1][1]["pool_id"] == "p1"
     assert await store.leased(admitted.rs) == []
+
+
+class _RefusingManager(poolmgr_pb2_grpc.PoolManagerServicer):
+    """A pool manager's Start that always answers "no slot" (the race where the scheduler's view of a
+    replica's slots is older than the replica's own)."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Any) -> poolmgr_pb2.StartReply:
+        self.starts += 1
+        return poolmgr_pb2.StartReply(accepted=False)
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_dispatch_attempts_bounds_the_refusals_before_replica_exhausted(
+    store: Store, attempts: int
+) -> None:
+    manager = _RefusingManager()
+    server = grpc.aio.server()
+    poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(manager, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    parts = _build(store, dispatch_attempts=attempts)
+    parts.report(_pool(), address=f"127.0.0.1:{port}")
+    admitted = await parts.admission.admit(_request())
+    run = asyncio.create_task(parts.dispatcher.run())
+    try:
+        parts.dispatcher.wake()
+
+        async def ended() -> bool:
+            record = await store.task(admitted.task_id)
+            return record is not None and not record.live
+
+        await wait_until(ended, 60, "the task to end")
+    finally:
+        run.cancel()
+        await server.stop(None)
+    log = await _log(store, admitted.task_id)
+    assert log[-1][0] == "error" and log[-1][1]["code"] == "REPLICA_EXHAUSTED", log[-1]
+    assert manager.starts == attempts
 
 
 async def test_the_sweeper_ends_a_dispatched_task_whose_lease_lapsed(store: Store) -> None:
