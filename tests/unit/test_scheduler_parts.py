@@ -105,6 +105,16 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
         yield s
 
 
+async def _ended(store: Store, task_id: str, what: str) -> None:
+    """Until the task's record says it ended."""
+
+    async def ended() -> bool:
+        record = await store.task(task_id)
+        return record is not None and not record.live
+
+    await wait_until(ended, 60, what)
+
+
 def _request(**fields: Any) -> Submission:
     return replace(Submission(model_ref=MODEL, prompt="hello", max_tokens=8), **fields)
 
@@ -230,11 +240,7 @@ async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(
     try:
         parts.dispatcher.wake()
 
-        async def ended() -> bool:
-            record = await store.task(admitted.task_id)
-            return record is not None and not record.live
-
-        await wait_until(ended, 60, "the dispatch to fail")
+        await _ended(store, admitted.task_id, "the dispatch to fail")
     finally:
         run.cancel()
     log = await _log(store, admitted.task_id)
@@ -271,11 +277,7 @@ async def test_dispatch_attempts_bounds_the_refusals_before_replica_exhausted(
     try:
         parts.dispatcher.wake()
 
-        async def ended() -> bool:
-            record = await store.task(admitted.task_id)
-            return record is not None and not record.live
-
-        await wait_until(ended, 60, "the task to end")
+        await _ended(store, admitted.task_id, "the task to end")
     finally:
         run.cancel()
         await server.stop(None)
@@ -371,11 +373,7 @@ async def test_dispatch_resumes_by_itself_after_a_redis_restart(tmp_path: Path) 
                 admitted = await parts.admission.admit(_request())
                 parts.dispatcher.wake()
 
-                async def ended() -> bool:
-                    record = await store.task(admitted.task_id)
-                    return record is not None and not record.live
-
-                await wait_until(ended, 60, "a dispatch after the restart")
+                await _ended(store, admitted.task_id, "a dispatch after the restart")
                 assert not parts.dispatcher.outage.down and not run.done()
             finally:
                 run.cancel()
