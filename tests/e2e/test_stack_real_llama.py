@@ -104,7 +104,9 @@ async def test_real_engine_passes_self_test_and_comes_back_after_kill_9(
 
     await wait_until(back, 180, "llama-server to be restarted and Ready again")
     after = await health()
-    assert after["restarts"] == 1 and after["last_error"]["code"] == "ENGINE_CRASHED"
+    # Relative: llama-server b11434 now and then segfaults right after the self-test's aborted request;
+    # the supervisor restarts it like any crash, so the first Ready may already count a restart.
+    assert after["restarts"] == first["restarts"] + 1 and after["last_error"]["code"] == "ENGINE_CRASHED"
     assert "SIGKILL" in after["last_error"]["message"]
     follow_up = await client.admit(model_ref="smollm2-135m", prompt="Hi", max_tokens=4)
     assert (await client.events(follow_up))[-1].event == "end"
