@@ -91,9 +91,11 @@ haiku: setup engine model
 bench: setup
 	$(BIN)/python -m bench.run
 
-# Placement on a simulated 24 GB + 12 GB box: ours vs round-robin vs an oracle (bench/simulate.py).
+# Placement on a simulated 24 GB + 12 GB box: ours vs round-robin vs an oracle (bench/simulate.py);
+# on-demand residency, more models than VRAM: ours vs Ollama's and llama-swap's (bench/simulate_residency.py).
 simulate: setup
 	$(BIN)/python -m bench.simulate --seed $(or $(SEED),1) --out bench/results
+	$(BIN)/python -m bench.simulate_residency --seed $(or $(SEED),1) --out bench/results
 
 clean:
 	rm -rf $(VENV) $(STAMPS) libs/llorch/v1 .models

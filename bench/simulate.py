@@ -662,7 +662,7 @@ def results_json(
         }
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -715,16 +715,20 @@ def markdown(data: Mapping[str, Any]) -> str:
     pool_header.append("ms/token alone on " + " / ".join(gpus))
     r = data["ratios"]
     ratios = f"ours / round_robin = {r['ours_over_round_robin']}, ours / oracle = {r['ours_over_oracle']}."
-    parts = [head, _table(header, _policy_rows(data, gpus)), ratios, _table(pool_header, pools)]
+    parts = [head, table(header, _policy_rows(data, gpus)), ratios, table(pool_header, pools)]
     return "\n\n".join(parts) + "\n"
 
 
-def write(data: Mapping[str, Any], out: Path) -> str:
+def write_results(out: Path, stem: str, data: Mapping[str, Any], text: str) -> str:
+    """``<stem>.json`` and ``<stem>.md`` under ``out``; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    text = markdown(data)
-    (out / "simulate.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    (out / f"{stem}.md").write_text(text)
     return text
+
+
+def write(data: Mapping[str, Any], out: Path) -> str:
+    return write_results(out, "simulate", data, markdown(data))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

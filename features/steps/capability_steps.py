@@ -7,20 +7,12 @@ from typing import Any
 
 from behave import given, then, when
 
-from tests.support.bdd import client, run
+from tests.support.bdd import client, get_json, run
 from tests.support.procs import wait_until
 from tests.support.stack import Stack, mock_pool
 
 MIB = 1 << 20
 SLO_FIELDS = ("first_token_ms_p50", "first_token_ms_p95", "decode_ms_p50", "on_time_ratio")
-
-
-async def get_json(context: Any, path: str) -> Any:
-    stack: Stack = context.stack
-    async with context.http.get(f"{stack.url}{path}", headers=stack.headers) as r:
-        assert r.status == 200, (path, r.status, await r.text())
-        assert r.headers.get("X-Correlation-Id"), dict(r.headers)
-        return await r.json()
 
 
 def stack_extra(context: Any) -> dict[str, Any]:

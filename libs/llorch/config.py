@@ -52,6 +52,7 @@ DEFAULT_ENGINE_BIN: Final[Mapping[str, str]] = {
 
 Engine = Literal["llamacpp", "vllm", "tgi", "triton", "mock"]
 FullPolicy = Literal["reject", "drop-lru"]
+Residency = Literal["always", "on-demand"]
 Workload = Literal["completion", "embedding", "rerank"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 ModelState = Literal["Draft", "Active", "Canary", "Deprecated", "Retired"]
@@ -200,6 +201,14 @@ class SchedulerConfig(_Model):
         return self
 
 
+class ResidencyConfig(_Model):
+    """How the scheduler swaps on-demand pools (issue 13)."""
+
+    max_swap_wait_ms: int = Field(default=30_000, ge=0)  # a resident model's queued work goes first this long
+    min_residency_s: int = Field(default=10, ge=0)  # a loaded model stays at least this long
+    cpu_memory_mib: int | None = Field(default=None, ge=1)  # the "cpu" device's budget; null: MemTotal
+
+
 class QueueConfig(_Model):
     soft_watermark: float = Field(default=0.8, gt=0, le=1)
     max_batch_wait_ms: int | None = Field(default=None, ge=1)  # aging is off when null
@@ -281,7 +290,7 @@ class VramConfig(_Model):
 
 
 class PoolIdentity(_Model):
-    """The ``pools[]`` keys that place a pool in a replica set, which the cross-pool rules read."""
+    """The ``pools[]`` keys that place a pool in a replica set, and those the cross-pool rules read."""
 
     id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
     engine: Engine
@@ -290,6 +299,11 @@ class PoolIdentity(_Model):
     sampler_profile_version: str = "v1"
     replicas: int = Field(default=1, ge=1, le=8)
     queue: PoolQueueConfig = PoolQueueConfig()
+    # Issue 13: "on-demand" pools start unloaded; the scheduler loads them when their queue needs them
+    # and unloads them when idle for idle_unload_s or to make room (never while busy, never if pinned).
+    # Declared here, before devices: the pools of one replica set must agree on it, and the rules on
+    # devices, preload, idle_unload_s and pinned read it.
+    residency: Residency = "always"
 
 
 class PoolConfig(PoolIdentity):
@@ -297,7 +311,7 @@ class PoolConfig(PoolIdentity):
 
     # Field order matters: a rule on one key may read the keys declared before it (base class first).
     allow_cpu: bool = False
-    devices: Devices = "auto"
+    devices: Devices = Field(default="auto", validate_default=True)  # on-demand refuses the default
     host: PoolHost = rules.LOCAL_HOST  # whose pool manager serves it: `llorch up`'s, or `--host NAME`'s
     slots: int = Field(default=1, ge=1, le=64)
     max_tokens_limit: int | None = Field(default=None, ge=1)  # null: ctx
@@ -305,6 +319,8 @@ class PoolConfig(PoolIdentity):
     tensor_split: list[Annotated[float, Field(gt=0)]] | None = None
     cost_per_1k_tokens: float = Field(default=0.0, ge=0)
     preload: bool = True
+    idle_unload_s: int | None = Field(default=None, ge=1)  # on-demand only; null: 300
+    pinned: bool | None = None  # on-demand only; null: false
     admission: AdmissionConfig = AdmissionConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     restart: RestartConfig = RestartConfig()
@@ -320,6 +336,9 @@ class PoolConfig(PoolIdentity):
         "max_tokens_limit",
         "workloads",
         "tensor_split",
+        "preload",
+        "idle_unload_s",
+        "pinned",
         "admission",
         "engine_args",
         "engine_env",
@@ -343,6 +362,14 @@ class PoolConfig(PoolIdentity):
         if self.ram_factor is not None:
             return self.ram_factor
         return 1.2 if self.devices == "cpu" else 0.25
+
+    @property
+    def on_demand(self) -> bool:
+        return self.residency == "on-demand"
+
+    @property
+    def effective_idle_unload_s(self) -> int:
+        return 300 if self.idle_unload_s is None else self.idle_unload_s
 
     @property
     def effective_max_tokens_limit(self) -> int:
@@ -506,6 +533,7 @@ class LlorchConfig(_Model):
     redis: RedisConfig = RedisConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     queue: QueueConfig = QueueConfig()
+    residency: ResidencyConfig = ResidencyConfig()
     sessions: SessionsConfig = SessionsConfig()
     sse: SseConfig = SseConfig()
     sampler_profiles: SamplerProfiles = {"v1": GREEDY_V1}

@@ -162,6 +162,10 @@ def pool_field_problems(field: str, value: object, earlier: Mapping[str, object]
     bad key does not hide the other problems of the pool.
     """
     engine = earlier.get("engine")
+    if field in _RESIDENCY_KEYS:
+        residency_problems = _residency_problems(field, value, earlier.get("residency"))
+        if residency_problems:
+            return residency_problems
     if (
         field == "devices"
         and value == "cpu"
@@ -188,6 +192,28 @@ def pool_field_problems(field: str, value: object, earlier: Mapping[str, object]
         return _engine_env_problems(value)
     if field == "adapter" and isinstance(value, dict) and isinstance(engine, str):
         return _adapter_problems(value, engine)
+    return []
+
+
+_RESIDENCY_KEYS: Final = frozenset({"devices", "preload", "idle_unload_s", "pinned"})
+ON_DEMAND_DEVICES: Final = (
+    "an on-demand pool names its devices (a list of GPU indices or 'cpu', not 'auto'): the scheduler "
+    "swaps it in and out of them"
+)
+ON_DEMAND_PRELOAD: Final = "an on-demand pool is loaded by the scheduler; preload does not apply"
+ON_DEMAND_ONLY: Final = "only for residency: on-demand"
+
+
+def _residency_problems(field: str, value: object, residency: object) -> list[Problem]:
+    """Issue 13's rules on the keys that depend on ``residency`` (skipped when it did not validate).
+    A key that an ``always`` pool would ignore is refused rather than left inert."""
+    if residency == "on-demand":
+        if field == "devices" and value == "auto":
+            return [((), ON_DEMAND_DEVICES)]
+        if field == "preload" and value is False:
+            return [((), ON_DEMAND_PRELOAD)]
+    elif residency == "always" and field in ("idle_unload_s", "pinned") and value is not None:
+        return [((), ON_DEMAND_ONLY)]
     return []
 
 
@@ -258,14 +284,15 @@ def cross_pool_problems(
     The replica-set rule uses a static approximation of SPEC §1's set key: pools with equal
     ``(engine, model, ctx, sampler_profile_version)`` are taken to be one set. Catalog ids stand in for
     model digests, and ``engine_version`` is only known once the engines run, so pools that would differ
-    only there are merged here. ``full_policy`` must agree within each approximated set, and the number
-    of approximated sets counts towards the pool_id budget.
+    only there are merged here. ``full_policy`` and ``residency`` must agree within each approximated set,
+    and the number of approximated sets counts towards the pool_id budget.
     ``profiles`` is None when ``sampler_profiles`` itself did not validate.
     """
     indexed = list(pools)
     problems: list[Problem] = []
     first_by_id: dict[str, int] = {}
     first_by_set: dict[tuple[str, str, int, str], tuple[int, str]] = {}
+    first_residency_by_set: dict[tuple[str, str, int, str], tuple[int, str]] = {}
     for i, pool in indexed:
         if pool.id in first_by_id:
             problems.append(
@@ -283,11 +310,12 @@ def cross_pool_problems(
         key = (pool.engine, pool.model, pool.ctx, pool.sampler_profile_version)
         first = first_by_set.setdefault(key, (i, pool.queue.full_policy))
         if first[1] != pool.queue.full_policy:
-            msg = (
-                f"'{pool.queue.full_policy}' differs from pools[{first[0]}] ('{first[1]}'); pools with the "
-                "same (engine, model, ctx, sampler_profile_version) form one replica set and must agree"
-            )
+            msg = _disagrees(pool.queue.full_policy, *first)
             problems.append((("pools", i, "queue", "full_policy"), msg))
+        # A replica set is loaded and unloaded as one model (issue 13): half of it on demand means nothing.
+        first_residency = first_residency_by_set.setdefault(key, (i, pool.residency))
+        if first_residency[1] != pool.residency:
+            problems.append((("pools", i, "residency"), _disagrees(pool.residency, *first_residency)))
     engines = sorted({pool.engine for _, pool in indexed})
     if len(engines) > MAX_ENGINE_KINDS:
         msg = (
@@ -302,6 +330,13 @@ def cross_pool_problems(
     if replicas > MAX_REPLICAS:
         problems.append((("pools",), f"{replicas} replicas in total exceed the limit of {MAX_REPLICAS}"))
     return problems
+
+
+def _disagrees(value: str, first_index: int, first_value: str) -> str:
+    return (
+        f"'{value}' differs from pools[{first_index}] ('{first_value}'); pools with the same "
+        "(engine, model, ctx, sampler_profile_version) form one replica set and must agree"
+    )
 
 
 def duplicate_problems(

@@ -45,6 +45,9 @@ class Started(_Payload):
     predicted_start_ms: int = Field(ge=0)
     on_time_probability: float = Field(ge=0, le=1)
     priority: Priority
+    phase: Literal["loading"] | None = Field(
+        default=None, description="present when the task waits for its on-demand model to load"
+    )
 
 
 class QueuedMetrics(_Payload):
@@ -64,6 +67,9 @@ class LoadingMetrics(_Payload):
     queue_depth: int = Field(ge=0)
     on_time_probability: float = Field(ge=0, le=1)
     load_eta_ms: int = Field(ge=0)
+    waiting_for: str | None = Field(
+        default=None, description="why the load itself waits (busy or protected residents), if it does"
+    )
 
 
 class DispatchMetrics(_Payload):
@@ -151,7 +157,12 @@ def _encode(payload: Mapping[str, Any]) -> str:
 
 
 def started(
-    task_id: str, queue_position: int, predicted_start_ms: int, on_time_probability: float, priority: Priority
+    task_id: str,
+    queue_position: int,
+    predicted_start_ms: int,
+    on_time_probability: float,
+    priority: Priority,
+    loading: bool = False,
 ) -> str:
     return _encode(
         {
@@ -160,6 +171,7 @@ def started(
             "predicted_start_ms": predicted_start_ms,
             "on_time_probability": on_time_probability,
             "priority": priority,
+            "phase": "loading" if loading else None,
         }
     )
 
@@ -172,6 +184,27 @@ def queued(queue_position: int, predicted_start_ms: int, queue_depth: int, on_ti
             "predicted_start_ms": predicted_start_ms,
             "queue_depth": queue_depth,
             "on_time_probability": on_time_probability,
+        }
+    )
+
+
+def loading(
+    queue_position: int,
+    predicted_start_ms: int,
+    queue_depth: int,
+    on_time_probability: float,
+    load_eta_ms: int,
+    waiting_for: str | None = None,
+) -> str:
+    return _encode(
+        {
+            "phase": "loading",
+            "queue_position": queue_position,
+            "predicted_start_ms": predicted_start_ms,
+            "queue_depth": queue_depth,
+            "on_time_probability": on_time_probability,
+            "load_eta_ms": load_eta_ms,
+            "waiting_for": waiting_for,
         }
     )
 

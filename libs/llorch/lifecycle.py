@@ -18,6 +18,9 @@ from llorch.grpc_tls import add_port
 from llorch.rpc import AuthInterceptor
 
 SHUTDOWN_GRACE_S = 2.0
+LOADABLE_STATES = frozenset({"Stopped", "Preloading", "SelfTest", "Backoff"})
+"""Pool states of an on-demand pool that still serves: unloaded, or loading (issue 13). A task for it is
+admitted and queued, and the scheduler loads it."""
 COMING_STATES = frozenset({"Preloading", "SelfTest", "Backoff", "Starting", "Loading", "Reloading"})
 """Pool states on the way to Ready by themselves (SPEC §4 POOL_UNREADY); the others (Stopped, Drained,
 Unavailable with its circuit open, Failed) wait for an operator (POOL_UNAVAILABLE)."""

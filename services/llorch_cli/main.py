@@ -18,7 +18,7 @@ from llorch import config_rules as rules
 from llorch.config import ConfigError, LlorchConfig, load_config
 from llorch.logs import setup_logging
 
-from . import config_cmd, down, models_cmd, ops, pools_cmd, status_cmd, submit_cmd, tasks_cmd
+from . import config_cmd, down, gpus_cmd, models_cmd, ops, pools_cmd, status_cmd, submit_cmd, tasks_cmd
 
 Serve = Callable[[LlorchConfig, asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -159,8 +159,7 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="POOL=GPU",
                 help="the GPU chosen for a `devices: auto` pool (-1: none fits); repeatable",
             )
-    gpus = sub.add_parser("gpus", help="print the GPU inventory the configured probe sees, as JSON")
-    gpus.add_argument("--config", default=None, help="YAML config (default: NVML)")
+    gpus_cmd.add_parser(sub)
     sub.add_parser("mock-engine", help="run the mock engine (llama-server protocol)", add_help=False)
     config = sub.add_parser("config", help="validate a config or print its JSON Schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -189,10 +188,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "config":
         code = config_cmd.validate(args.file) if args.config_command == "validate" else config_cmd.schema()
         raise SystemExit(code)
-    if args.command == "gpus":
-        from .gpus_cmd import gpus as print_gpus
-
-        raise SystemExit(print_gpus(Path(args.config) if args.config else None))
     if args.command == "up":
         from .up import up
 

@@ -17,14 +17,16 @@ from llorch import tracing
 from llorch.config import LlorchConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import is_valid_id, new_task_id
+from llorch.lifecycle import LOADABLE_STATES
 from llorch.policy import PolicyEngine, load_plugins
 from llorch.store import Store
-from llorch.v1 import scheduler_pb2
+from llorch.v1 import scheduler_pb2, types_pb2
 
 from . import (
     anthropic_api,
     artifacts_api,
     catalog_api,
+    gpus_api,
     openai_api,
     openapi,
     policy_api,
@@ -234,7 +236,8 @@ class Api:
         try:
             reply = await self.d.scheduler.list_pools(timeout_s=2.0)
             scheduler_ok = True
-            ready = sum(1 for view in reply.pools if view.state.state == "Ready")
+            # An unloaded on-demand pool serves too: a task for it is admitted and loads it (issue 13).
+            ready = sum(1 for view in reply.pools if _serves(view.state))
         except OrchestratorError:
             scheduler_ok, ready = False, 0
         checks = {
@@ -324,6 +327,7 @@ def build_app(deps: Deps) -> web.Application:
     artifacts_api.add_routes(app, deps.cfg)
     responses_api.add_routes(app, runner)
     status_api.add_routes(app, deps.scheduler, deps.store)
+    gpus_api.add_routes(app, deps.scheduler)
     policy = PolicyEngine(deps.cfg.policy, load_plugins(deps.cfg.policy.plugins))
     policy_api.add_routes(app, policy, deps.metrics)
     openapi.add_routes(app)
@@ -331,3 +335,8 @@ def build_app(deps: Deps) -> web.Application:
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)
     return app
+
+
+def _serves(pool: types_pb2.PoolState) -> bool:
+    """Ready, or on-demand and unloaded or loading."""
+    return pool.state == "Ready" or (pool.residency == "on-demand" and pool.state in LOADABLE_STATES)

@@ -316,7 +316,8 @@ def _pieces_of(event: Event) -> Iterator[Piece]:
         if data["t"]:
             yield Text(data["t"])
     elif name == EventName.STARTED:
-        yield Waiting(data["queue_position"], data["predicted_start_ms"])
+        loading = data.get("phase") == "loading"
+        yield Waiting(data["queue_position"], data["predicted_start_ms"], "loading" if loading else "queued")
     elif name == EventName.METRICS:
         phase = data.get("phase")
         if phase in ("queued", "loading"):

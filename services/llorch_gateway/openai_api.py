@@ -24,13 +24,14 @@ import base64
 import json
 import struct
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from llorch.ids import SEED_MAX
 from llorch.lifecycle import COMING_STATES
+from llorch.v1 import scheduler_pb2
 
 from .chat import (
     ChatCall,
@@ -267,22 +268,25 @@ class OpenAIApi:
         return json_response(payload, admitted.task_id)
 
     async def models(self, request: web.Request) -> web.Response:
-        """Every served model: ``status`` ready / loading / unavailable, its ``context_length`` and
-        ``replica_set``; one entry per model (its first ready set, else its first set)."""
+        """Every served model: ``status`` ready / loading / unloaded (an on-demand model not loaded
+        now: a request loads it) / unavailable, its ``residency`` (always / on-demand),
+        ``context_length`` and ``replica_set``; one entry per model, from its set nearest to serving
+        (ready, then loading, then unloaded; by id among equals)."""
         reply = await self.scheduler.replica_sets()
         pools = {view.state.pool_id: view.state.state for view in (await self.scheduler.list_pools()).pools}
+        statuses = {view.id: _status(view, pools) for view in reply.sets}
         entries: dict[str, dict[str, object]] = {}
-        for view in sorted(reply.sets, key=lambda v: (not v.ready, v.id)):
+        for view in sorted(reply.sets, key=lambda v: (_MODEL_STATUS_RANK[statuses[v.id]], v.id)):
             if view.model_id in entries:
                 continue
-            states = {pools.get(p, "") for p in view.pools}
-            status = "ready" if view.ready else "loading" if states & COMING_STATES else "unavailable"
+            status = statuses[view.id]
             entries[view.model_id] = {
                 "id": view.model_id,
                 "object": "model",
                 "created": _STARTED,
                 "owned_by": OWNER,
                 "status": status,
+                "residency": view.residency or "always",
                 "context_length": view.ctx,
                 "replica_set": view.id,
             }
@@ -301,6 +305,20 @@ class OpenAIApi:
 
 
 _STARTED = int(time.time())
+_MODEL_STATUS_RANK: Final = {"ready": 0, "loading": 1, "unloaded": 2, "unavailable": 3}
+
+
+def _status(view: scheduler_pb2.ReplicaSetView, pool_states: dict[str, str]) -> str:
+    """A set's /v1/models status: its pools' states tell a start under way even where the scheduler
+    does not (a restart, a reload); ``unloaded`` only for an on-demand set the scheduler says is not
+    loaded (a request loads it), never for a stopped ``always`` one (nothing would)."""
+    if view.ready:
+        return "ready"
+    if view.status == "loading" or {pool_states.get(p, "") for p in view.pools} & COMING_STATES:
+        return "loading"
+    if view.status == "unloaded" and view.residency == "on-demand":
+        return "unloaded"
+    return "unavailable"
 
 
 class _Chunks:

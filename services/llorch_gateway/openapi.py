@@ -70,6 +70,11 @@ _ANY_OBJ: Final[Schema] = {"type": "object"}
 _NULL_STR: Final[Schema] = {"type": ["string", "null"]}
 
 
+_RESIDENCY: Final[Schema] = {"enum": ["always", "on-demand"]}
+_COUNT: Final[Schema] = {"type": "integer", "minimum": 0}
+_NULL_MS: Final[Schema] = {"type": ["integer", "null"], "minimum": 1}
+
+
 def _response_schemas() -> dict[str, Schema]:
     codes = [code.value for code in Code]
     return {
@@ -116,10 +121,115 @@ def _response_schemas() -> dict[str, Schema]:
         ),
         "SessionInfo": _obj(("session_id", "turns", "model_ref"), session_id=_STR, turns=_INT),
         "PoolHealth": _obj(("pool_id", "state", "engine"), pool_id=_STR, state=_STR, engine=_STR),
-        "ReplicaSet": _obj(("id", "engine"), id=_STR, engine=_STR),
+        "ReplicaSet": _obj(
+            ("id", "engine"),
+            id=_STR,
+            engine=_STR,
+            residency=_RESIDENCY,
+            status={
+                "enum": ["loaded", "loading", "unloaded", None],
+                "description": "Whether its model is in memory; null from a scheduler that does not say.",
+            },
+        ),
+        "OpenAIModel": _obj(
+            ("id", "object", "created", "owned_by", "status", "residency", "context_length", "replica_set"),
+            id=_STR,
+            object={"const": "model"},
+            created=_INT,
+            owned_by=_STR,
+            status={
+                "enum": ["ready", "loading", "unloaded", "unavailable"],
+                "description": "unloaded: an on-demand model not in memory now; a request loads it.",
+            },
+            residency=_RESIDENCY,
+            context_length=_INT,
+            replica_set=_STR,
+        ),
+        **_ledger_schemas(),
         "Capabilities": _obj(("api_version", "engines"), api_version=_STR, engines={"type": "array"}),
         "CatalogModel": _obj(("id", "state"), id=_STR, state=_STR, digest=_STR, path=_STR),
         "Readiness": _obj(("status", "checks"), status={"enum": ["ready", "not_ready"]}, checks=_ANY_OBJ),
+    }
+
+
+def _ledger_schemas() -> dict[str, Schema]:
+    """``GET /v1/gpus`` (issue 13): the scheduler's VRAM ledger."""
+    resident_fields = (
+        "pool_id",
+        "model",
+        "state",
+        "idle_since_ms",
+        "pinned",
+        "residency",
+        "used_bytes",
+        "need_bytes",
+        "running",
+        "loaded_at_ms",
+    )
+    device_fields = (
+        "device",
+        "name",
+        "total_bytes",
+        "used_bytes",
+        "reserved_bytes",
+        "free_bytes",
+        "residents",
+    )
+    return {
+        "GpuResident": {
+            **_obj(
+                resident_fields,
+                pool_id=_STR,
+                model=_STR,
+                state={
+                    "enum": [
+                        "unloaded",
+                        "loading",
+                        "ready",
+                        "busy",
+                        "idle",
+                        "draining",
+                        "unloading",
+                        "failed",
+                    ],
+                    "description": "busy: running tasks; idle: loaded, none running; draining: finishing its "
+                    "tasks; failed: not serving (its pool failed, or its manager is away).",
+                },
+                idle_since_ms={
+                    **_NULL_MS,
+                    "description": "Epoch ms of its last task's end; null when busy or unloaded.",
+                },
+                pinned=_BOOL,
+                residency=_RESIDENCY,
+                used_bytes={
+                    **_COUNT,
+                    "description": "Measured once loaded (else the estimate); 0 when unloaded.",
+                },
+                need_bytes={**_COUNT, "description": "The preload estimate on this device."},
+                running=_COUNT,
+                loaded_at_ms={**_NULL_MS, "description": "Epoch ms it became ready; null when not loaded."},
+            ),
+            "description": "A pool on a device, loaded or not, as the ledger counts it.",
+        },
+        "GpuLedger": {
+            **_obj(
+                device_fields,
+                device={**_STR, "description": '"0", "1", ... or "cpu"'},
+                name=_STR,
+                total_bytes=_COUNT,
+                used_bytes={**_COUNT, "description": "What the loaded residents use."},
+                reserved_bytes={**_COUNT, "description": "What the loads under way will take."},
+                free_bytes={**_COUNT, "description": "total - used - reserved, never negative."},
+                residents=_array("GpuResident"),
+            ),
+            "description": "One device of the scheduler's VRAM ledger.",
+        },
+        "Gpus": _obj(
+            ("devices", "max_swap_wait_ms", "min_residency_ms"),
+            devices=_array("GpuLedger"),
+            max_swap_wait_ms={**_COUNT, "description": "How long a resident model's queued work goes first."},
+            min_residency_ms={**_COUNT, "description": "How long a loaded model stays at least."},
+        ),
     }
 
 
@@ -235,6 +345,9 @@ def _native_paths() -> dict[str, dict[str, Schema]]:
             "post": _op("Resume a drained pool", {"202": _json_body(_ANY_OBJ)}, params=(pool,))
         },
         "/v1/replicasets": {"get": _op("Replica sets", {"200": _json_body(_array("ReplicaSet"))})},
+        "/v1/gpus": {
+            "get": _op("The VRAM ledger per device, with its residents", {"200": _json_body(_ref("Gpus"))})
+        },
         "/v1/capabilities": {
             "get": _op("What this deployment serves", {"200": _json_body(_ref("Capabilities"))})
         },
@@ -296,7 +409,7 @@ def _compat_paths() -> dict[str, dict[str, Schema]]:
                 "OpenAI model list",
                 {
                     "200": _json_body(
-                        _obj(("object", "data"), object={"const": "list"}, data={"type": "array"})
+                        _obj(("object", "data"), object={"const": "list"}, data=_array("OpenAIModel"))
                     )
                 },
             )

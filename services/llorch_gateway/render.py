@@ -57,6 +57,8 @@ def _opt(message: Message, name: str) -> object:
 
 
 def replica_set(view: scheduler_pb2.ReplicaSetView) -> dict[str, object]:
+    """ReplicaSetView; ``residency`` is ``always`` unless a member is on-demand, ``status`` is
+    ``loaded``, ``loading`` or ``unloaded`` (null from a scheduler that does not say)."""
     slo = view.slo
     return {
         "id": view.id,
@@ -76,6 +78,8 @@ def replica_set(view: scheduler_pb2.ReplicaSetView) -> dict[str, object]:
         "queue_depth": {"interactive": view.queue_interactive, "batch": view.queue_batch},
         "queue_capacity": view.queue_capacity,
         "full_policy": view.full_policy,
+        "residency": view.residency or "always",
+        "status": view.status or None,
         "slo": {
             name: _opt(slo, name)
             for name in ("first_token_ms_p50", "first_token_ms_p95", "decode_ms_p50", "on_time_ratio")
@@ -100,6 +104,7 @@ def _engine(engine: scheduler_pb2.EngineCapability, rate_limits: object) -> dict
         "ctx_max": engine.ctx_max,
         "supported_workloads": list(engine.supported_workloads),
         "models": list(engine.models),
+        "model_status": dict(sorted(engine.model_status.items())),
         "rate_limits": rate_limits,
         "features": {
             "determinism": list(f.determinism),
@@ -230,3 +235,45 @@ def gpus(views: Iterable[scheduler_pb2.PoolView]) -> list[dict[str, object]]:
         }
         for device, gpu in sorted(seen.items())
     ]
+
+
+def _ms_or_null(ms: int) -> int | None:
+    return ms or None  # 0 is the ledger's "never": no such moment
+
+
+def resident(entry: scheduler_pb2.Resident) -> dict[str, object]:
+    """One pool on a device as the VRAM ledger counts it; its moments are null when 0 (not idle, not
+    loaded)."""
+    return {
+        "pool_id": entry.pool_id,
+        "model": entry.model_ref,
+        "state": entry.state,
+        "idle_since_ms": _ms_or_null(entry.idle_since_ms),
+        "pinned": entry.pinned,
+        "residency": entry.residency or "always",
+        "used_bytes": entry.used_bytes,
+        "need_bytes": entry.need_bytes,
+        "running": entry.running,
+        "loaded_at_ms": _ms_or_null(entry.loaded_at_ms),
+    }
+
+
+def gpu_ledger(reply: scheduler_pb2.GpusReply) -> dict[str, object]:
+    """``GET /v1/gpus`` (issue 13): the scheduler's VRAM ledger per device with its residents, and the
+    swap policy's two bounds."""
+    return {
+        "devices": [
+            {
+                "device": ledger.device,
+                "name": ledger.name or ledger.device,
+                "total_bytes": ledger.total_bytes,
+                "used_bytes": ledger.used_bytes,
+                "reserved_bytes": ledger.reserved_bytes,
+                "free_bytes": ledger.free_bytes,
+                "residents": [resident(entry) for entry in ledger.residents],
+            }
+            for ledger in reply.devices
+        ],
+        "max_swap_wait_ms": reply.max_swap_wait_ms,
+        "min_residency_ms": reply.min_residency_ms,
+    }

@@ -100,6 +100,13 @@ class SchedulerClient:
         call = self.stub.PoolControl(request, metadata=metadata(self.token), timeout=timeout)
         return await self._call(call, "the scheduler")
 
+    async def gpus(self) -> scheduler_pb2.GpusReply:
+        """The VRAM ledger per device and its residents (issue 13)."""
+        call = self.stub.Gpus(
+            scheduler_pb2.GpusRequest(), metadata=metadata(self.token), timeout=DEFAULT_DEADLINE_S
+        )
+        return await self._call(call, "the scheduler")
+
     async def catalog(self, request: scheduler_pb2.CatalogRequest) -> scheduler_pb2.CatalogReply:
         call = self.stub.Catalog(request, metadata=metadata(self.token), timeout=CATALOG_DEADLINE_S)
         return await self._call(call, "the scheduler")

@@ -29,8 +29,10 @@ from .drain import Drains
 from .eventlog import EventLog
 from .executor import Executor
 from .faults import PoolError
+from .footprint import Footprint, Sizer, cpu_total_bytes
 from .metrics import PoolMetrics
 from .reload import Reloads, Runner
+from .residency import Residency
 from .service import PoolManagerService, Pools, Registration, renew_leases_forever
 from .supervisor import Replica
 from .topology import resolve_devices
@@ -116,6 +118,8 @@ async def build_pools(
     errors: dict[str, tuple[str, str, int]] = {}
     holder: list[Pools] = []
     inventory = probe.devices()
+    sizer = Sizer(inventory, cpu_total_bytes(cfg.residency))
+    footprints: dict[str, Footprint] = {}
 
     def changed() -> None:
         if holder:
@@ -124,6 +128,8 @@ async def build_pools(
     def unservable(pool: PoolConfig, code: PoolError, message: str) -> None:
         errors[pool.id] = (code.value, message, int(time.time() * 1000))
         entries.append((pool, "", []))
+        labels = [str(d) for d in pool.devices] if isinstance(pool.devices, list) else [pool.devices]
+        footprints[pool.id] = sizer.devices(labels)
 
     for pool in pool_cfgs:
         model = catalog.get(pool.model)
@@ -145,12 +151,13 @@ async def build_pools(
             unservable(pool, PoolError.INSUFFICIENT_VRAM, devices + why)
             continue
         digest = verified.digest or await digests.digest(path)
+        footprints[pool.id] = await sizer.measure(pool, devices, path)
         replicas = [
             Replica(pool, k, path, devices, cfg.state_dir, probe, metrics, changed)
             for k in range(pool.replicas)
         ]
         entries.append((pool, digest, replicas))
-    holder.append(Pools(entries, metrics, errors))
+    holder.append(Pools(entries, metrics, sizer, footprints, errors))
     return holder[0]
 
 
@@ -208,10 +215,11 @@ async def serve(
             reloads = Reloads(
                 pools, executor, drains, runner, DigestCache(cfg.state_dir / "digests.json"), make
             )
+            residency = Residency(pools, runner)
 
             def register(server: grpc.aio.Server) -> None:
                 poolmgr_pb2_grpc.add_PoolManagerServicer_to_server(
-                    PoolManagerService(pools, executor, drains, reloads), server
+                    PoolManagerService(pools, executor, drains, reloads, residency), server
                 )
 
             for replica in pools.replicas.values():

@@ -13,6 +13,7 @@ that exceeds a device's total memory (before any OOM bump) can never load: that 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -68,6 +69,40 @@ def vram_need(pool: PoolConfig, size: int, bump: float, facts: ModelFacts | None
     return math.ceil(gpu.vram_need_bytes(size, pool.vram.factor, kv) * bump)
 
 
+def ram_factor(pool: PoolConfig, devices: list[int] | None) -> float:
+    """`ram_factor`, else 1.2 for a CPU replica (`devices` None) and 0.25 for a GPU one."""
+    if pool.ram_factor is not None:
+        return pool.ram_factor
+    return 1.2 if devices is None else 0.25
+
+
+def split(pool: PoolConfig, need: int, devices: list[int]) -> dict[int, int]:
+    """`need` over `devices` as the VRAM check counts it: by `tensor_split`, else each device holds it
+    all."""
+    shares = pool.tensor_split or [1.0] * len(devices)
+    total = sum(shares) if pool.tensor_split else 1.0
+    return {index: int(need * share / total) for index, share in zip(devices, shares, strict=True)}
+
+
+def replica_need(
+    pool: PoolConfig,
+    devices: list[int] | None,
+    size: int,
+    totals: Mapping[int, int],
+    facts: ModelFacts | None = None,
+) -> dict[str, int]:
+    """What one loaded replica of `pool` holds per device label ("0", "1", ... or "cpu"), as
+    :func:`check` predicts it (no OOM bump, no headroom): host RAM for a CPU replica, VRAM otherwise
+    (a vLLM pool: its utilization of each device's total in `totals`)."""
+    if devices is None:
+        return {"cpu": math.ceil(size * ram_factor(pool, None))}
+    if pool.engine == "vllm":
+        util = _vllm_utilization(pool)
+        return {str(index): int(totals.get(index, 0) * util) for index in devices}
+    need = vram_need(pool, size, 1.0, facts)
+    return {str(index): nbytes for index, nbytes in split(pool, need, devices).items()}
+
+
 def check(
     pool: PoolConfig,
     devices: list[int] | None,
@@ -86,9 +121,8 @@ def check(
         size = model_bytes(path)
     except OSError as exc:
         return Failure(PoolError.MODEL_NOT_FOUND, f"model file {path}: {exc.strerror}")
-    ram_factor = pool.ram_factor if pool.ram_factor is not None else (1.2 if devices is None else 0.25)
     available = gpu.mem_available_bytes() if mem_available is None else mem_available
-    short = gpu.check_ram(size, ram_factor, available)
+    short = gpu.check_ram(size, ram_factor(pool, devices), available)
     if short is not None:
         return Failure(PoolError.INSUFFICIENT_RAM, short)
     if devices is None:
@@ -117,6 +151,4 @@ def check(
     short = gpu.check_vram(present, need, headroom, pool.tensor_split)
     if short is not None:
         return Failure(PoolError.INSUFFICIENT_VRAM, short)
-    shares = pool.tensor_split or [1.0] * len(present)
-    total = sum(shares) if pool.tensor_split else 1.0
-    return Plan({dev.index: int(need * share / total) for dev, share in zip(present, shares, strict=True)})
+    return Plan(split(pool, need, [dev.index for dev in present]))

@@ -132,7 +132,9 @@ class Reloads:
                     last_error={"code": exc.code.value, "message": exc.message, "at_ms": _now_ms()},
                 ) from None
             new_cfg = new[0].pool
+            footprint = await self.pools.sizer.measure(new_cfg, new[0].devices, path)  # facts: cached
             self.pools.pools[index] = (new_cfg, digest, new)  # the swap: one step, nothing awaits
+            self.pools.footprints[pool_id] = footprint
             for replica in new:
                 self.executor.replicas[replica.replica_id] = replica
             self.drains.replicas[pool_id] = new

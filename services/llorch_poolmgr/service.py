@@ -21,11 +21,14 @@ from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb
 
 from .drain import Drains
 from .executor import Executor
+from .footprint import Footprint, Sizer
 from .metrics import PoolMetrics
+from .preload import MIB
 from .supervisor import Replica, ReplicaState
 
 if TYPE_CHECKING:
     from .reload import Reloads
+    from .residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,16 @@ class Pools:
         self,
         pools: list[tuple[PoolConfig, str, list[Replica]]],
         metrics: PoolMetrics,
+        sizer: Sizer,
+        footprints: dict[str, Footprint],
         errors: dict[str, tuple[str, str, int]] | None = None,
     ) -> None:
+        """``footprints``: each pool's predicted need and its devices' totals (:mod:`.footprint`),
+        measured by ``sizer``, which a reload uses again for the new model."""
         self.pools = pools  # (config, model digest, replicas)
         self.metrics = metrics
+        self.sizer = sizer
+        self.footprints = footprints
         self.errors = errors or {}  # pool_id -> (code, message, at_ms) for pools that cannot start
         self.changed = asyncio.Event()
         self.draining = False
@@ -127,7 +136,16 @@ class Pools:
             cost_per_1k_tokens=cfg.cost_per_1k_tokens,
             slots=cfg.slots,
             kv_bytes_per_token=replicas[0].kv_bytes_per_token if replicas else 0,
+            residency=cfg.residency,
+            pinned=bool(cfg.pinned),
+            idle_unload_ms=cfg.effective_idle_unload_s * 1000 if cfg.on_demand else 0,
         )
+        footprint = self.footprints.get(cfg.id)
+        if footprint is not None:
+            pool.need_bytes.update(footprint.need_bytes)
+            pool.device_total_bytes.update(footprint.total_bytes)
+            pool.headroom_bytes = 0 if cfg.devices == "cpu" else cfg.vram.headroom_mib * MIB
+            pool.device_names.update(footprint.names)
         for r in replicas:
             replica = pool.replicas.add(
                 replica_id=r.replica_id,
@@ -179,11 +197,14 @@ def _config_devices(cfg: PoolConfig) -> list[str]:
 
 
 class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
-    def __init__(self, pools: Pools, executor: Executor, drains: Drains, reloads: Reloads) -> None:
+    def __init__(
+        self, pools: Pools, executor: Executor, drains: Drains, reloads: Reloads, residency: Residency
+    ) -> None:
         self.pools = pools
         self.executor = executor
         self.drains = drains
         self.reloads = reloads
+        self.residency = residency
 
     @unary
     async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
@@ -232,17 +253,28 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
     async def Resume(
         self, request: poolmgr_pb2.ResumeRequest, context: Context
     ) -> poolmgr_pb2.ResumeResponse:
-        for cfg, _digest, replicas in self.pools.pools:
-            if cfg.id == request.pool_id:
-                self.drains.resume(cfg.id)
-                for replica in replicas:
-                    if self.reloads.runner.runs(replica):
-                        replica.resume()
-                    else:  # unloaded: its engine starts again
-                        replica.state = ReplicaState.PRELOADING
-                        self.reloads.runner.start(replica)
-                return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(cfg.id))
+        """Start a Stopped pool's engines (an on-demand pool's load), close an open circuit, undo a
+        drain. Waits for an unload of the pool under way, whose engines must stop first."""
+        async with self.residency.lock(request.pool_id):
+            for cfg, _digest, replicas in self.pools.pools:
+                if cfg.id == request.pool_id:
+                    self.drains.resume(cfg.id)
+                    for replica in replicas:
+                        if self.reloads.runner.runs(replica):
+                            replica.resume()
+                        else:  # unloaded: its engine starts again
+                            replica.state = ReplicaState.PRELOADING
+                            self.reloads.runner.start(replica)
+                    return poolmgr_pb2.ResumeResponse(found=True, state=self._state_of(cfg.id))
         return poolmgr_pb2.ResumeResponse(found=False)
+
+    @unary
+    async def Unload(self, request: poolmgr_pb2.UnloadRequest, context: Context) -> poolmgr_pb2.UnloadReply:
+        """Stop an idle pool's engines (:meth:`Residency.unload`); refused while a task runs there."""
+        unloaded = await self.residency.unload(request.pool_id, request.reason)
+        if unloaded is None:
+            return poolmgr_pb2.UnloadReply(found=False)
+        return poolmgr_pb2.UnloadReply(found=True, unloaded=unloaded, state=self._state_of(request.pool_id))
 
     @unary
     async def Drain(self, request: poolmgr_pb2.DrainRequest, context: Context) -> poolmgr_pb2.ResumeResponse:

@@ -1,10 +1,10 @@
 """Engine supervision: the state machine of one replica, from preload to Ready and back after a failure.
 
-A replica's life (SPEC §5.6): `Stopped` (preload: false, until resume) → `Preloading` (the VRAM and
-RAM checks, then the launch) → `SelfTest` → `Ready`. Any failure — a short check, an engine that
-never turns healthy, a failed self-test, an exit, three missed health probes, a stuck engine, a
-driver fault — records `last_error`, counts `engine_restarts_total{reason}` and leads to `Backoff`.
-Restarts are a tenacity retry loop: the wait is `initial_backoff_ms` x 2^(n-1), capped at
+A replica's life (SPEC §5.6): `Stopped` (preload: false or residency: on-demand, until resume) →
+`Preloading` (the VRAM and RAM checks, then the launch) → `SelfTest` → `Ready`. Any failure — a short
+check, an engine that never turns healthy, a failed self-test, an exit, three missed health probes, a
+stuck engine, a driver fault — records `last_error`, counts `engine_restarts_total{reason}` and leads
+to `Backoff`. Restarts are a tenacity retry loop: the wait is `initial_backoff_ms` x 2^(n-1), capped at
 `max_backoff_ms`, ±20 % jitter, where n counts the failures inside the breaker window (so a replica
 that ran well for a while starts again from the initial backoff). `breaker_failures` failures within
 `breaker_window_s` open the circuit: the replica stays `Unavailable` until resume. A configuration
@@ -122,7 +122,10 @@ class Replica:
         self.probe = probe
         self.metrics = metrics
         self.on_change = on_change
-        self.state = ReplicaState.PRELOADING if pool.preload else ReplicaState.STOPPED
+        # An on-demand pool starts unloaded: the scheduler loads it (Resume) when its queue needs it. A
+        # reload's successor loads at once, since the reload waits for it to be Ready.
+        loads = (pool.preload and not pool.on_demand) or generation > 0
+        self.state = ReplicaState.PRELOADING if loads else ReplicaState.STOPPED
         self.engine_version = ""
         self.slots_total = pool.slots
         self.restarts = 0

@@ -25,6 +25,7 @@ from .catalog import Catalog
 from .dispatcher import Dispatcher, DispatchSettings
 from .estimator import Estimator
 from .leases import LeaseSweeper
+from .loader import Loader
 from .metrics import SchedulerMetrics
 from .queueing import QueueFront
 from .queuewatch import QueueWatch
@@ -52,6 +53,7 @@ class Parts:
     dispatcher: Dispatcher
     sweeper: LeaseSweeper
     catalog: Catalog
+    loader: Loader
 
 
 def build(
@@ -65,6 +67,8 @@ def build(
     served_models = [m.id for m in cfg.catalog.models if m.id in served]
     sessions = Sessions(cfg.sessions, store, registry)
     watch = QueueWatch(cfg, store, registry, estimator, metrics, sessions)
+    loader = Loader(cfg.residency, registry, watch.views, metrics, token, watch.announce)
+    watch.load_eta, watch.why = loader.load_eta_ms, loader.why
     throttles = Throttles(cfg.pools, cfg.api.tokens, clamp, metrics)
     front = QueueFront(cfg.pools, cfg.sse.retention_s, store, estimator, metrics, sessions)
     catalog = Catalog(
@@ -87,12 +91,13 @@ def build(
         front,
         throttles,
         catalog.state_of,
+        loader.load_eta_ms,
     )
     dispatcher = Dispatcher(
-        DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token
+        DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token, loader
     )
     sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
-    return Parts(sessions, watch, admission, dispatcher, sweeper, catalog)
+    return Parts(sessions, watch, admission, dispatcher, sweeper, catalog, loader)
 
 
 async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = None) -> None:
@@ -120,6 +125,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
                 token,
                 parts.sessions,
                 parts.catalog,
+                parts.loader,
             )
 
             def register(server: grpc.aio.Server) -> None:
@@ -131,6 +137,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
                 _gauges(service),
                 parts.watch.run(),
                 parts.catalog.verify_pending(),
+                parts.loader.run(),
             )
             async with (
                 background(*loops),
@@ -138,6 +145,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
             ):
                 log.info("scheduler listening", extra={"event": "scheduler_started", "address": listen})
                 await stop.wait()
+            await parts.loader.aclose()
             await registry.aclose()
             parts.catalog.close()
 

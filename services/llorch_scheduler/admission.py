@@ -23,12 +23,14 @@ from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
 from llorch.lifecycle import COMING_STATES
 from llorch.store import AdmitStatus, NewTask, Priority, SessionBudgets, Store, TaskRequest, now_ms
+from llorch.v1 import types_pb2
 
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
 from .queueing import QueueFront
 from .queuewatch import QueueWatch
 from .registry import PoolRegistry, SetInfo, set_of
+from .residency import never_fits
 from .sessions import Sessions
 from .submission import Submission
 from .throttles import Throttles
@@ -67,10 +69,12 @@ class Admission:
         front: QueueFront,
         throttles: Throttles,
         lifecycle: Callable[[str], str | None] = lambda _model: None,
+        load_eta: Callable[[str], int | None] = lambda _rs: None,
     ) -> None:
         """``limits``: the scheduler's defaults and bounds (max tokens, deadlines); ``served_models``:
         the catalog models some pool serves (named in INVALID_PARAMS for an unknown model_ref);
-        ``lifecycle``: a model's catalog state (None: not in the catalog)."""
+        ``lifecycle``: a model's catalog state (None: not in the catalog); ``load_eta``: the remaining
+        load time of a set whose on-demand model is not loaded (None when loaded), added to predictions."""
         self.limits = limits
         self.soft_watermark = soft_watermark
         self.served_models = sorted(served_models)
@@ -83,6 +87,7 @@ class Admission:
         self.front = front
         self.throttles = throttles
         self.lifecycle = lifecycle
+        self.load_eta = load_eta
 
     async def admit(self, req: Submission) -> Admitted:
         task_id = req.task_id or new_task_id()
@@ -168,6 +173,9 @@ class Admission:
                 served_models=list(self.served_models),
             )
         ready = [(m, p) for m, p in members if self.registry.is_ready(m, p)]
+        if not ready:  # an on-demand model is admitted and queued while it is not loaded (issue 13)
+            ready = [(m, p) for m, p in members if self.registry.is_loadable(m, p)]
+            _refuse_never_fits(req.model_ref, [p for _, p in ready])
         if not ready:
             coming = [p for m, p in members if not m.connected or p.state in COMING_STATES]
             if not coming:  # every member is stopped, drained or circuit-open: only an operator helps
@@ -240,14 +248,15 @@ class Admission:
 
     async def _enqueue(self, task: NewTask, info: SetInfo, tokens: int, minted: bool) -> Admitted:
         rs, priority, deadline_ms = info.rs, task.priority, task.deadline_ms
-        slots_total, _ = self.registry.slots(rs)
+        slots_total = self._slots_total(rs)
+        loading = self.load_eta(rs) is not None
         first = max(0, self.watch.depth_ahead(rs, priority) - 1)
         window = [
             self._prediction(rs, position, slots_total, tokens, deadline_ms)
             for position in range(first, first + STARTED_WINDOW)
         ]
         started = [
-            events.started(task.task_id, position, predicted, on_time, priority)
+            events.started(task.task_id, position, predicted, on_time, priority, loading)
             for position, (predicted, on_time) in enumerate(window, start=first)
         ]
         limits = self.front.limits(info)
@@ -297,17 +306,23 @@ class Admission:
         if info is not None:  # else the set's pools are not back yet: the next sweep retries
             await self.front.evict(info, victim, self.registry.slots(rs)[0])
 
+    def _slots_total(self, rs: str) -> int:
+        """The set's Ready slots; while its on-demand model loads, the slots it will have."""
+        total, _ = self.registry.slots(rs)
+        return total or self.registry.configured_slots(rs)
+
     def _prediction(
         self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int
     ) -> tuple[int, float]:
         predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens)
+        predicted += self.load_eta(rs) or 0
         return predicted, self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
 
     def _check_deadline(self, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int) -> None:
         """SPEC §5.1 check 11: refuse a task whose predicted start already misses its deadline."""
-        slots_total, _ = self.registry.slots(info.rs)
         ahead = self.watch.depth_ahead(info.rs, priority)
-        predicted = self.estimator.predicted_start_ms(info.rs, ahead, slots_total, tokens)
+        predicted = self.estimator.predicted_start_ms(info.rs, ahead, self._slots_total(info.rs), tokens)
+        predicted += self.load_eta(info.rs) or 0
         if predicted > deadline_ms:
             self.metrics.tasks_rejected.labels(info.engine, Code.DEADLINE_UNMET.value).inc()
             raise OrchestratorError(
@@ -316,6 +331,21 @@ class Admission:
                 "raise the deadline or retry when the queue is shorter",
                 predicted_start_ms=predicted,
             )
+
+
+def _refuse_never_fits(model_ref: str, pools: Sequence[types_pb2.PoolState]) -> None:
+    """An on-demand model too big for every device it may load on: a clear 400, never a task queued
+    forever (issue 13)."""
+    if not pools:
+        return
+    reasons = [never_fits(dict(p.need_bytes), dict(p.device_total_bytes), p.headroom_bytes) for p in pools]
+    if all(reasons):
+        raise invalid(
+            "model_ref",
+            f"model {model_ref} cannot load on any GPU: {reasons[0]}",
+            vram_need_bytes=max(max(p.need_bytes.values(), default=0) for p in pools),
+            device_total_bytes=max(max(p.device_total_bytes.values(), default=0) for p in pools),
+        )
 
 
 def _task_exists(task_id: str) -> OrchestratorError:

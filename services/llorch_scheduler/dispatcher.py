@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc.aio
 from opentelemetry.trace import SpanKind
@@ -63,6 +64,25 @@ class DispatchSettings:
         )
 
 
+class Residency(Protocol):
+    """What dispatch asks of on-demand residency (the loader): see :mod:`.loader`."""
+
+    def held(self, rs: str) -> bool: ...
+    def touch(self, pool_id: str) -> None: ...
+    def wake(self) -> None: ...
+
+
+class _AlwaysResident:
+    def held(self, rs: str) -> bool:
+        return False
+
+    def touch(self, pool_id: str) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
 @dataclass
 class InFlight:
     rs: str
@@ -82,7 +102,10 @@ class Dispatcher:
         throttles: Throttles,
         metrics: SchedulerMetrics,
         internal_token: str,
+        residency: Residency | None = None,
     ) -> None:
+        """``residency``: which sets hold their dispatch for a swap, and who hears of each use."""
+        self.residency = residency or _AlwaysResident()
         self.settings = settings
         self.sessions = sessions
         self.store = store
@@ -100,6 +123,7 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+        self.residency.wake()
 
     async def run(self) -> None:
         """Fill every set on each wake. A Redis outage pauses the loop (retried with backoff, logged
@@ -111,7 +135,8 @@ class Dispatcher:
 
     async def _fill_all(self) -> None:
         for rs in self.registry.replica_sets():
-            await self._fill(rs)
+            if not self.residency.held(rs):  # a held set's pool drains for a swap (issue 13)
+                await self._fill(rs)
 
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently."""
@@ -168,6 +193,7 @@ class Dispatcher:
             self.registry.release(target.replica.replica_id, task_id)
             raise
         request.budget_json = budget_json(budgets)
+        self.residency.touch(target.pool.pool_id)
         self._inflight[task_id] = InFlight(rs, claim, target, time.monotonic())
         self.estimator.started(rs, task_id, request.max_tokens)
         await self._start(rs, claim, target, request, record)
@@ -276,6 +302,7 @@ class Dispatcher:
             await until_done(lambda: self._finished_unknown(done), self.outage, attempts=STORE_ATTEMPTS)
             return
         self.registry.release(flight.target.replica.replica_id, done.task_id)
+        self.residency.touch(flight.target.pool.pool_id)
         if done.retry and done.task_id not in self._retried:
             await until_done(lambda: self._retry(flight, done.task_id), self.outage, attempts=STORE_ATTEMPTS)
             return

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from llorch.errors import Code
+from llorch.lifecycle import COMING_STATES
 from llorch.store import Store
 from llorch.v1 import scheduler_pb2, types_pb2
 
-from .registry import Manager, PoolRegistry, set_of
+from .registry import Manager, PoolRegistry, on_demand, set_of
 
 API_VERSION: Final = "1.0.0"
 SLO_WINDOW_S: Final = 300.0
@@ -97,9 +98,21 @@ async def replica_sets(
                 queue_capacity=info.queue_capacity,
                 full_policy=info.full_policy,
                 slo=slo.snapshot(rs),
+                residency="on-demand" if any(on_demand(p) for p in members) else "always",
+                status=_status(members),
             )
         )
     return reply
+
+
+def _status(members: list[types_pb2.PoolState]) -> str:
+    """loaded (a member is Ready), loading (one is on its way), else unloaded."""
+    states = {p.state for p in members}
+    if "Ready" in states:
+        return "loaded"
+    if states & {"Preloading", "SelfTest", "Backoff"}:
+        return "loading"
+    return "unloaded"
 
 
 def _ready_slots(registry: PoolRegistry, manager: Manager, pool: types_pb2.PoolState) -> tuple[int, int]:
@@ -161,6 +174,26 @@ def capabilities(registry: PoolRegistry, sessions: bool) -> scheduler_pb2.Capabi
                     kv_hint=True,
                 ),
                 concurrency=_concurrency(registry, by_engine[engine]),
+                model_status=_model_status(registry, by_engine[engine]),
             )
         )
     return reply
+
+
+def _model_status(registry: PoolRegistry, pools: list[tuple[Manager, types_pb2.PoolState]]) -> dict[str, str]:
+    """ready (a Ready pool serves it), loading (one is on its way), unloaded (an on-demand pool that a
+    task would load), else unavailable."""
+    rank = {"ready": 0, "loading": 1, "unloaded": 2, "unavailable": 3}
+    out: dict[str, str] = {}
+    for manager, pool in pools:
+        if registry.is_ready(manager, pool):
+            status = "ready"
+        elif pool.state in COMING_STATES:
+            status = "loading"
+        elif registry.is_loadable(manager, pool):
+            status = "unloaded"
+        else:
+            status = "unavailable"
+        previous = out.get(pool.model_ref, "unavailable")
+        out[pool.model_ref] = min(previous, status, key=rank.__getitem__)
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _TASK = ("engine", "engine_version", "pool_id", "replica_id")
 
@@ -47,5 +47,20 @@ class SchedulerMetrics:
             "admission_backpressure_events_total",
             "429s and evictions",
             ["engine", "policy"],
+            registry=registry,
+        )
+        # On-demand residency (issue 13): loads by reason (demand, failed), evictions by reason (idle,
+        # swap), and how long a load took (Resume sent -> pool Ready).
+        self.model_loads = Counter(
+            "model_loads_total", "On-demand model loads", ["model", "reason"], registry=registry
+        )
+        self.model_evictions = Counter(
+            "model_evictions_total", "On-demand model unloads", ["model", "reason"], registry=registry
+        )
+        self.model_load_ms = Histogram(
+            "model_load_ms",
+            "On-demand load time, Resume to Ready",
+            ["model"],
+            buckets=(250, 500, 1000, 2000, 5000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000),
             registry=registry,
         )

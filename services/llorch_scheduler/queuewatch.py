@@ -4,6 +4,11 @@ Every ``sse.queued_metrics_interval_ms`` each replica set's queue is read once: 
 deadline are taken out and end with DEADLINE_UNMET; every task whose position changed since its last
 frame gets a queued ``metrics`` event (position, predicted start, queue depth, on-time probability), all
 in one pipelined round trip. So a waiting client hears at most one frame per interval, and only news.
+
+While the set's on-demand model is not loaded (issue 13) the frames say ``phase: loading`` with the
+load's remaining time (``load_eta_ms``, included in the predicted start) and, when the load itself
+waits, why (``waiting_for``); a task hears the phase change as news too. The scan also keeps each set's
+queue heads (:meth:`views`) for the residency planner.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -24,7 +30,11 @@ from llorch.store import Priority, Store, TaskState, now_ms
 from .estimator import Estimator
 from .metrics import SchedulerMetrics
 from .registry import PoolRegistry
+from .residency import QueueView
 from .sessions import Sessions
+
+LoadEta = Callable[[str], int | None]
+"""The set's remaining load time in ms, or None when a member is loaded."""
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,10 @@ class Waiting:
     tokens: int
     deadline_at_ms: int
     position: int
+    admitted_ms: int = 0
+    priority: Priority = "interactive"
+    phase: str = ""  # of its last frame
+    why: str | None = None  # of its last loading frame
 
 
 class QueueWatch:
@@ -55,13 +69,40 @@ class QueueWatch:
         self.sessions = sessions
         self.waiting: dict[str, Waiting] = {}
         self._depths: dict[str, tuple[int, int]] = {}
+        self._views: dict[str, QueueView] = {}
+        self.load_eta: LoadEta = lambda _rs: None
+        self.why: Callable[[str], str | None] = lambda _rs: None
 
     def admitted(
         self, task_id: str, rs: str, priority: Priority, tokens: int, deadline_ms: int, position: int
     ) -> None:
-        self.waiting[task_id] = Waiting(rs, tokens, now_ms() + deadline_ms, position)
+        now = now_ms()
+        phase = "loading" if self.load_eta(rs) is not None else "queued"
+        self.waiting[task_id] = Waiting(rs, tokens, now + deadline_ms, position, now, priority, phase)
         ni, nb = self._depths.get(rs, (0, 0))  # kept current between scans: the next scan corrects it
         self._depths[rs] = (ni + 1, nb) if priority == "interactive" else (ni, nb + 1)
+        view = self._views.get(rs) or QueueView(rs)
+        self._views[rs] = QueueView(
+            rs,
+            view.interactive + (priority == "interactive"),
+            view.batch + (priority == "batch"),
+            view.oldest_interactive_ms,
+            view.oldest_batch_ms,
+        )
+
+    def views(self) -> dict[str, QueueView]:
+        """Each set's queue heads as of the last scan (plus admissions since), ages as of now."""
+        now = now_ms()
+        out: dict[str, QueueView] = {}
+        for rs, view in self._views.items():
+            out[rs] = QueueView(
+                rs,
+                view.interactive,
+                view.batch,
+                max(0, now - view.oldest_interactive_ms) if view.oldest_interactive_ms else 0,
+                max(0, now - view.oldest_batch_ms) if view.oldest_batch_ms else 0,
+            )
+        return out
 
     def depth_ahead(self, rs: str, priority: Priority) -> int:
         """Tasks that would be dispatched before a new one of ``priority`` (as of the last scan)."""
@@ -79,25 +120,50 @@ class QueueWatch:
     async def scan(self, rs: str) -> None:
         for task_id in await self.store.overdue_queued(rs):
             await self._expire(rs, task_id)
-        interactive, batch, _ = await self.store.queued(rs)
+        interactive, batch, ages = await self.store.queued(rs)
         self._depths[rs] = (len(interactive), len(batch))
+        admitted = dict(ages)
+        self._views[rs] = QueueView(
+            rs,
+            len(interactive),
+            len(batch),
+            int(admitted.get(interactive[0], 0)) if interactive else 0,  # stored as admission epoch ms
+            int(admitted.get(batch[0], 0)) if batch else 0,
+        )
         order = interactive + batch
+        eta = self.load_eta(rs)
         total, _ = self.registry.slots(rs)
+        if eta is not None:
+            total = total or self.registry.configured_slots(rs)
         starts = self.estimator.starts_ms(rs, len(order), total, self.cfg.scheduler.default_max_tokens)
+        phase, why = ("queued", None) if eta is None else ("loading", self.why(rs))
         frames: list[tuple[str, str]] = []
         for position, (task_id, start) in enumerate(zip(order, starts, strict=True)):
             waiting = self.waiting.get(task_id)
-            if waiting is None or waiting.position == position:
+            if waiting is None or (waiting.position, waiting.phase, waiting.why) == (position, phase, why):
                 continue
-            waiting.position = position
+            waiting.position, waiting.phase, waiting.why = position, phase, why
             budget = waiting.deadline_at_ms - now_ms()
-            on_time = self.estimator.on_time_probability(rs, start, waiting.tokens, budget)
-            frames.append((task_id, events.queued(position, start, len(order), on_time)))
+            if eta is None:
+                on_time = self.estimator.on_time_probability(rs, start, waiting.tokens, budget)
+                frames.append((task_id, events.queued(position, start, len(order), on_time)))
+                continue
+            on_time = self.estimator.on_time_probability(rs, start + eta, waiting.tokens, budget)
+            frames.append((task_id, events.loading(position, start + eta, len(order), on_time, eta, why)))
         if frames:
             await self.store.append_queued_frames(frames)
         queued = set(order)
         for task_id in [t for t, w in self.waiting.items() if w.rs == rs and t not in queued]:
             del self.waiting[task_id]
+
+    async def announce(self, rs: str) -> None:
+        """A load for the set starts: every task waiting in it hears a ``loading`` frame now (with the
+        load's estimate), not only those whose position changed. Best effort: Redis away, no frame."""
+        for waiting in self.waiting.values():
+            if waiting.rs == rs:
+                waiting.phase = ""
+        with contextlib.suppress(RedisError):
+            await self.scan(rs)
 
     async def _expire(self, rs: str, task_id: str) -> None:
         exc = OrchestratorError(Code.DEADLINE_UNMET, "the task's deadline passed while it was queued")

@@ -15,6 +15,7 @@ import grpc.aio
 from llorch.config import GrpcTlsConfig
 from llorch.grpc_tls import open_channel
 from llorch.ids import replica_set_id
+from llorch.lifecycle import LOADABLE_STATES
 from llorch.v1 import poolmgr_pb2_grpc, types_pb2
 
 from .placement import Option, rank
@@ -63,12 +64,18 @@ class SetInfo:
     workloads: frozenset[str]
 
 
+def on_demand(pool: types_pb2.PoolState) -> bool:
+    return pool.residency == "on-demand"
+
+
 def set_of(pool: types_pb2.PoolState) -> str:
+    """The pool's replica set. An on-demand pool's leaves out the engine build, which is unknown until
+    its first load and may change between loads: its queue must outlive its loads and unloads."""
     return replica_set_id(
         pool.engine,
         pool.model_digest,
         pool.ctx,
-        pool.engine_version,
+        "" if pool.residency == "on-demand" else pool.engine_version,
         pool.sampler_profile_version,
         () if "completion" in pool.workloads else tuple(pool.workloads),
     )
@@ -128,6 +135,14 @@ class PoolRegistry:
     def is_ready(self, manager: Manager, pool: types_pb2.PoolState) -> bool:
         return manager.connected and pool.state == "Ready"
 
+    def is_loadable(self, manager: Manager, pool: types_pb2.PoolState) -> bool:
+        """An on-demand pool that is unloaded or on its way to Ready: its set admits and queues."""
+        return manager.connected and on_demand(pool) and pool.state in LOADABLE_STATES | {"Ready"}
+
+    def configured_slots(self, rs: str) -> int:
+        """The set's slots once every member is loaded (for the estimates of a set still loading)."""
+        return sum(p.slots * len(p.replicas) for _, p in self.pools() if set_of(p) == rs)
+
     def busy(self, replica: types_pb2.ReplicaState) -> int:
         slots = self._slots.get(replica.replica_id)
         own = len(slots.running) if slots else 0
@@ -152,7 +167,7 @@ class PoolRegistry:
         )
 
     def replica_sets(self) -> list[str]:
-        return sorted({set_of(p) for _, p in self.pools() if p.engine_version})
+        return sorted({set_of(p) for _, p in self.pools() if p.engine_version or on_demand(p)})
 
     def candidates(self, rs: str, warm_replica: str | None = None) -> list[Candidate]:
         """Ready replicas of the set with a free slot, best first (see placement.rank)."""

@@ -22,6 +22,7 @@ from .admission import Admission
 from .cancel import Canceller
 from .catalog import Catalog
 from .dispatcher import Dispatcher
+from .loader import Loader
 from .metrics import SchedulerMetrics
 from .registry import Manager, PoolRegistry, set_of
 from .sessions import MICRO, Sessions, cost_text
@@ -48,7 +49,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         internal_token: str,
         sessions: Sessions,
         catalog: Catalog,
+        loader: Loader,
     ) -> None:
+        self.loader = loader
         self.sessions = sessions
         self.catalog = catalog
         self.canceller = Canceller(store, sessions, metrics, registry.set_info, self.abort, retention_s)
@@ -225,6 +228,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListReplicaSetsRequest, context: Context
     ) -> scheduler_pb2.ListReplicaSetsResponse:
         return await inventory.replica_sets(self.registry, self.store, self.dispatcher.slo)
+
+    @unary
+    async def Gpus(self, request: scheduler_pb2.GpusRequest, context: Context) -> scheduler_pb2.GpusReply:
+        """The VRAM ledger and its residents (issue 13), as the loader counts them."""
+        return self.loader.gpus()
 
     @unary
     async def Capabilities(

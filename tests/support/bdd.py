@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from .stack import Client
+from .stack import Client, Stack
 
 T = TypeVar("T")
 STEP_TIMEOUT_S = 120.0
@@ -19,3 +19,12 @@ def run(context: Any, awaitable: Awaitable[T]) -> T:
 
 def client(context: Any) -> Client:
     return Client(context.stack, context.http)
+
+
+async def get_json(context: Any, path: str) -> Any:
+    """GET a JSON answer of the stack's API: 200 with a correlation id."""
+    stack: Stack = context.stack
+    async with context.http.get(f"{stack.url}{path}", headers=stack.headers) as r:
+        assert r.status == 200, (path, r.status, await r.text())
+        assert r.headers.get("X-Correlation-Id"), dict(r.headers)
+        return await r.json()

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 
 @dataclass
@@ -81,3 +84,18 @@ def sse(*frames: tuple[str, dict[str, object]]) -> Route:
 
 def as_json(value: object, status: int = 200) -> Route:
     return Route(status, json.dumps(value).encode())
+
+
+TOKEN = "unit-test-token"
+
+
+def run_cli(url: str, tmp_path: Path, *args: str) -> int:
+    """Run ``llorch ARGS --url URL --token-file F`` in-process against a canned gateway; its exit code."""
+    from llorch_cli.main import main
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--url", url, "--token-file", str(token)])
+    assert isinstance(exited.value.code, int)
+    return exited.value.code

@@ -16,10 +16,7 @@ from llorch_cli import pidfile
 from llorch_cli.api import gateway_url, resolve_target
 from llorch_cli.display import table
 from llorch_cli.drain import PoolRow
-from llorch_cli.main import main
-from tests.support.canned_gateway import Canned, canned_gateway
-
-TOKEN = "unit-test-token"
+from tests.support.canned_gateway import TOKEN, Canned, canned_gateway, run_cli
 
 
 @pytest.fixture
@@ -29,12 +26,7 @@ def gateway() -> Iterator[tuple[str, Canned]]:
 
 
 def _llorch(url: str, tmp_path: Path, *args: str) -> int:
-    token = tmp_path / "token"
-    token.write_text(TOKEN + "\n")
-    with pytest.raises(SystemExit) as exited:
-        main([*args, "--url", url, "--token-file", str(token)])
-    assert isinstance(exited.value.code, int)
-    return exited.value.code
+    return run_cli(url, tmp_path, *args)
 
 
 def test_reload_waits_and_reports_the_new_model(

@@ -64,7 +64,14 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["dev-mock.yaml", "dev-llamacpp.yaml", "workstation-mixed-gpu.yaml", "dev-box-fake-gpu.yaml"]
+    "name",
+    [
+        "dev-mock.yaml",
+        "dev-llamacpp.yaml",
+        "workstation-mixed-gpu.yaml",
+        "dev-box-fake-gpu.yaml",
+        "workstation-on-demand.yaml",
+    ],
 )
 def test_every_example_validates(name: str) -> None:
     cfg = load_config(EXAMPLES / name, env={})

@@ -48,6 +48,12 @@ PROOF: Final[dict[str, str]] = {
     "pools.restart.initial_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
     "pools.restart.max_backoff_ms": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
     "pools.restart.breaker_window_s": "tests/unit/test_replica_errors.py::test_the_restart_keys_set_the_backoff_and_the_breaker_window",  # unit
+    "pools.residency": "tests/integration/test_residency.py::test_on_demand_pools_load_evict_and_unload_as_specified",
+    "pools.idle_unload_s": "tests/integration/test_residency.py::test_on_demand_pools_load_evict_and_unload_as_specified",
+    "pools.pinned": "tests/integration/test_residency.py::test_on_demand_pools_load_evict_and_unload_as_specified",
+    "residency.max_swap_wait_ms": "tests/unit/test_loader.py::test_max_swap_wait_ms_decides_when_a_waiting_model_forces_a_swap",  # unit
+    "residency.min_residency_s": "tests/unit/test_loader.py::test_min_residency_s_keeps_a_fresh_load",  # unit
+    "residency.cpu_memory_mib": "tests/integration/test_poolmgr_residency.py::test_a_load_that_does_not_fit_backs_off_until_an_unload_makes_room",
     "pools.preload": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
     "pools.timeouts.wall_ms": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",
     "pools.timeouts.start_ms": "tests/integration/test_pool_timeouts_effects.py::test_preload_and_the_pool_timeouts_take_effect",

@@ -24,6 +24,7 @@ from llorch.gpu.sizing import (
     kv_reserve_estimate,
     kv_reserve_from_facts,
     mem_available_bytes,
+    mem_total_bytes,
     pick_auto_device,
     vram_need_bytes,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "kv_reserve_estimate",
     "kv_reserve_from_facts",
     "mem_available_bytes",
+    "mem_total_bytes",
     "open_probe",
     "pick_auto_device",
     "vram_need_bytes",

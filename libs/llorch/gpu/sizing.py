@@ -134,12 +134,22 @@ def check_ram(model_bytes: int, ram_factor: float, mem_available: int) -> str | 
 
 def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
     """``MemAvailable`` from ``/proc/meminfo``, in bytes; OSError when it cannot be read."""
+    return _meminfo_bytes("MemAvailable", meminfo)
+
+
+def mem_total_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """``MemTotal`` from ``/proc/meminfo``, in bytes (the host RAM an on-demand CPU pool may fill);
+    OSError when it cannot be read."""
+    return _meminfo_bytes("MemTotal", meminfo)
+
+
+def _meminfo_bytes(field: str, meminfo: Path) -> int:
     for line in meminfo.read_text(encoding="ascii").splitlines():
         name, _, rest = line.partition(":")
-        if name == "MemAvailable":
+        if name == field:
             value, _, unit = rest.strip().partition(" ")
             return int(value) * (1024 if unit.strip() == "kB" else 1)
-    raise OSError(f"no MemAvailable in {meminfo}")
+    raise OSError(f"no {field} in {meminfo}")
 
 
 def pick_auto_device(devices: Sequence[GpuDevice], need: int, headroom_bytes: int) -> int | None:
