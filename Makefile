@@ -88,7 +88,8 @@ determinism: setup engine model
 haiku: setup engine model
 	PATH="$$(dirname $$(cat $(STAMPS)/llama-server-path)):$$PATH" LLORCH_ALLOW_CPU_GATE=1 scripts/gate-haiku.sh
 
-bench: setup
+# P7 runs the real llama-server + SmolLM2 (built and fetched by `engine` and `model`, as for `make test`).
+bench: setup engine model
 	$(BIN)/python -m bench.run
 
 # Placement on a simulated 24 GB + 12 GB box: ours vs round-robin vs an oracle (bench/simulate.py);

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from . import profile
+from .cpu import TOKEN_STACK, Meter, cost
 from .env import BenchEnv
 from .stats import Dist, Spread, added, r3
 from .traffic import StreamTrace, Target, wave
@@ -48,23 +50,50 @@ class Sides:
 
 
 class AB:
-    """Alternates stack and direct runs (A/B/A/B), waiting for an idle pool after every run."""
+    """Alternates stack and direct runs (A/B/A/B), waiting for an idle pool after every run.
+
+    Each run is also a CPU-accounting window (P9): after ``run``, ``cpu`` holds the CPU seconds every
+    process used during that call's stack runs and during its direct runs, by role (the idle waits
+    between runs are not counted).
+    """
 
     def __init__(self, env: BenchEnv, sides: Sides, rounds: int) -> None:
         self.env = env
         self.sides = sides
         self.rounds = rounds
+        self.roles = env.cpu_roles()
+        self.cpu: dict[str, dict[str, float]] = {}
 
     async def run(
         self, runner: Runner, rounds: int | None = None
     ) -> tuple[list[list[StreamTrace]], list[list[StreamTrace]]]:
         stack_runs: list[list[StreamTrace]] = []
         direct_runs: list[list[StreamTrace]] = []
+        meters = {"stack": Meter(self.roles), "direct": Meter(self.roles)}
         for _ in range(self.rounds if rounds is None else rounds):
-            for target, runs in ((self.sides.stack, stack_runs), (self.sides.direct, direct_runs)):
+            for target, runs, meter in (
+                (self.sides.stack, stack_runs, meters["stack"]),
+                (self.sides.direct, direct_runs, meters["direct"]),
+            ):
+                started = meter.start()
                 runs.append(await runner(target))
+                meter.stop(started)
                 await self.env.wait_idle()
+        self.cpu = {side: meter.seconds for side, meter in meters.items()}
         return stack_runs, direct_runs
+
+    def cpu_per_token(
+        self, stack_runs: list[list[StreamTrace]], direct_runs: list[list[StreamTrace]]
+    ) -> dict[str, Any]:
+        """P9 for the last ``run``: µs of CPU per token delivered to the clients, by role, each side."""
+        return {
+            "stack": cost(self.cpu["stack"], _delivered(stack_runs), TOKEN_STACK),
+            "direct": cost(self.cpu["direct"], _delivered(direct_runs), ()),
+        }
+
+
+def _delivered(runs: list[list[StreamTrace]]) -> int:
+    return sum(t.tokens for traces in runs for t in traces)
 
 
 def _errors(runs: list[list[StreamTrace]]) -> list[str]:
@@ -116,7 +145,13 @@ async def p1_inter_token(ab: AB, session: aiohttp.ClientSession, plan: Plan) -> 
             return await wave(session, target, streams, plan.p1_tokens, plan.run_timeout_s)
 
         stack_runs, direct_runs = await ab.run(runner)
-        cases.append({"streams": streams, **_compare(stack_runs, direct_runs, _gaps)})
+        cases.append(
+            {
+                "streams": streams,
+                **_compare(stack_runs, direct_runs, _gaps),
+                "cpu": ab.cpu_per_token(stack_runs, direct_runs),
+            }
+        )
     gated = cases[-1]
     return {
         "id": "P1",
@@ -204,6 +239,7 @@ async def p3_throughput(ab: AB, session: aiohttp.ClientSession, plan: Plan) -> d
         "streams": plan.p3_streams,
         **_compare(stack_runs, direct_runs, _gaps),
         **_ratio_block(stack_runs, direct_runs),
+        "cpu": ab.cpu_per_token(stack_runs, direct_runs),
     }
     # No steady window (NaN) when the slowest stream started after the fastest finished.
     headline = "wall" if math.isnan(case["steady"]["ratio"]["value"]) else "steady"
@@ -216,9 +252,13 @@ async def p3_throughput(ab: AB, session: aiohttp.ClientSession, plan: Plan) -> d
     try:
 
         async def flat_out(target: Target) -> list[StreamTrace]:
-            return await wave(session, target, plan.sat_streams, plan.sat_tokens, plan.run_timeout_s)
+            if target is not ab.sides.stack:
+                return await wave(session, target, plan.sat_streams, plan.sat_tokens, plan.run_timeout_s)
+            async with profile.window("P3 saturation, stack", ab.roles):
+                return await wave(session, target, plan.sat_streams, plan.sat_tokens, plan.run_timeout_s)
 
         sat_stack, sat_direct = await ab.run(flat_out, plan.p3_rounds)
+        sat_cpu = ab.cpu_per_token(sat_stack, sat_direct)
     finally:
         await ab.env.set_pace(ab.env.layout.token_delay_ms)
     saturation = {
@@ -226,6 +266,7 @@ async def p3_throughput(ab: AB, session: aiohttp.ClientSession, plan: Plan) -> d
         "tokens_per_stream": plan.sat_tokens,
         **_ratio_block(sat_stack, sat_direct)["wall"],
         "errors": {"stack": len(_errors(sat_stack)), "direct": len(_errors(sat_direct))},
+        "cpu": sat_cpu,
     }
     return {
         "id": "P3",

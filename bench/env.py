@@ -5,6 +5,7 @@ baseline."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,8 @@ from llorch_poolmgr.supervisor import resolve_binary
 from tests.support.procs import Proc, free_port, http_ok, wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.stack import MOCK_MODEL, Stack, mock_pool
+
+from .cpu import Role
 
 POOL_ID = "bench"
 MODEL_REF = "mock-tiny"
@@ -101,13 +104,24 @@ class BenchEnv:
         if self.redis is not None:
             self.redis.stop()
 
-    def pids(self) -> dict[str, int]:
-        """The stack's processes and Redis by name, to account their CPU time."""
-        pids = {name: proc.pid for name, proc in self.the_stack.procs.items()}
+    def cpu_roles(self) -> tuple[Role, ...]:
+        """The processes whose CPU time P9 accounts, by role: the gateway with its workers (children,
+        ``api.workers`` > 1), the scheduler, the pool manager without its engines, the engines it
+        spawned, Redis, the direct engines and this process (the load generator)."""
+        procs = self.the_stack.procs
+        roles = [
+            Role("gateway", (procs["gateway"].pid,), "tree"),
+            Role("scheduler", (procs["scheduler"].pid,)),
+            Role("pool manager", (procs["pool-manager"].pid,)),
+            Role("engines", (procs["pool-manager"].pid,), "children"),
+        ]
         server = getattr(self.redis, "_server", None)
         if server is not None and server.proc is not None:
-            pids["redis"] = server.proc.pid
-        return pids
+            roles.append(Role("redis", (server.proc.pid,)))
+        if self.direct:
+            roles.append(Role("direct engines", tuple(proc.pid for proc in self.direct)))
+        roles.append(Role("load generator", (os.getpid(),)))
+        return tuple(roles)
 
     @property
     def the_stack(self) -> Stack:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
+from . import profile
+from .cpu import ADMISSION_STACK, Meter, cost
 from .env import MODEL_REF, BenchEnv, Layout
 from .stats import Dist, r3
 from .wire import Connection, request_bytes
@@ -116,15 +117,6 @@ def _by_depth(answers: Answers, buckets: int = 5) -> list[dict[str, Any]]:
     return out
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (0 when it cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _case(workdir: Path, plan: P4Plan, clients: int) -> dict[str, Any]:
     layout = Layout(replicas=1, slots=1, token_delay_ms=1000, queue_capacity=plan.capacity)
     async with BenchEnv(workdir / f"p4-{clients}", layout, direct=False) as env:
@@ -146,16 +138,18 @@ async def _case(workdir: Path, plan: P4Plan, clients: int) -> dict[str, Any]:
                 }
             )
             post = request_bytes("POST", f"{stack.url}/v1/tasks", headers, body.encode())
-            pids = {**env.pids(), "bench client": os.getpid()}
-            cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
-            started = time.monotonic()
+            meter = Meter(env.cpu_roles())
+            async with profile.window(f"P4, {clients} clients", meter.roles):
+                cpu_before = meter.start()
+                started = time.monotonic()
 
-            def stop(a: Answers) -> bool:
-                return a.count(429) >= plan.rejects or time.monotonic() - started > plan.time_limit_s
+                def stop(a: Answers) -> bool:
+                    return a.count(429) >= plan.rejects or time.monotonic() - started > plan.time_limit_s
 
-            answers = await _drive(conns, post, stop)
-            wall = time.monotonic() - started
-            cpu = {name: round((_cpu_s(pid) - cpu_before[name]) / wall, 3) for name, pid in pids.items()}
+                answers = await _drive(conns, post, stop)
+                wall = time.monotonic() - started
+                used = meter.stop(cpu_before)
+            cpu = {name: round(seconds / wall, 3) for name, seconds in used.items()}
         finally:
             for conn in conns:
                 await conn.close()
@@ -186,6 +180,8 @@ async def _case(workdir: Path, plan: P4Plan, clients: int) -> dict[str, Any]:
         "healthz": {**Dist.of(healthz.ms(200)).as_json(), "per_s": round(healthz.rate(200), 1)},
         "admit_by_depth": _by_depth(answers),
         "cpu_cores_busy": cpu,  # CPU seconds per wall second of the POST phase, by process
+        # P9: µs of CPU per answer (202 or 429) over the POST phase, by process and for the stack
+        "cpu": cost(used, len(admitted) + len(rejected), ADMISSION_STACK),
         "pass": ok,
     }
 

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .p7 import p7_details, p7_rows
+from .p9 import p9_details, p9_rows
 from .tables import (
     p4_details,
     p4_rows,
@@ -127,8 +129,12 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         table += p5_rows(by_id["P5"])
     if "P6" in by_id:
         table += p6_rows(by_id["P6"])
+    if "P7" in by_id:
+        table += p7_rows(by_id["P7"])
     if "P8" in by_id:
         table += p8_rows(by_id["P8"])
+    if "P9" in by_id:
+        table += p9_rows(by_id["P9"])
     return table
 
 
@@ -179,8 +185,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Load average (1 min) {m.get('loadavg_1m_at_start', 'n/a')} at start, "
         f"{m['loadavg_1m_at_end']} at end. Added = stack minus direct, pooled over "
         f"{plan['rounds']} alternating stack/direct rounds ({plan['p3_rounds']} for P3) "
-        "[min … max of the per-round figures] (P1-P3). P4, P6 and P8 have no direct side: their figures "
-        "are absolute, for this machine; P5 sets the stack beside LiteLLM (its note below)."
+        "[min … max of the per-round figures] (P1-P3, P7). P4, P6 and P8 have no direct side: their figures "
+        "are absolute, for this machine; P5 sets the stack beside LiteLLM (its note below); P9 is CPU "
+        "time per unit of work, which does not depend on how many cores the machine has."
     )
     main = _table(["id", "what", "target", "measured", "verdict"], rows(results))
     by_id = {b["id"]: b for b in results["benchmarks"]}
@@ -190,7 +197,14 @@ def markdown(results: dict[str, Any]) -> str:
     )
     notes = [
         f(by_id[key])
-        for key, f in (("P4", p4_details), ("P5", p5_details), ("P6", p6_details), ("P8", p8_details))
+        for key, f in (
+            ("P4", p4_details),
+            ("P5", p5_details),
+            ("P6", p6_details),
+            ("P7", p7_details),
+            ("P8", p8_details),
+            ("P9", p9_details),
+        )
         if key in by_id
     ]
     earlier = sorted(

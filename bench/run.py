@@ -1,6 +1,7 @@
-"""``make bench``: run P1, P2 and P3 on one system under test, then P4, P5, P6 and P8 on stacks of their
-own (each starts and stops what it needs); write and print the results. Exits 1 after writing them when
-a benchmark marks itself ``fatal`` (P8: a task failed or a reload did not complete)."""
+"""``make bench``: run P1, P2 and P3 on one system under test, then P4, P5, P6, P7 and P8 on stacks of
+their own (each starts and stops what it needs); P9 (CPU cost) gathers the CPU accounting of P1, P3 and
+P4. Write and print the results. Exits 1 after writing them when a benchmark marks itself ``fatal`` (P8:
+a task failed or a reload did not complete)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,22 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from . import report
+from . import profile, report
 from .cases import AB, Plan, Sides, bounded, p1_inter_token, p2_ttft, p3_throughput
 from .env import MODEL_REF, BenchEnv, Layout
 from .p4 import P4Plan, p4_admission
 from .p5 import P5Plan, p5_vs_litellm
 from .p6 import P6Plan, p6_estimates
+from .p7 import P7Plan, p7_real_engine
 from .p8 import P8Plan, p8_reload
+from .p9 import p9_cost
 from .peer import install_litellm
 from .traffic import DirectTarget, StackTarget, wave
 
-ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P8")
+ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+FEEDS_P9 = {"P1", "P3", "P4"}  # P9 has no run of its own: it reads their CPU accounting
+
+PROFILED = ("gateway", "pool manager", "scheduler")
 
 QUICK = Plan(
     rounds=1,
@@ -44,6 +50,7 @@ QUICK = Plan(
 QUICK_P4 = P4Plan(clients=(4, 16), capacity=500, rejects=200, healthz_requests=500, time_limit_s=20)
 QUICK_P5 = P5Plan(rounds=1, sequential=5, waves=1, rate_duration_s=3.0)
 QUICK_P6 = P6Plan(duration_s=10, warmup_tasks=4, drain_timeout_s=20)
+QUICK_P7 = P7Plan(rounds=1, max_tokens=48)
 QUICK_P8 = P8Plan(rounds=1)
 
 
@@ -53,6 +60,14 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="stack/direct rounds per benchmark")
     parser.add_argument("--quick", action="store_true", help="a small smoke run of the harness")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="MD",
+        help="py-spy the gateway, pool manager and scheduler during P3 saturation and P4; write the top "
+        "frames to this Markdown file (the sampler costs CPU: do not report that run's figures)",
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -117,8 +132,16 @@ async def bench(workdir: Path, plan: Plan, only: set[str], quick: bool) -> dict[
         benchmarks.append(await _p5(workdir, QUICK_P5 if quick else P5Plan()))
     if "P6" in only:
         benchmarks.append(await _timed("P6", p6_estimates(workdir, QUICK_P6 if quick else P6Plan())))
+    if "P7" in only:
+        plan7 = QUICK_P7 if quick else P7Plan()
+        if plan.rounds != Plan().rounds and not quick:  # --rounds applies to P7's alternation too
+            plan7 = P7Plan(**{**plan7.as_json(), "rounds": plan.rounds})
+        benchmarks.append(await _timed("P7", p7_real_engine(workdir, plan7)))
     if "P8" in only:
         benchmarks.append(await _timed("P8", p8_reload(workdir, QUICK_P8 if quick else P8Plan())))
+    p9 = p9_cost(benchmarks)
+    if p9 is not None:
+        benchmarks.append(p9)
     return {
         "machine": report.machine(),
         "layout": layout.as_json(),
@@ -149,7 +172,11 @@ def main() -> None:
     if args.rounds is not None:
         plan = Plan(**{**plan.as_json(), "rounds": args.rounds, "p3_rounds": args.rounds})
     only = {part.strip().upper() for part in args.only.split(",") if part.strip()}
+    if "P9" in only:
+        only |= FEEDS_P9
     workdir = Path(tempfile.mkdtemp(prefix="llorch-bench-"))
+    if args.profile is not None:
+        profile.ACTIVE = profile.Profiles(args.profile, workdir / "profiles", PROFILED)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:
@@ -158,6 +185,10 @@ def main() -> None:
         print(f"benchmark failed; process logs are under {workdir}", file=sys.stderr)
         raise
     results["total_duration_s"] = round(time.monotonic() - started, 1)
+    if profile.ACTIVE is not None:
+        m = results["machine"]
+        profile.ACTIVE.write(f"py-spy profiles, {m['date']}, {m['cpu_count']} CPUs")
+        print(f"profiles written to {profile.ACTIVE.out}", file=sys.stderr)
     results["machine"]["loadavg_1m_at_start"] = round(load_before, 2)
     if args.merge:
         _merge(results)

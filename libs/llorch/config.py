@@ -108,6 +108,7 @@ class ApiConfig(_Model):
     probes_require_auth: bool = False
     keepalive_timeout_s: float = Field(default=15.0, gt=0)  # idle connections, and a request head
     body_timeout_s: float = Field(default=15.0, gt=0)  # the whole body, counted from its head
+    workers: int = Field(default=1, ge=1, le=64)  # gateway processes sharing `bind` (SO_REUSEPORT)
     tokens: list[ApiToken] = []
 
     @model_validator(mode="after")

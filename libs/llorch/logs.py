@@ -81,14 +81,32 @@ FIELDS: Final = (
 )
 
 
+_ORDER: Final = {name: n for n, name in enumerate(FIELDS)}
+_ENCODER: Final = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._cached = (-1, "")  # (epoch second, its text): one tuple, so threads never mix them
+
+    def _ts(self, created: float) -> str:
+        """ISO 8601 UTC with milliseconds; the part up to the second is built once per second (the
+        cost of a line matters: the scheduler logs one per admission)."""
+        second = int(created)
+        micros = round((created - second) * 1_000_000)  # as datetime rounds it, then cut to ms
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        cached_second, stamp = self._cached
+        if second != cached_second:
+            stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, stamp)
+        return f"{stamp}.{micros // 1000:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._ts(record.created),
             "level": record.levelname.lower(),
             "service": self.service,
             "event": getattr(record, "event", record.name),
@@ -101,14 +119,17 @@ class JsonFormatter(logging.Formatter):
         if trace_id is not None:
             line["trace_id"] = trace_id
         attrs = record.__dict__
-        for name in FIELDS:
-            if name in attrs:
-                line[name] = attrs[name]
+        # Only the SPEC's names pass, in FIELDS' order; the record's few attributes are looked up,
+        # not all of FIELDS.
+        extra = [name for name in attrs if name in _ORDER]
+        extra.sort(key=_ORDER.__getitem__)
+        for name in extra:
+            line[name] = attrs[name]
         if "task_id" in line:
             line["job_id"] = line["task_id"]
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _ENCODER.encode(line)
 
 
 def setup_logging(service: str, level: str = "info", log_file: Path | None = None) -> None:

@@ -4,41 +4,55 @@ from __future__ import annotations
 
 from typing import Final
 
-# ARGV: retention_s, batch id ('' for none), n_fields, field pairs..., then (name, data, terminal_state)
-# triples, then channel and task_id. Returns the new last seq, -1 if already terminal, -2 if unknown.
-# A batch id already applied (a retry whose first try landed but whose reply was lost) writes nothing
-# and returns the seq as it stands. A terminal `error` event also records its payload as `error`.
+# Appends for one or more tasks in one call. KEYS: (task, events) per batch. ARGV: retention_s,
+# channel, then per batch: task_id, batch id ('' for none), n_fields, field pairs..., n_events,
+# (name, data) pairs..., and the terminal state of the batch's last event ('' for none: only the last
+# event of a batch can be terminal). Returns per batch the new last seq, -1 if already terminal, -2 if
+# unknown. A batch id already applied (a retry whose first try landed but whose reply was lost) writes
+# nothing and returns the seq as it stands. A terminal `error` event also records its payload as
+# `error`. One PUBLISH for the whole call: the parts `task_id US first (US name US data)*` of the
+# batches that wrote something, joined by RS (\30).
 APPEND: Final = """
-local t = redis.call('HMGET', KEYS[1], 'terminal', 'seq', 'batch')
-if not t[1] then return -2 end
-if ARGV[2] ~= '' and t[3] == ARGV[2] then return tonumber(t[2]) end
-if t[1] == '1' then return -1 end
-local seq = tonumber(t[2])
-local first = seq + 1
-local nf = tonumber(ARGV[3])
-if nf > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + 2 * nf)) end
-local last = #ARGV - 2
-local msg = {ARGV[#ARGV], first}
-local i = 4 + 2 * nf
-local ended = false
-while i <= last and not ended do
-  seq = seq + 1
-  redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
-  msg[#msg + 1] = ARGV[i]
-  msg[#msg + 1] = ARGV[i + 1]
-  ended = ARGV[i + 2] ~= ''
-  if ended then
-    redis.call('HSET', KEYS[1], 'terminal', '1', 'state', ARGV[i + 2])
-    if ARGV[i] == 'error' then redis.call('HSET', KEYS[1], 'error', ARGV[i + 1]) end
-    redis.call('EXPIRE', KEYS[1], ARGV[1])
-    redis.call('EXPIRE', KEYS[2], ARGV[1])
+local out, parts = {}, {}
+local a = 3
+for b = 1, #KEYS / 2 do
+  local task, log = KEYS[2 * b - 1], KEYS[2 * b]
+  local batch = ARGV[a + 1]
+  local nf = tonumber(ARGV[a + 2])
+  local ne = tonumber(ARGV[a + 3 + 2 * nf])
+  local e0 = a + 4 + 2 * nf
+  local final = ARGV[e0 + 2 * ne]
+  local t = redis.call('HMGET', task, 'terminal', 'seq', 'batch')
+  if not t[1] then out[b] = -2
+  elseif batch ~= '' and t[3] == batch then out[b] = tonumber(t[2])
+  elseif t[1] == '1' then out[b] = -1
+  else
+    local seq = tonumber(t[2])
+    local first = seq + 1
+    if nf > 0 then redis.call('HSET', task, unpack(ARGV, a + 3, a + 2 + 2 * nf)) end
+    local msg = {ARGV[a], first}
+    for i = e0, e0 + 2 * ne - 2, 2 do
+      seq = seq + 1
+      redis.call('XADD', log, '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
+      msg[#msg + 1] = ARGV[i]
+      msg[#msg + 1] = ARGV[i + 1]
+    end
+    if final ~= '' and ne > 0 then
+      local last = e0 + 2 * ne - 2
+      redis.call('HSET', task, 'terminal', '1', 'state', final)
+      if ARGV[last] == 'error' then redis.call('HSET', task, 'error', ARGV[last + 1]) end
+      redis.call('EXPIRE', task, ARGV[1])
+      redis.call('EXPIRE', log, ARGV[1])
+    end
+    if batch ~= '' then redis.call('HSET', task, 'seq', seq, 'batch', batch)
+    else redis.call('HSET', task, 'seq', seq) end
+    if seq >= first then parts[#parts + 1] = table.concat(msg, '\\31') end
+    out[b] = seq
   end
-  i = i + 3
+  a = e0 + 2 * ne + 1
 end
-redis.call('HSET', KEYS[1], 'seq', seq)
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'batch', ARGV[2]) end
-if seq >= first then redis.call('PUBLISH', ARGV[#ARGV - 1], table.concat(msg, '\\31')) end
-return seq
+if #parts > 0 then redis.call('PUBLISH', ARGV[2], table.concat(parts, '\\30')) end
+return out
 """
 
 # Claim the queued task for dispatch unless it ended meanwhile ({}); returns the record (KEYS: task).
@@ -76,10 +90,14 @@ return {t[3], t[5] or ''}
 
 # Admission in one step: the id check, the capacity check with drop-lru eviction, the record, its
 # `started` event (seq 0) and the queue entry. A crash before it leaves nothing; after it, a complete
-# queued task. KEYS: task, events, then the seven queue keys above.
+# queued task. KEYS: task, events, then the seven queue keys above; on a single Redis (not a cluster,
+# where they live in other slots) also the id's locator and the recent-tasks index, which an admitted
+# task then gets in the same step instead of in two more round trips.
 # ARGV: ttl_s, channel, task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms,
-# first position of the `started` window, window size n, n encoded `started` payloads (one per position
-# from the first; a position outside the window takes the nearest), then the record's field pairs.
+# first position of the `started` window, window size n, locator TTL ('': leave the locator alone)
+# and value (the set), recent-index member, its score and the index's bound (member '': no index
+# write), n encoded `started` payloads (one per position from the first; a position outside the
+# window takes the nearest), then the record's field pairs.
 # Returns {status, position, depth_interactive, depth_batch, evicted_task_id or ''} with status ok,
 # exists (the id is still known) or full: the class cap is full, or the queue is full and the policy
 # (reject, or drop-lru with no queued batch task) leaves nothing to displace. Under drop-lru the oldest
@@ -108,8 +126,8 @@ end
 local position = ni
 if batch then position = ni + nb end
 local first, n = tonumber(ARGV[10]), tonumber(ARGV[11])
-local started = ARGV[12 + math.min(math.max(position - first, 0), n - 1)]
-redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', 0, 'tokens_out', '0', unpack(ARGV, 12 + n))
+local started = ARGV[17 + math.min(math.max(position - first, 0), n - 1)]
+redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', 0, 'tokens_out', '0', unpack(ARGV, 17 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', started)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
@@ -122,6 +140,11 @@ if batch then
 else
   redis.call('ZADD', KEYS[3], seq, ARGV[3])
   ni = ni + 1
+end
+if ARGV[12] ~= '' then redis.call('SET', KEYS[10], ARGV[13], 'EX', ARGV[12]) end
+if ARGV[14] ~= '' then
+  redis.call('ZADD', KEYS[11], ARGV[15], ARGV[14])
+  redis.call('ZREMRANGEBYRANK', KEYS[11], 0, -tonumber(ARGV[16]) - 1)
 end
 redis.call('PUBLISH', ARGV[2], table.concat({ARGV[3], 0, 'started', started}, '\\31'))
 return {'ok', position, ni, nb, evicted}

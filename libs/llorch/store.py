@@ -27,7 +27,8 @@ cached for :data:`LOCATE_CACHE_S` (an id is reused only after its record expired
 
 Live delivery: every script that appends also PUBLISHes the appended events, one message per call, on
 the ``events`` channel: ``task_id US first_seq (US name US data)*`` with US = \x1f (JSON never carries
-a raw control character). The stream stays the source of truth; a reader that sees a gap in the seqs
+a raw control character); an APPEND for several tasks joins their parts with RS = \x1e.
+The stream stays the source of truth; a reader that sees a gap in the seqs
 fills it from the stream, so a lost message costs a read, never an event.
 """
 
@@ -47,6 +48,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from llorch import lua
 
@@ -56,6 +58,10 @@ READ_PAGE: Final = 512
 """Most events one log read returns."""
 
 US: Final = "\x1f"
+RS: Final = "\x1e"
+"""Separates the tasks' parts of one live-events message (see the module docstring)."""
+APPEND_CALL_MAX: Final = 256
+"""Tasks per APPEND call: bounds one script's run (and its message) after an outage let events pile up."""
 SOCKET_TIMEOUT_S: Final = 10.0
 """The longest one Redis call may take before it fails (and is retried) rather than hang."""
 HEALTH_CHECK_S: Final = 15
@@ -337,6 +343,85 @@ class Keys:
         return f"{self.prefix}failures"
 
 
+class _Pipelined:
+    """One Lua script's calls, sharing round trips: a call made while another is in flight waits, and
+    every call that waited goes out as one pipeline when that round trip ends (one write and one read
+    for them all). Each call stays one atomic script, and they run in the order they were made.
+    Single Redis only: a cluster's pipelines refuse scripts."""
+
+    def __init__(self, client: Any, script: AsyncScript) -> None:
+        self.client = client
+        self.script = script
+        self._busy = False
+        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        call = (len(keys), *keys, *args)
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._waiting.append((call, future))
+            return await future
+        self._busy = True
+        try:
+            return await self._send(call)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        if not self._waiting:
+            self._busy = False
+            return
+        batch, self._waiting = self._waiting, []
+        self._sender = asyncio.create_task(self._send_batch(batch))
+
+    async def _send_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._pipeline([call for call, _ in batch])
+        except Exception as exc:  # the connection failed: every call of the batch fails, as alone
+            results = [exc] * len(batch)
+        except BaseException:  # cancelled (shutdown): its callers must not wait forever
+            for _, future in batch:
+                future.cancel()
+            raise
+        finally:
+            self._next()
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up (cancelled); the script ran or runs regardless
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _send(self, call: tuple[Any, ...]) -> Any:
+        try:
+            return await self.client.evalsha(self.script.sha, *call)
+        except NoScriptError:  # Redis restarted and forgot it: load it, send again
+            self.script.sha = await self.client.script_load(self.script.script)
+            return await self.client.evalsha(self.script.sha, *call)
+
+    async def _pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The calls' replies in order; a call's own error (not a lost connection) is its reply."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(self.script.sha, *call)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:  # those did not run: load the script and send them again, in their order
+            try:
+                self.script.sha = await self.client.script_load(self.script.script)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for i in missing:
+                        pipe.evalsha(self.script.sha, *calls[i])
+                    again: list[Any] = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the others ran: only the missing ones fail
+                again = [exc] * len(missing)
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+
 class Store:
     """Task records, event logs, queues and leases. Construct with :meth:`connect`."""
 
@@ -356,6 +441,7 @@ class Store:
         self._append = client.register_script(lua.APPEND)
         self._terminate = client.register_script(lua.TERMINATE)
         self._admit = client.register_script(lua.ADMIT)
+        self._admit_calls = _Pipelined(client, self._admit)
         self._claim = client.register_script(lua.CLAIM)
         self._requeue = client.register_script(lua.REQUEUE)
         self._queued_frame = client.register_script(lua.QUEUED_FRAME)
@@ -515,35 +601,48 @@ class Store:
         class_cap = limits.batch_capacity if task.priority == "batch" else limits.interactive_capacity
         first, payloads = started
         rs, task_id = task.rs, task.task_id
-        admit = self._admit(
-            keys=[self.keys.task(rs, task_id), self.keys.events(rs, task_id), *self._queue_keys(rs)],
-            args=[
-                ttl_s,
-                self.keys.channel(),
-                task_id,
-                task.priority,
-                limits.capacity,
-                class_cap,
-                limits.policy,
-                now_ms(),
-                deadline_at_ms,
-                first,
-                len(payloads),
-                *payloads,
-                *(v for kv in fields.items() for v in kv),
-            ],
-        )
-        if minted_id:  # both writes at once: one round trip (concurrent calls on a cluster)
+        keys = [self.keys.task(rs, task_id), self.keys.events(rs, task_id), *self._queue_keys(rs)]
+        # On a single Redis the locator (of a minted id) and the recent-tasks index are written by the
+        # script itself: one round trip per admission. A cluster keeps them apart (other slots).
+        inline = not self.cluster
+        if inline:
+            keys += [self.keys.locator(task_id), self.keys.recent_tasks()]
+        # Microseconds: admissions in one millisecond keep their order (2**53 µs is year 2255).
+        index = (f"{rs}{US}{task_id}", time.time_ns() // 1000, RECENT_TASKS_MAX) if inline else ("", 0, 0)
+        args = [
+            ttl_s,
+            self.keys.channel(),
+            task_id,
+            task.priority,
+            limits.capacity,
+            class_cap,
+            limits.policy,
+            now_ms(),
+            deadline_at_ms,
+            first,
+            len(payloads),
+            locator_ttl_s if inline and minted_id else "",
+            rs,
+            *index,
+            *payloads,
+            *(v for kv in fields.items() for v in kv),
+        ]
+        if inline:
+            status, pos, ni, nb, evicted = await self._admit_calls(keys, args)
+        elif minted_id:  # both writes at once: concurrent calls on a cluster
             locator = self.client.set(self.keys.locator(task_id), rs, ex=locator_ttl_s)
-            _, (status, pos, ni, nb, evicted) = await asyncio.gather(locator, admit)
+            _, (status, pos, ni, nb, evicted) = await asyncio.gather(
+                locator, self._admit(keys=keys, args=args)
+            )
         else:
-            status, pos, ni, nb, evicted = await admit
+            status, pos, ni, nb, evicted = await self._admit(keys=keys, args=args)
         result = Admitted(AdmitStatus(status), int(pos), int(ni), int(nb), str(evicted))
         if result.status == AdmitStatus.OK:
             self.locate(task_id, rs)
-            await self._index_admitted(rs, task_id)
-        elif result.status == AdmitStatus.FULL:  # nothing was admitted: the id is free again
-            await self.client.delete(self.keys.locator(task_id))
+            if not inline:
+                await self._index_admitted(rs, task_id)
+        elif result.status == AdmitStatus.FULL and not (inline and minted_id):
+            await self.client.delete(self.keys.locator(task_id))  # nothing was admitted: the id is free
         return result
 
     async def append(self, batch: Append, retention_s: int = 900) -> int | Refused:
@@ -552,15 +651,32 @@ class Store:
         return (await self.append_many([batch], retention_s))[0]
 
     async def append_many(self, batches: Sequence[Append], retention_s: int) -> list[int | Refused]:
-        """:meth:`append` for many tasks in one round trip; results in the order of ``batches``."""
-        located = [await self._task_keys(b.task_id) for b in batches]
-        calls = [
-            (keys, self._append_args(b, retention_s))
-            for b, keys in zip(batches, located, strict=True)
-            if keys
-        ]
-        replies = iter(await self._many(self._append, calls))
-        results = [_appended(next(replies)) if keys else Refused.UNKNOWN for keys in located]
+        """:meth:`append` for many tasks in one round trip; results in the order of ``batches``.
+
+        One APPEND call (and so one PUBLISH) covers up to :data:`APPEND_CALL_MAX` tasks; on a cluster,
+        the tasks of one replica set (one hash slot) share a call."""
+        where = [await self._where(b.task_id) for b in batches]
+        groups: dict[str, list[int]] = {}
+        for i, rs in enumerate(where):
+            if rs is not None:
+                groups.setdefault(rs if self.cluster else "", []).append(i)
+        calls: list[tuple[list[str], list[Any]]] = []
+        chunks: list[list[int]] = []
+        for members in groups.values():
+            for start in range(0, len(members), APPEND_CALL_MAX):
+                chunk = members[start : start + APPEND_CALL_MAX]
+                keys: list[str] = []
+                args: list[Any] = [retention_s, self.keys.channel()]
+                for i in chunk:
+                    task_id, rs = batches[i].task_id, cast(str, where[i])
+                    keys += (self.keys.task(rs, task_id), self.keys.events(rs, task_id))
+                    args += _append_segment(batches[i])
+                calls.append((keys, args))
+                chunks.append(chunk)
+        results: list[int | Refused] = [Refused.UNKNOWN] * len(batches)
+        for chunk, reply in zip(chunks, await self._many(self._append, calls), strict=True):
+            for i, seq in zip(chunk, reply, strict=True):
+                results[i] = _appended(seq)
         failed = [
             (b.task_id, data)
             for b, result in zip(batches, results, strict=True)
@@ -584,20 +700,8 @@ class Store:
     def _append_args(
         self, batch: Append, retention_s: int, fields: Mapping[str, str] | None = None
     ) -> list[str | int]:
-        fields = dict(fields or {})
-        if batch.tokens_out is not None:
-            fields["tokens_out"] = str(batch.tokens_out)
-        flat_fields = [v for kv in fields.items() for v in kv]
-        flat_events = [v for ev in batch.events for v in ev]
-        return [
-            retention_s,
-            batch.batch_id,
-            len(flat_fields) // 2,
-            *flat_fields,
-            *flat_events,
-            self.keys.channel(),
-            batch.task_id,
-        ]
+        """APPEND's arguments for one task's batch (``fields``: record fields to set with it)."""
+        return [retention_s, self.keys.channel(), *_append_segment(batch, fields)]
 
     async def mark_running(self, task_id: str, placement: Placement) -> TaskRecord | None:
         """Record the placement and return the record; None if the task ended while it was claimed."""
@@ -872,8 +976,9 @@ class Store:
         return cast(list[str], await self.client.zrange(self.keys.lease(rs), 0, -1))
 
     # -- status views: recent tasks, running tasks, recent failures -------------------------------------
-    # The two indexes are single keys outside any replica set's slot, so they are written just after
-    # the step they follow, not inside it: a crash in between costs an index entry, never a task.
+    # The two indexes are single keys outside any replica set's slot, so on a cluster they are written
+    # just after the step they follow, not inside it: a crash in between costs an index entry, never a
+    # task. On a single Redis, ADMIT writes the recent-tasks entry itself (one round trip).
 
     async def _index_admitted(self, rs: str, task_id: str) -> None:
         key = self.keys.recent_tasks()
@@ -961,6 +1066,26 @@ class SessionBudgets:
 
 def _opt_int(value: object) -> int | None:
     return None if value is None or value is False else int(str(value))
+
+
+def _append_segment(batch: Append, fields: Mapping[str, str] | None = None) -> list[str | int]:
+    """One batch's part of APPEND's arguments: task_id, batch id, the fields, the events as (name,
+    data) pairs, and the terminal state of the last event. Only the last event may be terminal."""
+    fields = dict(fields or {})
+    if batch.tokens_out is not None:
+        fields["tokens_out"] = str(batch.tokens_out)
+    out: list[str | int] = [batch.task_id, batch.batch_id, len(fields)]
+    for kv in fields.items():
+        out += kv
+    out.append(len(batch.events))
+    final = ""
+    for name, data, state in batch.events:
+        if final:
+            raise ValueError(f"task {batch.task_id}: an event follows the terminal one in one batch")
+        out += (name, data)
+        final = state
+    out.append(final)
+    return out
 
 
 def _appended(result: object) -> int | Refused:

@@ -50,6 +50,7 @@ PREFIX: Final = "llorch."
 """Span attributes of ours are ``llorch.<log field name>`` (``llorch.task_id``, ``llorch.pool_id``)."""
 
 _PROPAGATION: Final = TraceContextTextMapPropagator()
+_FIELDS: Final = frozenset(_PROPAGATION.fields)  # the propagator builds a new set per access
 # Like a module's logger: a proxy that delegates to the provider `traced` installs later (or no-op).
 _tracer: Final = trace.get_tracer("llorch")
 
@@ -184,7 +185,7 @@ def http_middleware(parent_of: TraceParentOf | None = None) -> Middleware:
 
     @web.middleware
     async def traced_request(request: web.Request, handler: Handler) -> web.StreamResponse:
-        carrier = {key: value for key in _PROPAGATION.fields if (value := request.headers.get(key))}
+        carrier = {key: value for key in _FIELDS if (value := request.headers.get(key))}
         if TRACEPARENT not in carrier and parent_of is not None and (parent := await parent_of(request)):
             carrier = {TRACEPARENT: parent}
         resource = request.match_info.route.resource
@@ -221,6 +222,6 @@ def _carrier(metadata: object) -> dict[str, str]:
     """The trace-context entries of gRPC metadata (pairs; the stubs disagree about their shape)."""
     out: dict[str, str] = {}
     for key, value in cast(Any, metadata) or ():
-        if key in _PROPAGATION.fields:
+        if key in _FIELDS:
             out[str(key)] = value.decode() if isinstance(value, bytes) else str(value)
     return out

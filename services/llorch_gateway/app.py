@@ -42,6 +42,7 @@ from .metrics import GatewayMetrics
 from .models import DrainRequest, ReloadRequest, TaskRequest, parse_json_object, parse_model
 from .scheduler_client import SchedulerClient
 from .sse import relay
+from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Deps:
     metrics: GatewayMetrics
     http: aiohttp.ClientSession
     feed: EventFeed
+    workers: WorkerMetrics | None = None  # api.workers > 1: this worker's side of the /metrics union
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
@@ -262,6 +264,8 @@ class Api:
             components.update({f"pool-manager@{a}": a for a in reply.metrics_addresses})
         except OrchestratorError:
             pass  # the scheduler's own scrape will report it down
+        if self.d.workers is not None:  # the other gateway workers' counters, summed into ours
+            await self.d.workers.refresh(self.d.http, self.d.metrics.component_up)
         body = await self.d.metrics.union(self.d.http, components)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

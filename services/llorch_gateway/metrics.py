@@ -27,10 +27,12 @@ class GatewayMetrics:
             "component_up", "1 when the component answered", ["component"], registry=registry
         )
         # Events carry no append time; the feed's receipt is the nearest: the script that appends an
-        # event publishes it in the same step. Events replayed from the log are not counted.
+        # event publishes it in the same step. Events replayed from the log are not counted, and the
+        # events of one live message (they arrive and are written together) count once, by its first.
         self.sse_relay_lag = Histogram(
             "sse_relay_lag_ms",
-            "From the gateway's receipt of a live task event to the write of its SSE frame (ms)",
+            "From the gateway's receipt of a live task event to the write of its SSE frame (ms); "
+            "one observation per live message, for its first event",
             buckets=RELAY_LAG_BUCKETS_MS,
             registry=registry,
         )

@@ -132,8 +132,9 @@ async def abort_stream(response: web.StreamResponse, code: Code) -> None:
         await response.write_eof()
 
 
-def _frame(e: Event) -> str:
-    return f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n"
+def _frames(events: list[Event]) -> bytes:
+    """The SSE frames of ``events``, in one buffer (one write per batch)."""
+    return "".join([f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n" for e in events]).encode()
 
 
 class _Stream:
@@ -171,33 +172,36 @@ class _Stream:
 
     async def write(self, events: list[Event]) -> bool:
         """Write the events the client lacks; True (and the body ends) after the terminal one."""
-        sent = [e for e in events if e.seq > self.after or e.name in TERMINAL_EVENTS]
         if events:
+            # The events continue the log in seq order: all are new to the client unless it resumed
+            # past them (then only the terminal one is sent).
+            sent = events
+            if events[0].seq <= self.after:
+                sent = [e for e in events if e.seq > self.after or e.name in TERMINAL_EVENTS]
             self.after = max(self.after, events[-1].seq)
-        if sent:
-            await self.response.write("".join(_frame(e) for e in sent).encode())
-            self._observe_lag(sent)
+            if sent:
+                await self.response.write(_frames(sent))
+                if self.arrivals:
+                    self._observe_lag(sent[0].seq)
         if self.tail.ended:
             self.terminal = events[-1] if events else self.terminal  # accept() stops at the terminal
             await self.response.write_eof()
         return self.tail.ended
 
-    def _observe_lag(self, written: list[Event]) -> None:
-        """sse_relay_lag_ms for the written events the live feed delivered (replayed ones have no
-        arrival time); arrivals at or before the client's position are dropped either way."""
-        if not self.arrivals:
-            return
+    def _observe_lag(self, first_sent: int) -> None:
+        """sse_relay_lag_ms for the live messages whose first event was just written: one observation
+        per message (its events arrived together and are written together), not one per event, which
+        would cost a histogram update per token. Arrivals at or before the client's position are
+        dropped either way (replayed events have none)."""
         now = time.monotonic()
-        for e in written:
-            arrived = self.arrivals.pop(e.seq, None)
-            if arrived is not None and self.lag is not None:
-                self.lag.observe((now - arrived) * 1000)
         for seq in [s for s in self.arrivals if s <= self.after]:
-            del self.arrivals[seq]
+            arrived = self.arrivals.pop(seq)
+            if seq >= first_sent and self.lag is not None:
+                self.lag.observe((now - arrived) * 1000)
 
     async def write_terminal(self, event: Event) -> None:
         """The terminal event again, for a client that resumed at or past it; then the body ends."""
-        await self.response.write(_frame(event).encode())
+        await self.response.write(_frames([event]))
         await self.response.write_eof()
 
 

@@ -27,6 +27,7 @@ import secrets
 import time
 from typing import Final
 
+from llorch.events import EventName
 from llorch.resilience import Outage, until_done
 from llorch.store import Append, Refused, Store
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 APPEND_GIVE_UP_S: Final = 10.0
 """How long a running task waits for an unreachable event log before it is ended with WORKER_RESET."""
+
+_TOKEN: Final = EventName.TOKEN.value
 
 
 def refused(result: int | Refused) -> bool:
@@ -59,10 +62,25 @@ class TaskWriter:
     def add(self, name: str, data: str, final_state: str = "", tokens_out: int | None = None) -> None:
         if self._final or self.rejected:
             return
+        if not self.events:
+            self._queue()
         self.events.append((name, data, final_state))
         if tokens_out is not None:
             self.tokens_out = tokens_out
         self._final = bool(final_state)
+
+    def add_token(self, data: str, tokens_out: int) -> None:
+        """``add(TOKEN, data, tokens_out=tokens_out)``, the per-token path, without its options."""
+        if self._final or self.rejected:
+            return
+        if not self.events:
+            self._queue()
+        self.events.append((_TOKEN, data, ""))
+        self.tokens_out = tokens_out
+
+    def _queue(self) -> None:
+        """The first event since the last flush took the batch: wake the flusher. Until the next take
+        the writer stays queued (and not idle), so later adds only append."""
         self.idle.clear()
         self._log.ready(self)
 

@@ -222,21 +222,18 @@ class Executor:
             return await self._embed(req, replica, writer, started, progress)
         request = self._request(req)
         stream = adapter.chat(request) if req.workload == "chat" else adapter.stream(request)
+        clock, token, add_token = loop.time, events.token, writer.add_token  # bound once: per token
         try:
             async for item in stream:
-                progress.last_event_at = loop.time()
+                progress.last_event_at = now = clock()
                 if isinstance(item, Token):
                     i = progress.tokens
-                    data = events.token(item.text, i, item.tool_calls)
-                    writer.add(events.EventName.TOKEN, data, tokens_out=i + 1)
+                    add_token(token(item.text, i, item.tool_calls), i + 1)
                     progress.tokens = i + 1
                     if i == 0:
                         progress.first_token_ms = self._first_token(req, replica, writer)
-                    if i == 0 or progress.last_event_at - progress.metrics_at >= DECODE_METRICS_EVERY_S:
-                        writer.add(
-                            events.EventName.METRICS,
-                            self._decode_metrics(req, progress, progress.last_event_at),
-                        )
+                    if i == 0 or now - progress.metrics_at >= DECODE_METRICS_EVERY_S:
+                        writer.add(events.EventName.METRICS, self._decode_metrics(req, progress, now))
                     if writer.rejected:
                         return Code.CANCELED.value
                 elif isinstance(item, Finished):

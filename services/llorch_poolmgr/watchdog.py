@@ -22,7 +22,7 @@ DECODE_METRICS_EVERY_S = 1.0
 LOG_UNREACHABLE = f"the event log (Redis) was unreachable for more than {APPEND_GIVE_UP_S:g} s"
 
 
-@dataclass
+@dataclass(slots=True)
 class Progress:
     """A run's progress and limits; survives the run's cancellation (an abort or the watchdog)."""
 

@@ -114,7 +114,10 @@ class Loader:
 
     def load_eta_ms(self, rs: str) -> int | None:
         """How long until the set has a loaded pool, or None when it has one (or is not on-demand)."""
-        members = [(m, p) for m, p in self.registry.pools() if set_of(p) == rs]
+        pools = self.registry.pools()
+        if not any(p.residency == "on-demand" for _, p in pools):  # the common case, cheaply
+            return None
+        members = [(m, p) for m, p in pools if set_of(p) == rs]
         if not members or any(self.registry.is_ready(m, p) for m, p in members):
             return None
         on_demand = [p for _, p in members if p.residency == "on-demand"]

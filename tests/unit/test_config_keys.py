@@ -93,6 +93,7 @@ PROOF: Final[dict[str, str]] = {
     "api.probes_require_auth": STACK,
     "api.keepalive_timeout_s": "tests/integration/test_edge.py::test_slow_clients_are_cut_off",
     "api.body_timeout_s": "tests/integration/test_edge.py::test_slow_clients_are_cut_off",
+    "api.workers": "tests/integration/test_gateway_workers.py::test_two_workers_serve_any_stream_sum_their_metrics_and_stop_together",
     "api.tokens.name": TOKENS,
     "api.tokens.token_env": TOKENS,
     "api.tokens.token_file": TOKENS,

@@ -22,7 +22,7 @@ from typing import Final
 import aiohttp
 
 from llorch.adapters._http import EngineHttp, worker_reset
-from llorch.adapters._sse import DONE
+from llorch.adapters._sse import DONE, loads
 from llorch.adapters.base import Embedded, Finished, FinishReason, GenerateRequest, Sampler, Token
 from llorch.errors import Code, OrchestratorError
 
@@ -73,7 +73,7 @@ async def chat_stream(
         usage: dict[str, object] = {}
         seen = 0
         while (data := await stream.reader.next_data()) is not None and data != DONE:
-            event = json.loads(data)
+            event = loads(data)
             if not isinstance(event, dict):
                 continue
             if event.get("error") is not None or event.get("object") == "error":

@@ -29,6 +29,7 @@ from llorch.adapters._http import (
     sample_values,
     worker_reset,
 )
+from llorch.adapters._sse import loads
 from llorch.adapters.base import (
     Embedded,
     EngineHealth,
@@ -135,7 +136,7 @@ class LlamaCppAdapter(HttpAdapter):
                 data = await stream.reader.next_data()
                 if data is None:
                     raise worker_reset("llama-server closed the stream before the stop chunk")
-                event = json.loads(data)
+                event = loads(data)
                 content = event.get("content")
                 if content:
                     yield Token(content)

@@ -1,0 +1,83 @@
+"""The engine-side SSE reader: lines split across reads, several events in one read, and the JSON
+fast path behave exactly like line-by-line reading and ``json.loads``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llorch.adapters._sse import MAX_LINE_BYTES, SseReader, loads
+
+BODY = (
+    b": keep-alive\n\n"
+    b'data: {"content":" a","stop":false}\n\n'
+    b'data:{"content":"b"}\r\n\r\n'
+    b"event: ignored\n"
+    b"data: \n\n"
+    b'data: {"content":"\xc3\xa9","stop":true}\n\n'
+    b"data: [DONE]"  # the last line may lack its newline
+)
+EXPECTED = [
+    b'{"content":" a","stop":false}',
+    b'{"content":"b"}',
+    b'{"content":"\xc3\xa9","stop":true}',
+    b"[DONE]",
+]
+
+
+class _Content:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def readany(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+class _Resp:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = _Content(chunks)
+
+
+async def _all(chunks: list[bytes]) -> list[bytes]:
+    reader = SseReader(_Resp(chunks))  # type: ignore[arg-type]
+    out = []
+    while (data := await reader.next_data()) is not None:
+        out.append(data)
+    assert await reader.next_data() is None
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 16, 64, len(BODY)])
+async def test_any_split_of_the_body_gives_the_same_events(size: int) -> None:
+    chunks = [BODY[i : i + size] for i in range(0, len(BODY), size)]
+    assert await _all(chunks) == EXPECTED
+
+
+async def test_an_endless_line_is_refused() -> None:
+    piece = b"data: " + b"x" * (1 << 20)
+    reader = SseReader(_Resp([piece] * (MAX_LINE_BYTES // len(piece) + 2)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="too big"):
+        await reader.next_data()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"content":" hi","tokens":[3],"stop":false,"n":1.5e3,"x":null}',
+        b'"\xe2\x82\xac"',
+        b"[1, 2]",
+        b"\xef\xbb\xbf{}",  # a BOM: json.loads' own handling
+    ],
+)
+def test_loads_is_json_loads(raw: bytes) -> None:
+    assert loads(raw) == json.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"a":1} x', b"nope", b"\xff{}", b""])
+def test_loads_raises_what_json_loads_raises(raw: bytes) -> None:
+    with pytest.raises(ValueError) as ours:
+        loads(raw)
+    with pytest.raises(ValueError) as theirs:
+        json.loads(raw)
+    assert type(ours.value) is type(theirs.value)
