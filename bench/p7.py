@@ -26,7 +26,7 @@ from tests.support.stack import Stack
 
 from .cpu import TOKEN_STACK, Meter, Role, cost
 from .stats import Spread
-from .traffic import DIRECT_TOKEN, JSON_HEADERS, STACK_TOKEN, StreamTrace, Target, _count, wave
+from .traffic import DIRECT_TOKEN, JSON_HEADERS, StackTarget, StreamTrace, Target, _count, wave
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY_STAMP = ROOT / ".stamps" / "llama-server-path"
@@ -56,37 +56,21 @@ def prompt(index: int) -> str:
     return "Count on: " + ", ".join(str(n) for n in range(start, start + 8)) + ","
 
 
-class StackP7:
+class StackP7(StackTarget):
     """``POST /v1/tasks`` (greedy, best-effort determinism so the prompt cache is on as on the direct
     side), then its stream."""
 
-    name = "stack"
-
     def __init__(self, stack: Stack) -> None:
-        self.url = stack.url
-        self.headers = {**stack.headers, **JSON_HEADERS}
+        super().__init__(stack.url, stack.headers, MODEL_ID)
 
-    async def stream(
-        self, session: aiohttp.ClientSession, index: int, max_tokens: int, trace: StreamTrace
-    ) -> None:
-        body = {
+    def body(self, index: int, max_tokens: int) -> dict[str, object]:
+        return {
             "model_ref": MODEL_ID,
             "prompt": prompt(index),
             "max_tokens": max_tokens,
             "seed": SEED,
             "determinism": "best_effort",
         }
-        trace.t_send = perf_counter()
-        async with session.post(f"{self.url}/v1/tasks", json=body, headers=self.headers) as resp:
-            if resp.status != 202:
-                trace.error = f"submit {resp.status}: {(await resp.text())[:200]}"
-                return
-            stream_url = (await resp.json())["stream_url"]
-        async with session.get(f"{self.url}{stream_url}", headers=self.headers) as resp:
-            if resp.status != 200:
-                trace.error = f"stream {resp.status}"
-                return
-            await _count(resp.content, STACK_TOKEN, trace)
 
 
 class DirectP7:

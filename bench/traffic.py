@@ -91,10 +91,13 @@ class StackTarget:
         self.headers = {**headers, **JSON_HEADERS}
         self.model_ref = model_ref
 
+    def body(self, index: int, max_tokens: int) -> dict[str, object]:
+        return {"model_ref": self.model_ref, "prompt": f"bench {index}", "max_tokens": max_tokens}
+
     async def stream(
         self, session: aiohttp.ClientSession, index: int, max_tokens: int, trace: StreamTrace
     ) -> None:
-        body = json.dumps({"model_ref": self.model_ref, "prompt": f"bench {index}", "max_tokens": max_tokens})
+        body = json.dumps(self.body(index, max_tokens))
         trace.t_send = perf_counter()
         async with session.post(f"{self.url}/v1/tasks", data=body, headers=self.headers) as resp:
             if resp.status != 202:

@@ -259,9 +259,11 @@ class ArtifactStore:
             db = self._conn()
             if new.parent is not None and self._row(db, new.parent) is None:
                 raise invalid("parent", f"parent {new.parent} is not a stored artifact")
-            self._write_file(aid, body)
+            # The file is written under SQLite's write lock, which other processes (api.workers) share:
+            # a sweep in another worker cannot unlink it between this write and the row's commit.
             db.execute("BEGIN IMMEDIATE")
             try:
+                self._write_file(aid, body)
                 created = (
                     db.execute(
                         "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?)",
@@ -337,8 +339,14 @@ class ArtifactStore:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM artifacts WHERE id = ?", [(aid,) for aid in old])
             db.execute("COMMIT")
-            # After the rows (the index never names a missing file) and under the lock (a concurrent
-            # put of the same content cannot find the file that is about to go).
-            for aid in old:
-                self._path(aid).unlink(missing_ok=True)
+            # The files go after the rows (the index never names a missing file), under the write lock
+            # again (shared with the other gateway workers' puts) and only where no put has stored the
+            # same content again since.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for aid in old:
+                    if self._row(db, aid) is None:
+                        self._path(aid).unlink(missing_ok=True)
+            finally:
+                db.execute("COMMIT")
         return len(old)
