@@ -130,8 +130,10 @@ class Admission:
         try:
             self.throttles.check_rate(info, priority)
             self.throttles.reserve_tokens(req.client, task_id, info, prompt_est, max_tokens)
-            self._check_deadline(info, priority, tokens, deadline_ms)
-            admitted = await self._enqueue(task, info, tokens, minted=not req.task_id)
+            # Once per admission: each reads the registry (the window asks for three predictions).
+            slots_total, eta = self._slots_total(info.rs), self.load_eta(info.rs)
+            self._check_deadline(info, priority, tokens, deadline_ms, slots_total, eta)
+            admitted = await self._enqueue(task, info, tokens, slots_total, eta, minted=not req.task_id)
         except OrchestratorError:
             self.throttles.release(task_id)
             await self.sessions.undo(task_id)
@@ -246,17 +248,18 @@ class Admission:
         if deadline_ms > self.limits.max_deadline_ms:
             raise invalid("deadline_ms", f"deadline_ms must be at most {self.limits.max_deadline_ms}")
 
-    async def _enqueue(self, task: NewTask, info: SetInfo, tokens: int, minted: bool) -> Admitted:
+    async def _enqueue(
+        self, task: NewTask, info: SetInfo, tokens: int, slots_total: int, eta: int | None, minted: bool
+    ) -> Admitted:
+        """``eta``: the set's remaining load time (None: loaded), added to every prediction."""
         rs, priority, deadline_ms = info.rs, task.priority, task.deadline_ms
-        slots_total = self._slots_total(rs)
-        loading = self.load_eta(rs) is not None
         first = max(0, self.watch.depth_ahead(rs, priority) - 1)
         window = [
-            self._prediction(rs, position, slots_total, tokens, deadline_ms)
+            self._prediction(rs, position, slots_total, tokens, deadline_ms, eta)
             for position in range(first, first + STARTED_WINDOW)
         ]
         started = [
-            events.started(task.task_id, position, predicted, on_time, priority, loading)
+            events.started(task.task_id, position, predicted, on_time, priority, eta is not None)
             for position, (predicted, on_time) in enumerate(window, start=first)
         ]
         limits = self.front.limits(info)
@@ -281,7 +284,7 @@ class Admission:
         predicted, on_time = (
             window[position - first]
             if in_window
-            else self._prediction(rs, position, slots_total, tokens, deadline_ms)
+            else self._prediction(rs, position, slots_total, tokens, deadline_ms, eta)
         )
         # -1: `started` carried a neighbour's prediction, so the next scan sends this position's frame.
         self.watch.admitted(task.task_id, rs, priority, tokens, deadline_ms, position if in_window else -1)
@@ -312,17 +315,23 @@ class Admission:
         return total or self.registry.configured_slots(rs)
 
     def _prediction(
-        self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int
+        self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int, eta: int | None
     ) -> tuple[int, float]:
-        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens)
-        predicted += self.load_eta(rs) or 0
+        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens) + (eta or 0)
         return predicted, self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
 
-    def _check_deadline(self, info: SetInfo, priority: Priority, tokens: int, deadline_ms: int) -> None:
+    def _check_deadline(
+        self,
+        info: SetInfo,
+        priority: Priority,
+        tokens: int,
+        deadline_ms: int,
+        slots_total: int,
+        eta: int | None,
+    ) -> None:
         """SPEC §5.1 check 11: refuse a task whose predicted start already misses its deadline."""
         ahead = self.watch.depth_ahead(info.rs, priority)
-        predicted = self.estimator.predicted_start_ms(info.rs, ahead, self._slots_total(info.rs), tokens)
-        predicted += self.load_eta(info.rs) or 0
+        predicted = self.estimator.predicted_start_ms(info.rs, ahead, slots_total, tokens) + (eta or 0)
         if predicted > deadline_ms:
             self.metrics.tasks_rejected.labels(info.engine, Code.DEADLINE_UNMET.value).inc()
             raise OrchestratorError(
