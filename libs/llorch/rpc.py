@@ -138,27 +138,42 @@ def bind_correlation(context: grpc.aio.ServicerContext[Any, Any]) -> None:
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: OrchestratorError) -> None:
     status = _STATUS_BY_HTTP.get(exc.http_status, grpc.StatusCode.INTERNAL)
-    context.set_trailing_metadata(((ERROR_KEY, json.dumps(exc.envelope())),))
+    context.set_trailing_metadata(((ERROR_KEY, envelope_json(exc)),))
     await context.abort(status, exc.message)
+
+
+def envelope_json(exc: OrchestratorError) -> str:
+    """A domain error as it crosses gRPC (in ``x-llorch-error``, or in a stream's result)."""
+    return json.dumps(exc.envelope())
+
+
+def from_envelope(text: str | bytes) -> OrchestratorError:
+    """The domain error :func:`envelope_json` wrote."""
+    envelope = json.loads(text)
+    code = Code(envelope.pop("code"))
+    message = envelope.pop("message")
+    envelope.pop("retriable", None)
+    return OrchestratorError(code, message, **envelope)
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> OrchestratorError:
     """The gateway's one gRPC→domain mapper."""
     for key, value in _pairs(exc.trailing_metadata()):
         if key == ERROR_KEY:
-            envelope = json.loads(value)
-            code = Code(envelope.pop("code"))
-            message = envelope.pop("message")
-            envelope.pop("retriable", None)
-            return OrchestratorError(code, message, **envelope)
+            return from_envelope(value)
     log.warning("rpc failed", extra={"event": "rpc_failed", "code": exc.code().name, "reason": what})
-    if exc.code() in UNREACHABLE:  # not answering (restarting, or too slow): 503, retriable
-        return OrchestratorError(
-            Code.POOL_UNREADY,
-            f"{what} is unreachable ({exc.code().name}); retry after {UNREACHABLE_RETRY_MS} ms",
-            retry_after_ms=UNREACHABLE_RETRY_MS,
-        )
+    if exc.code() in UNREACHABLE:
+        return unreachable(what, exc.code().name)
     return OrchestratorError(Code.INTERNAL, f"{what} is unavailable ({exc.code().name}); retry shortly")
+
+
+def unreachable(what: str, why: str) -> OrchestratorError:
+    """A service not answering (restarting, or too slow): 503, retriable."""
+    return OrchestratorError(
+        Code.POOL_UNREADY,
+        f"{what} is unreachable ({why}); retry after {UNREACHABLE_RETRY_MS} ms",
+        retry_after_ms=UNREACHABLE_RETRY_MS,
+    )
 
 
 UNREACHABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

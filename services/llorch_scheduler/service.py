@@ -17,7 +17,7 @@ from llorch.rpc import from_rpc_error, metadata, unary
 from llorch.store import Store, TaskState
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-from . import inventory
+from . import admit_stream, inventory
 from .admission import Admission
 from .cancel import Canceller
 from .catalog import Catalog
@@ -64,11 +64,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.token = internal_token
         self._background: set[asyncio.Task[None]] = set()
 
-    @unary
-    async def Admit(
-        self, request: scheduler_pb2.AdmitRequest, context: Context
+    async def AdmitStream(
+        self, request_iterator: AsyncIterator[scheduler_pb2.AdmitCalls], context: Context
+    ) -> AsyncIterator[scheduler_pb2.AdmitResults]:
+        async for result in admit_stream.serve(request_iterator, self._admit):
+            yield result
+
+    async def _admit(
+        self, request: scheduler_pb2.AdmitRequest, call_metadata: object
     ) -> scheduler_pb2.AdmitResponse:
-        with tracing.server_span("llorch.v1.Scheduler/Admit", context.invocation_metadata()):
+        with tracing.server_span("llorch.v1.Scheduler/Admit", call_metadata):
             admitted = await self.admission.admit(submission_of(request))
             tracing.annotate(task_id=admitted.task_id, model=request.model_ref)
         self.dispatcher.wake()

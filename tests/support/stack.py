@@ -130,6 +130,10 @@ class Stack:
         self.procs[name] = proc
         return proc
 
+    def start_scheduler(self, args: Sequence[str] = ()) -> Proc:
+        """The scheduler (again, after a test killed it)."""
+        return self._spawn("scheduler", "scheduler", *args)
+
     def start_pool_manager(
         self,
         args: Sequence[str] = ("--index", "0"),
@@ -152,7 +156,7 @@ class Stack:
     async def start(
         self, ready: bool = True, per_device: bool = False, scheduler_args: Sequence[str] = ()
     ) -> None:
-        self._spawn("scheduler", "scheduler", *scheduler_args)
+        self.start_scheduler(scheduler_args)
         if per_device:
             self.start_pool_managers()
         else:
