@@ -182,7 +182,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         correlation_id_var.reset(token)
-        request.app[METRICS].http_requests.labels(route_template(request), request.method, str(status)).inc()
+        request.app[METRICS].count_request(route_template(request), request.method, str(status))
 
 
 class EdgeRequestHandler(RequestHandler):

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from llorch.metrics import LATENCY_BUCKETS_MS
 
 UNION_TIMEOUT_S = 2.0
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Method labels kept as sent; any other method a client invents counts as ``other`` (bounded series)."""
 # A relay lag is normally well under the contract's first bucket (5 ms): two finer ones below it.
 RELAY_LAG_BUCKETS_MS = (1, 2.5, *LATENCY_BUCKETS_MS)
 
@@ -23,6 +25,7 @@ class GatewayMetrics:
             ["route", "method", "status"],
             registry=registry,
         )
+        self._request_counts: dict[tuple[str, str, str], Counter] = {}
         self.component_up = Gauge(
             "component_up", "1 when the component answered", ["component"], registry=registry
         )
@@ -43,6 +46,15 @@ class GatewayMetrics:
             ["decision", "rule"],
             registry=registry,
         )
+
+    def count_request(self, route: str, method: str, status: str) -> None:
+        """One request answered; each label set's child is looked up once (``labels`` validates and
+        locks on every call, a measurable part of an admission's CPU)."""
+        key = (route, method if method in METHODS else "other", status)
+        child = self._request_counts.get(key)
+        if child is None:
+            child = self._request_counts[key] = self.http_requests.labels(*key)
+        child.inc()
 
     async def union(self, session: aiohttp.ClientSession, components: dict[str, str]) -> bytes:
         """Own families plus each component's exposition; a component that fails gets component_up 0."""

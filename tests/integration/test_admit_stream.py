@@ -5,13 +5,16 @@ scheduler restart fails what waited on it as 503 retriable, after which a new st
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from llorch.rpc import DEFAULT_DEADLINE_S
 from tests.support.procs import wait_until
+from tests.support.raw_http import HANG_GUARD_S
 from tests.support.redis_server import RedisServer
 from tests.support.stack import Client, Stack, mock_pool
 
@@ -76,3 +79,19 @@ async def test_a_scheduler_restart_fails_waiting_admissions_as_retriable_and_a_n
         assert task_id is not None
         events = await client.events(task_id)
         assert events[-1].event == "end", events[-1]
+
+
+async def test_a_scheduler_that_does_not_answer_gives_503_at_the_deadline_not_a_hang(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        client = Client(stack, session)
+        await client.admit(max_tokens=1)  # the gateway's stream is open now
+        stack.procs["scheduler"].kill(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            async with asyncio.timeout(DEFAULT_DEADLINE_S + HANG_GUARD_S):
+                status, payload, _ = await client.submit(max_tokens=1)
+        finally:
+            stack.procs["scheduler"].kill(signal.SIGCONT)
+        assert status == 503, payload
+        assert payload["code"] == "POOL_UNREADY" and payload["retriable"] is True, payload
+        assert "DEADLINE_EXCEEDED" in payload["message"], payload
+        await client.admit(max_tokens=1)  # the same stream serves again once the scheduler does
