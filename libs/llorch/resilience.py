@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Final, TypeVar
 
 from redis.exceptions import RedisError
 from tenacity import (
@@ -31,6 +32,29 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, ConnectionError, OS
 
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
+
+RESTART_INITIAL_S: Final = 0.5
+RESTART_MAX_S: Final = 15.0
+STABLE_S: Final = 60.0
+GIVE_UP_EXITS: Final = 5
+GIVE_UP_WINDOW_S: Final = 60.0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a supervisor restarts a child process that exits (``llorch up``'s services, the gateway's
+    workers): after ``initial_s``, doubling per consecutive failure up to ``max_s``; a run of at least
+    ``stable_s`` resets the count; ``give_up_exits`` exits within ``window_s`` mean giving up."""
+
+    initial_s: float = RESTART_INITIAL_S
+    max_s: float = RESTART_MAX_S
+    stable_s: float = STABLE_S
+    give_up_exits: int = GIVE_UP_EXITS
+    window_s: float = GIVE_UP_WINDOW_S
+
+    def delay_s(self, attempt: int) -> float:
+        """The wait before restart number ``attempt`` (1-based) of a run of failures."""
+        return float(min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1)))
 
 
 class Outage:

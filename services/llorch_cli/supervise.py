@@ -1,7 +1,7 @@
 """The supervisor of `llorch up`: start the children in order, restart a dead one with backoff, give up
 when one keeps dying, stop them in reverse order.
 
-Policy (constants below, one per stack):
+Policy (:class:`llorch.resilience.RestartPolicy`, shared with the gateway's workers):
 - A child that exits while the stack runs is restarted after ``RESTART_INITIAL_S`` (0.5 s), doubling per
   consecutive failure up to ``RESTART_MAX_S`` (15 s). A child that ran ``STABLE_S`` (60 s) or longer before
   it exited counts as a first failure again.
@@ -31,30 +31,16 @@ from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from llorch.resilience import RestartPolicy
+
 from .embedded_redis import EmbeddedRedis, die_with_parent_preexec
+
+DEFAULT_RESTART: Final = RestartPolicy()
 
 log = logging.getLogger(__name__)
 
-RESTART_INITIAL_S: Final = 0.5
-RESTART_MAX_S: Final = 15.0
-STABLE_S: Final = 60.0
-GIVE_UP_EXITS: Final = 5
-GIVE_UP_WINDOW_S: Final = 60.0
 STOP_GRACE_S: Final = 15.0
 REDIS_READY_S: Final = 10.0
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    initial_s: float = RESTART_INITIAL_S
-    max_s: float = RESTART_MAX_S
-    stable_s: float = STABLE_S
-    give_up_exits: int = GIVE_UP_EXITS
-    window_s: float = GIVE_UP_WINDOW_S
-
-    def delay_s(self, attempt: int) -> float:
-        """The wait before restart number ``attempt`` (1-based) of a run of failures."""
-        return float(min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1)))
 
 
 class SupervisorMetrics:
@@ -194,7 +180,7 @@ class Supervisor:
         self,
         children: Sequence[Child],
         metrics: SupervisorMetrics,
-        policy: RestartPolicy = RestartPolicy(),
+        policy: RestartPolicy = DEFAULT_RESTART,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.slots = [_Slot(c) for c in children]

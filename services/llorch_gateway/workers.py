@@ -40,17 +40,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from llorch.resilience import RestartPolicy
+
 log = logging.getLogger(__name__)
 
 WORKER_ENV: Final = "LLORCH_GATEWAY_WORKER"
 METRICS_FD_ENV: Final = "LLORCH_GATEWAY_METRICS_FD"
 PEERS_ENV: Final = "LLORCH_GATEWAY_PEERS"
 STOP_GRACE_S: Final = 10.0
-RESTART_INITIAL_S: Final = 0.5
-RESTART_MAX_S: Final = 15.0
-STABLE_S: Final = 60.0
-GIVE_UP_EXITS: Final = 5
-GIVE_UP_WINDOW_S: Final = 60.0
+RESTART: Final = RestartPolicy()  # the same policy as `llorch up` gives its services
 
 
 @dataclass(frozen=True)
@@ -173,16 +171,16 @@ class WorkerGroup:
             if self._stopping:
                 return
             now = loop.time()
-            attempt = 1 if now - started >= STABLE_S else attempt + 1
+            attempt = 1 if now - started >= RESTART.stable_s else attempt + 1
             exits.append(now)
-            while now - exits[0] > GIVE_UP_WINDOW_S:
+            while now - exits[0] > RESTART.window_s:
                 exits.popleft()
-            if len(exits) >= GIVE_UP_EXITS:
+            if len(exits) >= RESTART.give_up_exits:
                 raise WorkersGaveUp(
-                    f"gateway worker {index} exited {len(exits)} times within {GIVE_UP_WINDOW_S:g} s "
+                    f"gateway worker {index} exited {len(exits)} times within {RESTART.window_s:g} s "
                     f"(last exit code {code})"
                 )
-            delay = min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (attempt - 1))
+            delay = RESTART.delay_s(attempt)
             log.warning(
                 "gateway worker exited; restarting",
                 extra={

@@ -19,8 +19,8 @@ import pytest
 import redis
 from redis import asyncio as aioredis
 
+from llorch.resilience import RestartPolicy
 from llorch_cli.embedded_redis import PID_NAME, EmbeddedRedis, process_alive, server_binary
-from llorch_cli.supervise import RestartPolicy
 from tests.support.procs import Proc, free_port, python_module, wait_until
 from tests.support.stack import Client, Stack, mock_pool
 
