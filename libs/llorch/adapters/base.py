@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +46,10 @@ class GenerateRequest:
     overrides: dict[str, object] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
-    """A piece of the answer: text, or (chat) one streamed ``delta.tool_calls`` list, unchanged."""
+class Token(NamedTuple):
+    """A piece of the answer: text, or (chat) one streamed ``delta.tool_calls`` list, unchanged.
+
+    A named tuple, not a frozen dataclass: one is built per token, at half the cost."""
 
     text: str
     tool_calls: list[dict[str, object]] | None = None
