@@ -22,9 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class Subscription:
+    """Live events of one task for one consumer, and a silence timer.
+
+    The silence timer is armed once per silence, not once per wait: each delivery only notes the time,
+    and a timer that fires early (events came meanwhile) re-arms itself for the rest of the interval.
+    A timeout per wait (``asyncio.timeout``) cost several µs for every relayed token of every stream.
+    """
+
     def __init__(self, timed: bool = False) -> None:
         self._items: list[Event] = []
         self._ready = asyncio.Event()
+        self._last = time.monotonic()  # the last delivery (or the start)
+        self._timer: asyncio.TimerHandle | None = None
         # seq -> time.monotonic() when the feed delivered it live, for the first event of each message
         # (one per group of events that arrived together); only for a consumer that pops them (the
         # SSE relay's sse_relay_lag_ms), else it would grow with the task
@@ -38,19 +47,38 @@ class Subscription:
             self._items += events
         else:
             self._items.append(RESYNC)
+        self._last = time.monotonic()
         self._ready.set()
 
     async def next(self, timeout_s: float) -> list[Event] | None:
-        """The events delivered since the last call; None after ``timeout_s`` of silence."""
+        """The events delivered since the last call; None once ``timeout_s`` passed without one."""
         if not self._items:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._ready.wait()
-            except TimeoutError:
+            if self._timer is None:
+                self._arm(timeout_s, timeout_s)
+            await self._ready.wait()
+            if not self._items:  # the silence timer woke us
+                self._ready.clear()
+                self._last = time.monotonic()
                 return None
         items, self._items = self._items, []
         self._ready.clear()
         return items
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, delay_s: float, timeout_s: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._silence, timeout_s)
+
+    def _silence(self, timeout_s: float) -> None:
+        left = self._last + timeout_s - time.monotonic()
+        if left > 0:  # something was delivered since the timer was set: wait for the rest
+            self._arm(left, timeout_s)
+            return
+        self._timer = None
+        self._ready.set()
 
 
 RESYNC = Event(-1, "", "")
@@ -85,6 +113,7 @@ class EventFeed:
         try:
             yield sub
         finally:
+            sub.close()
             subs = self._subs.get(task_id)
             if subs is not None:
                 subs.discard(sub)
