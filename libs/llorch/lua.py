@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Final
 
 # Appends for one or more tasks in one call. KEYS: (task, events) per batch. ARGV: retention_s,
-# channel, then per batch: task_id, batch id ('' for none), n_fields, field pairs..., n_events,
-# (name, data) pairs..., and the terminal state of the batch's last event ('' for none: only the last
-# event of a batch can be terminal). Returns per batch the new last seq, -1 if already terminal, -2 if
-# unknown. A batch id already applied (a retry whose first try landed but whose reply was lost) writes
-# nothing and returns the seq as it stands. A terminal `error` event also records its payload as
-# `error`. One PUBLISH for the whole call: the parts `task_id US first (US name US data)*` of the
-# batches that wrote something, joined by RS (\30).
+# channel, then per batch: task_id, batch id ('' for none), n_fields, field pairs..., n_entries,
+# (count, blob) pairs..., and the terminal state of the batch's last event ('' for none: only the last
+# event of a batch can be terminal). A blob is `count` consecutive events joined as
+# `name US data US name US data ...`; each becomes one log entry `{n: count, b: blob}` with id
+# `0-(first seq + 1)`, so no work here is per event. Returns per batch the new last seq, -1 if already
+# terminal, -2 if unknown. A batch id already applied (a retry whose first try landed but whose reply
+# was lost) writes nothing and returns the seq as it stands. The record fields are set only when the
+# batch is written (a terminal `error`'s payload comes as the field `error`). One PUBLISH for the whole
+# call: the parts `task_id US first US blob US blob ...` (= `task_id US first (US name US data)*`) of
+# the batches that wrote something, joined by RS (\30).
 APPEND: Final = """
 local out, parts = {}, {}
 local a = 3
@@ -32,15 +35,12 @@ for b = 1, #KEYS / 2 do
     if nf > 0 then redis.call('HSET', task, unpack(ARGV, a + 3, a + 2 + 2 * nf)) end
     local msg = {ARGV[a], first}
     for i = e0, e0 + 2 * ne - 2, 2 do
-      seq = seq + 1
-      redis.call('XADD', log, '0-' .. (seq + 1), 'e', ARGV[i], 'd', ARGV[i + 1])
-      msg[#msg + 1] = ARGV[i]
+      redis.call('XADD', log, '0-' .. (seq + 2), 'n', ARGV[i], 'b', ARGV[i + 1])
+      seq = seq + tonumber(ARGV[i])
       msg[#msg + 1] = ARGV[i + 1]
     end
     if final ~= '' and ne > 0 then
-      local last = e0 + 2 * ne - 2
       redis.call('HSET', task, 'terminal', '1', 'state', final)
-      if ARGV[last] == 'error' then redis.call('HSET', task, 'error', ARGV[last + 1]) end
       redis.call('EXPIRE', task, ARGV[1])
       redis.call('EXPIRE', log, ARGV[1])
     end

@@ -5,7 +5,11 @@ touches one slot):
 
 - ``task:{rs}:id`` hash — the task record (state, request, placement, ``seq`` of the last event,
   ``terminal``), in its replica set's slot
-- ``ev:{rs}:id``  stream — the task's event log; entry id ``0-(seq+1)`` so SSE ``id:`` = seq
+- ``ev:{rs}:id``  stream — the task's event log (SSE ``id:`` = seq). An entry's id is ``0-(first+1)``,
+  ``first`` the seq of its first event; it holds one event ``{e: name, d: data}`` (admission's
+  `started`, a terminate's `error`, a queued frame) or, as APPEND writes them, ``{n, b}``: n ≥ 1
+  consecutive events of one flush, at most :data:`ENTRY_MAX`, ``b`` = ``name US data US name US
+  data ...`` (the bytes the live message carries for them). Readers expand entries into events.
 - ``tid:{id}``    string — the replica set a task id lives in (its locator)
 - ``q:{rs}:interactive`` / ``q:{rs}:batch`` — sorted sets scored by the set's admission sequence
 - ``qseq:{rs}``   the set's admission sequence counter
@@ -56,6 +60,9 @@ Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
 READ_PAGE: Final = 512
 """Most events one log read returns."""
+ENTRY_MAX: Final = 64
+"""Most events one log entry holds: one argument and one XADD per up to this many events keep an
+append's cost per token low, and the bound keeps each entry (and a read of it) small."""
 
 US: Final = "\x1f"
 RS: Final = "\x1e"
@@ -759,15 +766,22 @@ class Store:
         return keys is not None and bool(await self.client.exists(keys[0]))
 
     async def read_events(self, task_id: str, after_seq: int, count: int = READ_PAGE) -> list[Event]:
-        """Events with seq > ``after_seq`` that are in the log now (no waiting)."""
+        """The first ``count`` events with seq > ``after_seq`` that are in the log now (no waiting), in
+        order; fewer only when the log has no more."""
         keys = await self._task_keys(task_id)
         if keys is None:
             return []
-        entries = cast(
-            list[tuple[str, dict[str, str]]],
-            await self.client.xrange(keys[1], min=f"(0-{after_seq + 1}", count=count),
-        )
-        return [_event(entry_id, body) for entry_id, body in entries]
+        # One round trip: the entry that starts at or before after_seq (it may hold later events too),
+        # then up to ``count`` entries that start after it; each holds at least one event.
+        after_seq = max(after_seq, -1)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys[1], max=f"0-{after_seq + 1}", min="-", count=1)
+            pipe.xrange(keys[1], min=f"0-{after_seq + 2}", count=count)
+            straddling, following = await pipe.execute()
+        out: list[Event] = []
+        for entry_id, body in [*straddling, *following]:
+            out += _entry_events(entry_id, body, after_seq)
+        return out[:count]
 
     async def last_event(self, task_id: str) -> Event | None:
         """The last event in the task's log, if any."""
@@ -775,7 +789,7 @@ class Store:
         if keys is None:
             return None
         entries = cast(list[tuple[str, dict[str, str]]], await self.client.xrevrange(keys[1], count=1))
-        return _event(*entries[0]) if entries else None
+        return _entry_events(*entries[0])[-1] if entries else None
 
     @asynccontextmanager
     async def subscribe_events(self) -> AsyncIterator[PubSub]:
@@ -1069,23 +1083,44 @@ def _opt_int(value: object) -> int | None:
 
 
 def _append_segment(batch: Append, fields: Mapping[str, str] | None = None) -> list[str | int]:
-    """One batch's part of APPEND's arguments: task_id, batch id, the fields, the events as (name,
-    data) pairs, and the terminal state of the last event. Only the last event may be terminal."""
+    """One batch's part of APPEND's arguments: task_id, batch id, the fields, the events as (count,
+    blob) pairs of at most :data:`ENTRY_MAX` events each (one log entry each), and the terminal state
+    of the last event. Only the last event may be terminal; a terminal `error` is also the record's
+    ``error`` field. Redis gets one string per entry, not two per event."""
     fields = dict(fields or {})
     if batch.tokens_out is not None:
         fields["tokens_out"] = str(batch.tokens_out)
-    out: list[str | int] = [batch.task_id, batch.batch_id, len(fields)]
-    for kv in fields.items():
-        out += kv
-    out.append(len(batch.events))
+    entries: list[str | int] = []
+    parts: list[str] = []
     final = ""
     for name, data, state in batch.events:
         if final:
             raise ValueError(f"task {batch.task_id}: an event follows the terminal one in one batch")
-        out += (name, data)
+        parts += (name, data)
         final = state
+        if len(parts) == 2 * ENTRY_MAX:
+            entries += _entry(batch.task_id, parts)
+            parts = []
+    if parts:
+        entries += _entry(batch.task_id, parts)
+    if final and batch.events[-1][0] == "error":
+        fields["error"] = batch.events[-1][1]
+    out: list[str | int] = [batch.task_id, batch.batch_id, len(fields)]
+    for kv in fields.items():
+        out += kv
+    out.append(len(entries) // 2)
+    out += entries
     out.append(final)
     return out
+
+
+def _entry(task_id: str, parts: list[str]) -> tuple[int, str]:
+    """(count, blob) of one log entry from its events' names and data, in turn."""
+    blob = US.join(parts)
+    # The separator must split the blob back into exactly these events (JSON escapes it).
+    if blob.count(US) != len(parts) - 1:
+        raise ValueError(f"task {task_id}: an event carries a raw \\x1f")
+    return len(parts) // 2, blob
 
 
 def _appended(result: object) -> int | Refused:
@@ -1201,5 +1236,15 @@ def _session(session_id: str, f: Mapping[str, str], ttl_ms: int) -> SessionRecor
     )
 
 
-def _event(entry_id: str, body: Mapping[str, str]) -> Event:
-    return Event(int(entry_id.split("-", 1)[1]) - 1, body["e"], body["d"])
+def _entry_events(entry_id: str, body: Mapping[str, str], after_seq: int = -1) -> list[Event]:
+    """The events of one log entry (see the module docstring) with seq > ``after_seq``."""
+    first = int(entry_id.partition("-")[2]) - 1
+    blob = body.get("b")
+    if blob is None:
+        return [Event(first, body["e"], body["d"])] if first > after_seq else []
+    n = int(body["n"])
+    if first + n - 1 <= after_seq:
+        return []
+    parts = blob.split(US)
+    skip = max(0, after_seq + 1 - first)
+    return [Event(first + k, parts[2 * k], parts[2 * k + 1]) for k in range(skip, n)]

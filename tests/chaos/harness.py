@@ -417,6 +417,18 @@ class Audit:
         return f"record={rec} leased={self.leased} log_len={len(self.log)} log_tail={tail}"
 
 
+def _entry_events(entry_id: str, body: dict[str, str]) -> list[tuple[int, str, str]]:
+    """(seq, name, data) of one log entry, read here without the store: one event ``{e, d}``, or
+    ``{n, b}``: n events ``name US data US ...`` from the entry id's seq on (store.py's docstring)."""
+    first = int(entry_id.split("-", 1)[1]) - 1
+    if "b" not in body:
+        return [(first, body["e"], body["d"])]
+    parts = body["b"].split("\x1f")
+    if len(parts) != 2 * int(body["n"]):
+        raise AssertionError(f"entry {entry_id} holds {len(parts)} parts, not n={body['n']} events")
+    return [(first + k, parts[2 * k], parts[2 * k + 1]) for k in range(len(parts) // 2)]
+
+
 async def audit(redis_url: str, prefix: str, task_ids: list[str]) -> tuple[dict[str, Audit], list[str]]:
     """Per task: record, lease, event log, and what is wrong with them; plus store-wide problems
     (records `running` without a lease, queue entries without a record)."""
@@ -429,7 +441,7 @@ async def audit(redis_url: str, prefix: str, task_ids: list[str]) -> tuple[dict[
             rs_of = await client.get(keys.locator(task_id)) or ""
             record = await client.hgetall(keys.task(rs_of, task_id))
             entries = await client.xrange(keys.events(rs_of, task_id))
-            log = [(int(eid.split("-", 1)[1]) - 1, body["e"], body["d"]) for eid, body in entries]
+            log = [event for eid, body in entries for event in _entry_events(eid, body)]
             leased = bool(record.get("rs")) and (
                 await client.zscore(keys.lease(record["rs"]), task_id) is not None
             )
