@@ -13,7 +13,6 @@ and the AOF is replayed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import shutil
@@ -22,18 +21,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import redis
 
+from llorch import orphans
+
 LOCK_NAME: Final = "llorch.lock"
 PID_NAME: Final = "server.pid"
 AUTH_CONF_NAME: Final = "auth.conf"
 ORPHAN_STOP_S: Final = 10.0
-_PR_SET_PDEATHSIG: Final = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls into it
 
 
 def server_binary() -> str:
@@ -52,18 +50,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def die_with_parent_preexec() -> Callable[[], None]:
-    """A ``preexec_fn``: SIGTERM when the parent dies, also if it died between fork and prctl."""
-    parent = os.getpid()
-
-    def preexec() -> None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 def process_alive(pid: int) -> bool:
@@ -132,7 +118,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches `llorch up`, which stops Redis last
-            preexec_fn=die_with_parent_preexec(),  # noqa: PLW1509 - prctl only
+            preexec_fn=orphans.preexec(signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )
         (self.dir / PID_NAME).write_text(f"{self.proc.pid}\n")
         return self.proc.pid

@@ -31,9 +31,10 @@ from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from llorch import orphans
 from llorch.resilience import RestartPolicy
 
-from .embedded_redis import EmbeddedRedis, die_with_parent_preexec
+from .embedded_redis import EmbeddedRedis
 
 DEFAULT_RESTART: Final = RestartPolicy()
 
@@ -97,7 +98,7 @@ class ServiceChild:
             self.argv,
             env=self.env,
             start_new_session=True,
-            preexec_fn=die_with_parent_preexec(),  # noqa: PLW1509 - prctl only
+            preexec_fn=orphans.preexec(signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )
         return self.proc.pid
 

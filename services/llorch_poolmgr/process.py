@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import logging.handlers
 import os
 import shutil
-import signal
 import socket
 import sys
 from collections import deque
@@ -22,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from llorch import orphans
 from llorch.adapters.base import EngineAdapter
 from llorch.adapters.launch import engine_command, make_adapter
 from llorch.config import PoolConfig
@@ -32,13 +31,7 @@ log = logging.getLogger(__name__)
 
 PUMP_DRAIN_S: Final = 2.0
 STOP_TIMEOUT_S: Final = 10.0
-_PR_SET_PDEATHSIG: Final = 1
 _TAIL_LINES: Final = 40
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -128,7 +121,7 @@ class EngineProcess:
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, **engine_env(self.pool, self.devices)},
-            preexec_fn=_die_with_parent,
+            preexec_fn=orphans.preexec(),
             start_new_session=True,  # Ctrl-C reaches the manager, which stops its engines in order
         )
         self.pid = self.proc.pid
