@@ -1,7 +1,8 @@
 """The gateway's client of the scheduler: deadlines on every call, one gRPC→domain mapper.
 
-Admissions go over one long-lived ``AdmitStream`` per gateway process (:class:`AdmitChannel`): one
-frame each way per admission instead of a unary call, which costs both sides several times more CPU
+Admissions go over one long-lived ``AdmitStream`` per gateway process (:class:`AdmitChannel`), each
+message carrying the admissions that gathered while the previous one was written: at most one message
+each way per admission, instead of a unary call each, which costs both sides several times more CPU
 (issue 16). Every other call is unary.
 """
 

@@ -5,7 +5,6 @@ a writer queued for a flush takes every token added while that flush is in fligh
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -26,7 +25,7 @@ def _message(*parts: tuple[str, int, list[tuple[str, str]]]) -> str:
     )
 
 
-def test_the_feed_builds_the_same_frozen_events_and_times_each_message_once() -> None:
+def test_the_feed_builds_the_same_immutable_events_and_times_each_message_once() -> None:
     feed = EventFeed.__new__(EventFeed)  # no store: only _dispatch is used
     feed._subs = {}
     with feed.subscribe("a", timed=True) as a, feed.subscribe("b") as b:
@@ -47,7 +46,7 @@ def test_the_feed_builds_the_same_frozen_events_and_times_each_message_once() ->
         assert got_b == [Event(1, "end", '{"tokens_out":0}')]
         assert a.arrivals is not None and sorted(a.arrivals) == [4, 6]  # one per message, its first
         assert b.arrivals is None
-        with pytest.raises(dataclasses.FrozenInstanceError):
+        with pytest.raises(AttributeError):
             got_a[0].seq = 9  # type: ignore[misc]
         assert hash(got_a[0]) == hash(Event(4, "token", '{"t":"x","i":0}'))
 
