@@ -7,8 +7,11 @@ and kept equal to ``contracts/error-codes.json`` by a test.
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
 from typing import Final
+
+log = logging.getLogger(__name__)
 
 
 class Code(StrEnum):
@@ -112,9 +115,13 @@ class OrchestratorError(Exception):
         return f"OrchestratorError({self.code.value}, {self.message!r})"
 
 
-def store_unavailable() -> OrchestratorError:
+def store_unavailable(cause: BaseException | None = None) -> OrchestratorError:
     """What a request that needed Redis while it was away answers: 503, retriable, with a backoff
-    (a store restart is as transient as a pool not Ready yet)."""
+    (a store restart is as transient as a pool not Ready yet). ``cause``, the Redis error met, is
+    logged here (its type only) for every edge that answers so."""
+    if cause is not None:
+        fields = {"event": "store_unavailable", "error": type(cause).__name__}
+        log.warning("store unavailable", extra=fields)
     return OrchestratorError(
         Code.POOL_UNREADY, "the task store (Redis) is unavailable; retry shortly", retry_after_ms=1000
     )

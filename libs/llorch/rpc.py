@@ -121,10 +121,7 @@ def unary(
             await abort_with(context, exc)
             raise  # abort() raises; this line keeps type checkers honest
         except RedisError as exc:  # Redis is away (restarting): the caller should retry, not give up
-            log.warning(
-                "store unavailable", extra={"event": "store_unavailable", "error": type(exc).__name__}
-            )
-            await abort_with(context, store_unavailable())
+            await abort_with(context, store_unavailable(exc))
             raise
 
     return wrapper

@@ -160,10 +160,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         except RedisError as exc:  # Redis is away: tell the client to retry (a stream ends itself)
             if request.writer.output_size > 0:
                 raise ConnectionResetError("the response had started; connection closed") from None
-            log.warning(
-                "store unavailable", extra={"event": "store_unavailable", "error": type(exc).__name__}
-            )
-            response = error_response(store_unavailable(), request)
+            response = error_response(store_unavailable(exc), request)
         except Exception:  # the edge of the service: never a traceback to a client
             if request.writer.output_size > 0:
                 # The response has started: a second one would land inside its body. Drop the

@@ -41,13 +41,13 @@ class Subscription:
 
     def push(self, events: list[Event]) -> None:
         """Deliver live events; an empty list means "re-read from the stream"."""
+        self._last = now = time.monotonic()
         if events:
             if self.arrivals is not None:  # the group's first event stands for the group: they
-                self.arrivals.setdefault(events[0].seq, time.monotonic())  # arrived together
+                self.arrivals.setdefault(events[0].seq, now)  # arrived together
             self._items += events
         else:
             self._items.append(RESYNC)
-        self._last = time.monotonic()
         self._ready.set()
 
     async def next(self, timeout_s: float) -> list[Event] | None:

@@ -87,8 +87,7 @@ async def _answer(call: scheduler_pb2.AdmitCall, admit: Admit) -> scheduler_pb2.
     except OrchestratorError as exc:
         result.error_json = envelope_json(exc)
     except RedisError as exc:  # Redis is away (restarting): the caller should retry, not give up
-        log.warning("store unavailable", extra={"event": "store_unavailable", "error": type(exc).__name__})
-        result.error_json = envelope_json(store_unavailable())
+        result.error_json = envelope_json(store_unavailable(exc))
     except Exception:  # a defect: the caller gets a typed error, this log the traceback
         log.exception("admission failed", extra={"event": "admit_failed"})
         result.error_json = envelope_json(OrchestratorError(Code.INTERNAL, "the scheduler failed to admit"))
