@@ -29,8 +29,6 @@ from typing import Any, Final
 
 from gguf import GGUF_MAGIC, GGUFReader, GGUFValueType, LlamaFileType
 
-from llorch import orphans
-
 log = logging.getLogger(__name__)
 
 _MAGIC: Final = GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
@@ -104,10 +102,10 @@ def _read_once(path: Path, size: int, mtime_ns: int) -> ModelFacts | None:
 
 @functools.cache
 def _worker() -> concurrent.futures.ProcessPoolExecutor:
-    """One worker process per service, started on first use; it dies with the service."""
+    """One worker process per service, started on first use."""
     # spawn, not fork: the services hold gRPC and event-loop threads that a forked child must not inherit
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=orphans.preexec()
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
     )
 
 

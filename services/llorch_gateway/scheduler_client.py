@@ -184,6 +184,13 @@ def _expire(answer: asyncio.Future[scheduler_pb2.AdmitResult]) -> None:
         answer.set_exception(unreachable("the scheduler", "DEADLINE_EXCEEDED"))
 
 
+def _broken(exc: grpc.aio.AioRpcError) -> OrchestratorError:
+    """A broken stream says nothing about the admissions on it (the scheduler refuses one in its
+    result, never by ending the stream): whatever status it ended with (UNAVAILABLE, or INTERNAL when
+    the process died mid-write), the scheduler is unreachable: 503, retriable."""
+    return unreachable("the scheduler", exc.code().name)
+
+
 class _Stream:
     """One ``AdmitStream`` call, its writer and its reader."""
 
@@ -216,7 +223,7 @@ class _Stream:
                 calls, self._outbox = self._outbox, []
                 await self._call.write(scheduler_pb2.AdmitCalls(calls=calls))
         except grpc.aio.AioRpcError as exc:
-            self._fail(from_rpc_error(exc, "the scheduler"))
+            self._fail(_broken(exc))
         except (asyncio.InvalidStateError, grpc.aio.UsageError):  # the call ended under the writer
             self._fail(unreachable("the scheduler", "stream ended"))
 
@@ -229,7 +236,7 @@ class _Stream:
                         answer.set_result(result)
             self._fail(unreachable("the scheduler", "stream ended"))
         except grpc.aio.AioRpcError as exc:
-            self._fail(from_rpc_error(exc, "the scheduler"))
+            self._fail(_broken(exc))
 
     def _fail(self, failure: OrchestratorError) -> None:
         """Every admission waiting on this stream fails with ``failure``; the next one opens anew."""
