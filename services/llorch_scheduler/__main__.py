@@ -94,7 +94,16 @@ def build(
         loader.load_eta_ms,
     )
     dispatcher = Dispatcher(
-        DispatchSettings.of(cfg), store, registry, estimator, sessions, throttles, metrics, token, loader
+        DispatchSettings.of(cfg),
+        store,
+        registry,
+        estimator,
+        sessions,
+        throttles,
+        metrics,
+        token,
+        loader,
+        watch.claimed,
     )
     sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
     return Parts(sessions, watch, admission, dispatcher, sweeper, catalog, loader)

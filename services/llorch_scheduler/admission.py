@@ -22,7 +22,7 @@ from llorch.config import SchedulerConfig
 from llorch.errors import Code, OrchestratorError, invalid
 from llorch.ids import default_seed, is_valid_id, new_task_id
 from llorch.lifecycle import COMING_STATES
-from llorch.store import AdmitStatus, NewTask, Priority, SessionBudgets, Store, TaskRequest, now_ms
+from llorch.store import AdmitStatus, NewTask, SessionBudgets, Store, TaskRequest, now_ms
 from llorch.v1 import types_pb2
 
 from .estimator import Estimator
@@ -130,10 +130,15 @@ class Admission:
         try:
             self.throttles.check_rate(info, priority)
             self.throttles.reserve_tokens(req.client, task_id, info, prompt_est, max_tokens)
-            # Once per admission: each reads the registry (the window asks for three predictions).
+            # Once per admission: each reads the registry; the window's predictions are computed once.
             slots_total, eta = self._slots_total(info.rs), self.load_eta(info.rs)
-            self._check_deadline(info, priority, tokens, deadline_ms, slots_total, eta)
-            admitted = await self._enqueue(task, info, tokens, slots_total, eta, minted=not req.task_id)
+            ahead = self.watch.depth_ahead(info.rs, priority)
+            first = max(0, ahead - 1)
+            window = self._predictions(info.rs, first, STARTED_WINDOW, slots_total, tokens, eta)
+            self._check_deadline(info, window[ahead - first], deadline_ms)
+            admitted = await self._enqueue(
+                task, info, tokens, (first, window), slots_total, eta, minted=not req.task_id
+            )
         except OrchestratorError:
             self.throttles.release(task_id)
             await self.sessions.undo(task_id)
@@ -249,18 +254,25 @@ class Admission:
             raise invalid("deadline_ms", f"deadline_ms must be at most {self.limits.max_deadline_ms}")
 
     async def _enqueue(
-        self, task: NewTask, info: SetInfo, tokens: int, slots_total: int, eta: int | None, minted: bool
+        self,
+        task: NewTask,
+        info: SetInfo,
+        tokens: int,
+        window: tuple[int, list[int]],
+        slots_total: int,
+        eta: int | None,
+        minted: bool,
     ) -> Admitted:
-        """``eta``: the set's remaining load time (None: loaded), added to every prediction."""
+        """``window``: the first position offered a `started` and the predicted starts from there;
+        ``eta``: the set's remaining load time (None: loaded), already in every prediction."""
         rs, priority, deadline_ms = info.rs, task.priority, task.deadline_ms
-        first = max(0, self.watch.depth_ahead(rs, priority) - 1)
-        window = [
-            self._prediction(rs, position, slots_total, tokens, deadline_ms, eta)
-            for position in range(first, first + STARTED_WINDOW)
+        first, starts = window
+        offered = [
+            (start, self.estimator.on_time_probability(rs, start, tokens, deadline_ms)) for start in starts
         ]
         started = [
             events.started(task.task_id, position, predicted, on_time, priority, eta is not None)
-            for position, (predicted, on_time) in enumerate(window, start=first)
+            for position, (predicted, on_time) in enumerate(offered, start=first)
         ]
         limits = self.front.limits(info)
         result = await self.store.admit(
@@ -280,14 +292,22 @@ class Admission:
             raise self.front.full(info, limits, result, slots_total)
         self.front.enqueued(info, priority)
         position = result.position
-        in_window = first <= position < first + STARTED_WINDOW
-        predicted, on_time = (
-            window[position - first]
-            if in_window
-            else self._prediction(rs, position, slots_total, tokens, deadline_ms, eta)
-        )
+        in_window = first <= position < first + len(starts)
+        if in_window:
+            predicted, on_time = offered[position - first]
+        else:
+            predicted = self._predictions(rs, position, 1, slots_total, tokens, eta)[0]
+            on_time = self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
         # -1: `started` carried a neighbour's prediction, so the next scan sends this position's frame.
-        self.watch.admitted(task.task_id, rs, priority, tokens, deadline_ms, position if in_window else -1)
+        self.watch.admitted(
+            task.task_id,
+            rs,
+            priority,
+            tokens,
+            deadline_ms,
+            position if in_window else -1,
+            (result.depth_interactive, result.depth_batch),
+        )
         backoff = 0
         if result.depth >= self.soft_watermark * limits.capacity:
             backoff = self.estimator.backoff_ms(rs, slots_total)
@@ -314,24 +334,14 @@ class Admission:
         total, _ = self.registry.slots(rs)
         return total or self.registry.configured_slots(rs)
 
-    def _prediction(
-        self, rs: str, position: int, slots_total: int, tokens: int, deadline_ms: int, eta: int | None
-    ) -> tuple[int, float]:
-        predicted = self.estimator.predicted_start_ms(rs, position, slots_total, tokens) + (eta or 0)
-        return predicted, self.estimator.on_time_probability(rs, predicted, tokens, deadline_ms)
+    def _predictions(
+        self, rs: str, first: int, count: int, slots_total: int, tokens: int, eta: int | None
+    ) -> list[int]:
+        starts = self.estimator.predicted_starts(rs, first, count, slots_total, tokens)
+        return [start + (eta or 0) for start in starts]
 
-    def _check_deadline(
-        self,
-        info: SetInfo,
-        priority: Priority,
-        tokens: int,
-        deadline_ms: int,
-        slots_total: int,
-        eta: int | None,
-    ) -> None:
+    def _check_deadline(self, info: SetInfo, predicted: int, deadline_ms: int) -> None:
         """SPEC §5.1 check 11: refuse a task whose predicted start already misses its deadline."""
-        ahead = self.watch.depth_ahead(info.rs, priority)
-        predicted = self.estimator.predicted_start_ms(info.rs, ahead, slots_total, tokens) + (eta or 0)
         if predicted > deadline_ms:
             self.metrics.tasks_rejected.labels(info.engine, Code.DEADLINE_UNMET.value).inc()
             raise OrchestratorError(

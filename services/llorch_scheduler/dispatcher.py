@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from llorch.config import LlorchConfig, SamplerProfile
 from llorch.errors import Code, OrchestratorError
 from llorch.resilience import Outage, until_done
 from llorch.rpc import DEFAULT_DEADLINE_S, metadata
-from llorch.store import LEASE_MS, Claim, Placement, Store, TaskRecord, TaskState, now_ms
+from llorch.store import LEASE_MS, Claim, Placement, Priority, Store, TaskRecord, TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
 from .estimator import Estimator
@@ -103,9 +103,12 @@ class Dispatcher:
         metrics: SchedulerMetrics,
         internal_token: str,
         residency: Residency | None = None,
+        claimed: Callable[[str, Iterable[Priority]], None] = lambda _rs, _priorities: None,
     ) -> None:
-        """``residency``: which sets hold their dispatch for a swap, and who hears of each use."""
+        """``residency``: which sets hold their dispatch for a swap, and who hears of each use;
+        ``claimed``: told the priorities of the tasks each claim took out of a set's queue."""
         self.residency = residency or _AlwaysResident()
+        self.claimed = claimed
         self.settings = settings
         self.sessions = sessions
         self.store = store
@@ -146,6 +149,7 @@ class Dispatcher:
             )
             if not claims:
                 return
+            self.claimed(rs, (claim.priority for claim in claims))
             placed: list[tuple[Claim, Candidate, bool]] = []
             try:
                 for claim in claims:

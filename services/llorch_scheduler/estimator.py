@@ -99,29 +99,31 @@ class Estimator:
         return starts
 
     def predicted_start_ms(self, rs: str, position: int, slots_total: int, tokens_hint: int) -> int:
-        """The list schedule's start for one position: the (position+1)-th smallest of
-        {free_i + k * mean : k >= 0}. Near the head of the queue (the common case: every admission
-        asks for a window there) by popping a heap, O(position * log slots); deeper, by bisection to
-        0.5 ms, O(slots * log range) rather than O(position)."""
+        """The list schedule's start for one position (see :meth:`predicted_starts`)."""
+        return self.predicted_starts(rs, position, 1, slots_total, tokens_hint)[0]
+
+    def predicted_starts(
+        self, rs: str, first: int, count: int, slots_total: int, tokens_hint: int
+    ) -> list[int]:
+        """The list schedule's start for positions ``first … first+count-1``: position p starts at the
+        (p+1)-th smallest of {free_i + k * mean : k >= 0}. The slots' free times are read once for the
+        whole window. Near the head of the queue (the common case: every admission asks for a window
+        there) by popping a heap, O(position * log slots); deeper, by bisection to 0.5 ms inside a
+        bracket one task wide, O(slots * log mean) rather than O(position)."""
         free_at = self._free_at(rs, slots_total)
         mean = max(1.0, self._mean_task_ms(rs, tokens_hint))
+        positions = range(first, first + count)
         if len(free_at) == 1:  # one slot: the bisection's answer in closed form
-            return int(free_at[0] + position * mean)
-        if position < HEAP_POSITIONS:
+            return [int(free_at[0] + position * mean) for position in positions]
+        if first + count <= HEAP_POSITIONS:
             heapq.heapify(free_at)
-            for _ in range(position):
+            starts = []
+            for position in range(first + count):
+                if position >= first:
+                    starts.append(int(free_at[0]))
                 heapq.heapreplace(free_at, free_at[0] + mean)
-            return int(free_at[0])
-        wanted = position + 1
-
-        def started_by(t: float) -> int:
-            return sum(int((t - f) // mean) + 1 for f in free_at if f <= t)
-
-        lo, hi = min(free_at), max(free_at) + mean * wanted
-        while hi - lo > 0.5:
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if started_by(mid) >= wanted else (mid, hi)
-        return int(hi) if started_by(lo) < wanted else int(lo)
+            return starts
+        return [_bisect_start(free_at, mean, position + 1) for position in positions]
 
     def on_time_probability(self, rs: str, start_ms: int, tokens: int, deadline_ms: int) -> float:
         """P(start + service ≤ deadline), service log-normal around tokens times the EWMA rate."""
@@ -142,3 +144,19 @@ class Estimator:
         if first == 0:
             first = int(self._mean_task_ms(rs, 1))
         return self.clamp(first)
+
+
+def _bisect_start(free_at: list[float], mean: float, wanted: int) -> int:
+    """When the ``wanted``-th task of the list schedule starts. Every slot has started
+    ``ceil(wanted / slots)`` tasks by ``max(free_at) + (that - 1) * mean``, and none can have started
+    that many before ``min(free_at) + (that - 1) * mean``: the answer lies between the two."""
+
+    def started_by(t: float) -> int:
+        return sum(int((t - f) // mean) + 1 for f in free_at if f <= t)
+
+    rounds = -(-wanted // len(free_at)) - 1
+    lo, hi = min(free_at) + rounds * mean, max(free_at) + rounds * mean
+    while hi - lo > 0.5:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if started_by(mid) >= wanted else (mid, hi)
+    return int(hi) if started_by(lo) < wanted else int(lo)

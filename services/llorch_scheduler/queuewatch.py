@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -74,21 +74,38 @@ class QueueWatch:
         self.why: Callable[[str], str | None] = lambda _rs: None
 
     def admitted(
-        self, task_id: str, rs: str, priority: Priority, tokens: int, deadline_ms: int, position: int
+        self,
+        task_id: str,
+        rs: str,
+        priority: Priority,
+        tokens: int,
+        deadline_ms: int,
+        position: int,
+        depths: tuple[int, int],
     ) -> None:
+        """``depths``: the set's (interactive, batch) queue lengths right after this admission, as
+        the store's admission step counted them."""
         now = now_ms()
         phase = "loading" if self.load_eta(rs) is not None else "queued"
         self.waiting[task_id] = Waiting(rs, tokens, now + deadline_ms, position, now, priority, phase)
-        ni, nb = self._depths.get(rs, (0, 0))  # kept current between scans: the next scan corrects it
-        self._depths[rs] = (ni + 1, nb) if priority == "interactive" else (ni, nb + 1)
+        self._set_depths(rs, *depths)
+
+    def claimed(self, rs: str, priorities: Iterable[Priority]) -> None:
+        """Tasks left the set's queue for dispatch: the depths admission predicts from follow at once
+        instead of at the next scan (a burst would otherwise be told positions long gone)."""
+        ni, nb = self._depths.get(rs, (0, 0))
+        for priority in priorities:
+            if priority == "interactive":
+                ni -= 1
+            else:
+                nb -= 1
+        self._set_depths(rs, max(0, ni), max(0, nb))
+
+    def _set_depths(self, rs: str, interactive: int, batch: int) -> None:
+        """Kept current between scans by admissions and claims; each scan reads the truth again."""
+        self._depths[rs] = (interactive, batch)
         view = self._views.get(rs) or QueueView(rs)
-        self._views[rs] = QueueView(
-            rs,
-            view.interactive + (priority == "interactive"),
-            view.batch + (priority == "batch"),
-            view.oldest_interactive_ms,
-            view.oldest_batch_ms,
-        )
+        self._views[rs] = replace(view, interactive=interactive, batch=batch)
 
     def views(self) -> dict[str, QueueView]:
         """Each set's queue heads as of the last scan (plus admissions since), ages as of now."""

@@ -28,6 +28,25 @@ def test_single_position_matches_the_list_schedule(
     assert abs(est.predicted_start_ms("rs", position, slots, tokens) - schedule[-1]) <= 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=5000), max_size=70),
+    st.integers(min_value=1, max_value=80),
+    st.integers(min_value=0, max_value=300),
+    st.integers(min_value=1, max_value=4),
+)
+def test_a_window_of_positions_matches_the_list_schedule(
+    running_ms: list[int], slots: int, first: int, count: int
+) -> None:
+    est = Estimator(alpha=0.2, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000), clock=lambda: 7.0)
+    for n, expected in enumerate(running_ms):
+        est.started("rs", f"r{n}", expected // 25 or 1)
+    schedule = est.starts_ms("rs", first + count, slots, 8)
+    window = est.predicted_starts("rs", first, count, slots, 8)
+    assert len(window) == count
+    assert all(abs(got - want) <= 1 for got, want in zip(window, schedule[first:], strict=True))
+
+
 def test_on_time_probability_is_monotone_in_the_deadline() -> None:
     est = Estimator(alpha=0.2, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000))
     probabilities = [

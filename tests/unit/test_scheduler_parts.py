@@ -249,6 +249,23 @@ async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(
     assert await store.leased(admitted.rs) == []
 
 
+async def test_a_deadline_is_judged_against_the_queue_as_it_is_after_a_dispatch(store: Store) -> None:
+    """The queue depth admission predicts from follows each claim at once, not only the periodic scan
+    (not running here): a task dispatched is no longer ahead of the next one."""
+    parts = _build(store)
+    parts.report(_pool())  # one slot; its address is a closed port, so the dispatch fails
+    ahead = await parts.admission.admit(_request(max_tokens=40))
+    run = asyncio.create_task(parts.dispatcher.run())
+    try:
+        parts.dispatcher.wake()
+        await _ended(store, ahead.task_id, "the first task's dispatch to fail")
+    finally:
+        run.cancel()
+    # 40 tokens at the prior 25 ms/token: one task ahead would start this one 1,000 ms from now.
+    admitted = await parts.admission.admit(_request(max_tokens=40, deadline_ms=500))
+    assert (admitted.queue_position, admitted.predicted_start_ms) == (0, 0)
+
+
 class _RefusingManager(poolmgr_pb2_grpc.PoolManagerServicer):
     """A pool manager's Start that always answers "no slot" (the race where the scheduler's view of a
     replica's slots is older than the replica's own)."""
