@@ -456,6 +456,7 @@ class Store:
         self._queued_frame = client.register_script(lua.QUEUED_FRAME)
         self._dequeue = client.register_script(lua.DEQUEUE)
         self._mark_running = client.register_script(lua.MARK_RUNNING)
+        self._mark_running_calls = _Pipelined(client, self._mark_running)
         self._session_admit = client.register_script(lua.SESSION_ADMIT)
         self._session_settle = client.register_script(lua.SESSION_SETTLE)
         self._session_set = client.register_script(lua.SESSION_SET)
@@ -717,7 +718,8 @@ class Store:
         keys = await self._task_keys(task_id)
         if keys is None:
             return None
-        reply = await self._mark_running(
+        mark = self._mark_running if self.cluster else self._mark_running_calls  # a burst's share one trip
+        reply = await mark(
             keys=keys[:1],
             args=[
                 "state",
@@ -891,6 +893,14 @@ class Store:
 
     async def release_lease(self, rs: str, task_id: str) -> None:
         await self.client.zrem(self.keys.lease(rs), task_id)
+
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        """Release many ``(rs, task_id)`` leases in one round trip."""
+        pipe: Pipeline
+        async with self.client.pipeline(transaction=False) as pipe:
+            for rs, task_id in leases:
+                pipe.zrem(self.keys.lease(rs), task_id)
+            await pipe.execute()
 
     async def requeue_claimed(self, record: TaskRecord) -> None:
         """Put back a task that was claimed but never dispatched (its claimer died or lost Redis): at

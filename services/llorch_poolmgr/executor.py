@@ -111,7 +111,8 @@ class Executor:
             self.finished.append(finished)
 
         task.add_done_callback(done)
-        replica.on_change()
+        # No report for a start: the scheduler placed the task and counts the slot itself; the end is
+        # reported (it frees the slot), and the heartbeat carries slots_busy to the views meanwhile.
         return task
 
     async def _refresh_queue_depths(self) -> None:

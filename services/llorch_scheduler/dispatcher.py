@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import grpc.aio
@@ -295,31 +296,39 @@ class Dispatcher:
             self.estimator.finished(flight.rs, task_id, 0, 0, ok=False)
         return flight
 
-    async def finished(self, done: types_pb2.TaskFinished) -> None:
-        """A pool manager reported a task's end: its terminal event is in the log; free the slot.
+    async def finished(self, *reported: types_pb2.TaskFinished) -> None:
+        """A pool manager reported tasks' ends: their terminal events are in the logs; free the slots.
 
-        In-memory bookkeeping comes first; the store steps after it are retried briefly, and if Redis
-        stays away the task's lease, still held, lets the sweeper finish the job (its terminal event
-        already stands, so the sweeper only releases the lease)."""
-        flight = self._inflight.pop(done.task_id, None)
-        if flight is None:  # dispatched before this scheduler started: settle from the record
-            await until_done(lambda: self._finished_unknown(done), self.outage, attempts=STORE_ATTEMPTS)
-            return
-        self.registry.release(flight.target.replica.replica_id, done.task_id)
-        self.residency.touch(flight.target.pool.pool_id)
-        if done.retry and done.task_id not in self._retried:
-            await until_done(lambda: self._retry(flight, done.task_id), self.outage, attempts=STORE_ATTEMPTS)
-            return
-        self._retried.pop(done.task_id, None)
-        self.slo.record(flight.rs, done)
-        self.estimator.finished(flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code)
-        self._count_ending(flight.target, done.code)
-        self.throttles.settle(done.task_id, done.tokens_out)
-        self.wake()
-        await self.sessions.settle(done.task_id, done.tokens_out)
-        await until_done(
-            lambda: self.store.release_lease(flight.rs, done.task_id), self.outage, attempts=STORE_ATTEMPTS
-        )
+        In-memory bookkeeping comes first; the store steps after it are retried briefly (the leases
+        of one report are released in one round trip), and if Redis stays away a task's lease, still
+        held, lets the sweeper finish the job (its terminal event already stands, so the sweeper only
+        releases the lease)."""
+        released: list[tuple[str, str]] = []
+        for done in reported:
+            flight = self._inflight.pop(done.task_id, None)
+            if flight is None:  # dispatched before this scheduler started: settle from the record
+                await until_done(partial(self._finished_unknown, done), self.outage, attempts=STORE_ATTEMPTS)
+                continue
+            self.registry.release(flight.target.replica.replica_id, done.task_id)
+            self.residency.touch(flight.target.pool.pool_id)
+            if done.retry and done.task_id not in self._retried:
+                retry = partial(self._retry, flight, done.task_id)
+                await until_done(retry, self.outage, attempts=STORE_ATTEMPTS)
+                continue
+            self._retried.pop(done.task_id, None)
+            self.slo.record(flight.rs, done)
+            self.estimator.finished(
+                flight.rs, done.task_id, done.tokens_out, int(done.decode_ms), not done.code
+            )
+            self._count_ending(flight.target, done.code)
+            self.throttles.settle(done.task_id, done.tokens_out)
+            self.wake()
+            await self.sessions.settle(done.task_id, done.tokens_out)
+            released.append((flight.rs, done.task_id))
+        if released:
+            await until_done(
+                lambda: self.store.release_leases(released), self.outage, attempts=STORE_ATTEMPTS
+            )
 
     async def _finished_unknown(self, done: types_pb2.TaskFinished) -> None:
         record = await self.store.task(done.task_id)

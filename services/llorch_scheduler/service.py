@@ -168,6 +168,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             total = sum(r.slots_total for r in pool.replicas if r.state == "Ready")
             view = reply.pools.add()
             view.state.CopyFrom(pool)
+            for replica in view.state.replicas:  # what this scheduler placed counts at once
+                replica.slots_busy = self.registry.busy(replica)
             if not manager.connected:
                 view.state.state = "Unreachable"
                 view.state.live = False
@@ -406,8 +408,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 self.registry.update(
                     report.manager_id, report.address, report.metrics_address, list(report.pools), running
                 )
-                for done in report.finished:
-                    await self.dispatcher.finished(done)
+                await self.dispatcher.finished(*report.finished)
                 self.dispatcher.reconcile(report.manager_id, set(running))
                 self.dispatcher.wake()
                 yield scheduler_pb2.SchedulerDirective(ack=True)
