@@ -765,6 +765,13 @@ class Store:
         fields = cast(dict[str, str], await self.client.hgetall(keys[0])) if keys else {}
         return _record(task_id, fields) if fields else None
 
+    async def task_session(self, task_id: str) -> str | None:
+        """The task's session id; None for an unknown task or one without a session."""
+        keys = await self._task_keys(task_id)
+        if keys is None:
+            return None
+        return cast(str | None, await self.client.hget(keys[0], "session_id")) or None
+
     async def task_exists(self, task_id: str) -> bool:
         keys = await self._task_keys(task_id)
         return keys is not None and bool(await self.client.exists(keys[0]))

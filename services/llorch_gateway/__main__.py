@@ -55,6 +55,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event) -> None:
         connect_store(cfg.redis) as store,
         aiohttp.ClientSession() as http,
     ):
+        scheduler.located = store.locate
         feed = EventFeed(store)
         feed_task = asyncio.create_task(feed.run())
         await feed.connected.wait()

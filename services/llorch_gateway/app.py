@@ -133,8 +133,8 @@ class Api:
 
     async def _stream_budget_headers(self, task_id: str) -> dict[str, str]:
         """X-Budget-* at stream start: the task's session's remaining budgets, where set."""
-        record = await self.d.store.task(task_id)
-        session = await self.d.store.session(record.session_id) if record and record.session_id else None
+        session_id = await self.d.store.task_session(task_id)
+        session = await self.d.store.session(session_id) if session_id else None
         if session is None:
             return {}
         budgets = session.budgets

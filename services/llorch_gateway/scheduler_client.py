@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc.aio
@@ -43,6 +43,8 @@ class SchedulerClient:
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.token = token
         self.admissions = AdmitChannel(self.stub, token)
+        self.located: Callable[[str, str], None] = lambda _task_id, _rs: None
+        """Told each admitted task's replica set (the store's locator cache: its stream saves a lookup)."""
 
     async def aclose(self) -> None:
         await self.admissions.aclose()
@@ -55,7 +57,10 @@ class SchedulerClient:
             raise from_rpc_error(exc, what) from None
 
     async def admit(self, request: scheduler_pb2.AdmitRequest) -> scheduler_pb2.AdmitResponse:
-        return await self.admissions.admit(request)
+        reply = await self.admissions.admit(request)
+        if reply.replica_set_id:
+            self.located(reply.task_id, reply.replica_set_id)
+        return reply
 
     async def cancel(self, task_id: str) -> scheduler_pb2.CancelResponse:
         call = self.stub.Cancel(

@@ -80,6 +80,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         reply = scheduler_pb2.AdmitResponse(
             task_id=admitted.task_id,
             session_id=request.session_id,
+            replica_set_id=admitted.rs,
             queue_position=admitted.queue_position,
             predicted_start_ms=admitted.predicted_start_ms,
             backoff_ms=admitted.backoff_ms,
