@@ -14,8 +14,9 @@ import grpc.aio
 from llorch import tracing
 from llorch.config import GrpcTlsConfig, PoolConfig
 from llorch.grpc_tls import open_channel, tls_refusal
+from llorch.logs import correlation_id_var
 from llorch.resilience import Outage, until_done
-from llorch.rpc import metadata, unary
+from llorch.rpc import CORRELATION_KEY, metadata, unary
 from llorch.store import LEASE_MS, Store
 from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
@@ -206,21 +207,37 @@ class PoolManagerService(poolmgr_pb2_grpc.PoolManagerServicer):
         self.reloads = reloads
         self.residency = residency
 
-    @unary
-    async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Context) -> poolmgr_pb2.StartReply:
-        """Take a slot and run the task (it outlives this call); its end is reported on the
-        registration stream. The run's engine span is a child of this one (the run's task starts
-        inside it and inherits it)."""
+    async def StartStream(
+        self, request_iterator: AsyncIterator[poolmgr_pb2.StartCalls], context: Context
+    ) -> AsyncIterator[poolmgr_pb2.StartResults]:
+        """The scheduler's starts over one stream (see :mod:`llorch.callstream`). A start takes a slot
+        and runs the task (it outlives the call; its end is reported on the registration stream). It
+        decides at once, so each message of calls is answered by one message of results, in order."""
+        async for message in request_iterator:
+            results = poolmgr_pb2.StartResults()
+            for call in message.calls:
+                # The run's task copies this context: its logs carry the call's correlation id.
+                bound = correlation_id_var.set(call.context.get(CORRELATION_KEY) or None)
+                try:
+                    accepted = self._start(call.request, list(call.context.items()))
+                finally:
+                    correlation_id_var.reset(bound)
+                results.results.add(call=call.call).reply.accepted = accepted
+            yield results
+
+    def _start(self, request: poolmgr_pb2.GenerateRequest, call_metadata: object) -> bool:
+        """The run's engine span is a child of this call's span (the run's task starts inside it
+        and inherits it)."""
         with tracing.server_span(
             "llorch.v1.PoolManager/Start",
-            context.invocation_metadata(),
+            call_metadata,
             task_id=request.task_id,
             pool_id=request.pool_id,
             replica_id=request.replica_id,
         ):
             accepted = self.executor.try_start(request) is not None
             tracing.annotate(accepted=accepted)
-        return poolmgr_pb2.StartReply(accepted=accepted)
+        return accepted
 
     @unary
     async def Abort(self, request: poolmgr_pb2.AbortRequest, context: Context) -> poolmgr_pb2.AbortResponse:

@@ -155,6 +155,7 @@ async def serve(cfg: LlorchConfig, stop: asyncio.Event, listen: str | None = Non
                 log.info("scheduler listening", extra={"event": "scheduler_started", "address": listen})
                 await stop.wait()
             await parts.loader.aclose()
+            await parts.dispatcher.aclose()
             await registry.aclose()
             parts.catalog.close()
 

@@ -17,23 +17,24 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol, cast
 
-import grpc.aio
 from opentelemetry.trace import SpanKind
 
 from llorch import events, tracing
+from llorch.callstream import CallChannel
 from llorch.config import LlorchConfig, SamplerProfile
 from llorch.errors import Code, OrchestratorError
+from llorch.logs import correlation_id_var
 from llorch.resilience import Outage, until_done
-from llorch.rpc import DEFAULT_DEADLINE_S, metadata
+from llorch.rpc import CORRELATION_KEY
 from llorch.store import LEASE_MS, Claim, Placement, Priority, Store, TaskRecord, TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
 from .estimator import Estimator
 from .inventory import SloWindow
 from .metrics import SchedulerMetrics
-from .registry import Candidate, PoolRegistry
+from .registry import Candidate, Manager, PoolRegistry
 from .sessions import Sessions, budget_json
 from .throttles import Throttles
 
@@ -45,6 +46,7 @@ LOST_GRACE_S = 3.0
 """How long a pool manager whose stream broke has to come back before its tasks end."""
 STORE_ATTEMPTS = 5
 """Tries of a store step on a report's path before it is left to the lease sweeper."""
+Starts = CallChannel[poolmgr_pb2.StartCall, poolmgr_pb2.StartResult]
 _CANCEL_REASONS = {Code.DECODE_TIMEOUT.value: "watchdog", Code.DEADLINE_UNMET.value: "deadline"}
 
 
@@ -123,6 +125,10 @@ class Dispatcher:
         self._attempts: dict[str, int] = {}
         self._retried: dict[str, str] = {}  # task_id -> the replica that reset under it
         self.slo = SloWindow()
+        self._start_channels: dict[
+            str, tuple[object, CallChannel[poolmgr_pb2.StartCall, poolmgr_pb2.StartResult]]
+        ] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.outage = Outage("redis (dispatcher)")
 
     def wake(self) -> None:
@@ -223,18 +229,20 @@ class Dispatcher:
             replica_id=request.replica_id,
             model=record.model_ref,
         ):
+            context = tracing.http_headers()  # the engine's span continues this trace
+            if cid := correlation_id_var.get():
+                context[CORRELATION_KEY] = cid
             try:
-                reply = await target.manager.stub.Start(
-                    request, metadata=tracing.grpc_metadata(metadata(self.token)), timeout=DEFAULT_DEADLINE_S
+                result = await self._starts(target.manager).call(
+                    poolmgr_pb2.StartCall(request=request, context=context)
                 )
-            except grpc.aio.AioRpcError as exc:
+            except _StartFailed as exc:
                 log.warning(
-                    "start failed",
-                    extra={"event": "stream_error", "task_id": task_id, "code": exc.code().name},
+                    "start failed", extra={"event": "stream_error", "task_id": task_id, "code": exc.why}
                 )
                 await self._lost(task_id)
                 return
-            if not reply.accepted:
+            if not result.reply.accepted:
                 self._forget(task_id)
                 await self._refused(rs, claim)
                 self.wake()
@@ -252,6 +260,32 @@ class Dispatcher:
                     "attempt": request.attempt,
                 },
             )
+
+    def _starts(self, manager: Manager) -> Starts:
+        """The manager's start stream (:mod:`llorch.callstream`): one per manager connection, opened on
+        first use and again after it breaks; a manager that came back elsewhere gets a new one."""
+        known = self._start_channels.get(manager.manager_id)
+        if known is not None and known[0] is manager.stub:
+            return known[1]
+        stream = cast(Any, manager.stub.StartStream)
+        auth = (("authorization", f"Bearer {self.token}"),)  # the rest travels in each call
+        channel: Starts = CallChannel(
+            lambda: stream(metadata=auth),
+            lambda calls: poolmgr_pb2.StartCalls(calls=calls),
+            lambda message: message.results,
+            _StartFailed,
+        )
+        self._start_channels[manager.manager_id] = (manager.stub, channel)
+        if known is not None:
+            closing = asyncio.create_task(known[1].aclose())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        return channel
+
+    async def aclose(self) -> None:
+        for _, channel in self._start_channels.values():
+            await channel.aclose()
+        self._start_channels.clear()
 
     def _generate_request(
         self, rs: str, task_id: str, record: TaskRecord, target: Candidate, claim: Claim
@@ -429,3 +463,11 @@ class Dispatcher:
         await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
         await self.store.release_lease(rs, task_id)
         self._forget(task_id)
+
+
+class _StartFailed(Exception):
+    """The start stream to a pool manager broke (or no answer came in time): the task is lost there."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why

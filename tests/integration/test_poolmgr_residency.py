@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import grpc.aio
@@ -64,7 +64,13 @@ class PoolManager:
             priority="interactive",
             workload="completion",
         )
-        return bool((await self.stub.Start(request, metadata=self.md)).accepted)
+        call = cast(Any, self.stub.StartStream)(metadata=self.md)
+        await call.write(poolmgr_pb2.StartCalls(calls=[poolmgr_pb2.StartCall(call=1, request=request)]))
+        reply = await call.read()
+        call.cancel()
+        [result] = reply.results
+        assert result.call == 1
+        return bool(result.reply.accepted)
 
     async def abort(self, task_id: str) -> bool:
         reply = await self.stub.Abort(poolmgr_pb2.AbortRequest(task_id=task_id), metadata=self.md)

@@ -267,15 +267,23 @@ async def test_a_deadline_is_judged_against_the_queue_as_it_is_after_a_dispatch(
 
 
 class _RefusingManager(poolmgr_pb2_grpc.PoolManagerServicer):
-    """A pool manager's Start that always answers "no slot" (the race where the scheduler's view of a
+    """A pool manager whose every start answers "no slot" (the race where the scheduler's view of a
     replica's slots is older than the replica's own)."""
 
     def __init__(self) -> None:
         self.starts = 0
 
-    async def Start(self, request: poolmgr_pb2.GenerateRequest, context: Any) -> poolmgr_pb2.StartReply:
-        self.starts += 1
-        return poolmgr_pb2.StartReply(accepted=False)
+    async def StartStream(
+        self, messages: AsyncIterator[poolmgr_pb2.StartCalls], context: Any
+    ) -> AsyncIterator[poolmgr_pb2.StartResults]:
+        async for message in messages:
+            self.starts += len(message.calls)
+            yield poolmgr_pb2.StartResults(
+                results=[
+                    poolmgr_pb2.StartResult(call=c.call, reply=poolmgr_pb2.StartReply())
+                    for c in message.calls
+                ]
+            )
 
 
 @pytest.mark.parametrize("attempts", [1, 3])
