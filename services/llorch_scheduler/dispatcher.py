@@ -1,9 +1,9 @@
 """Dispatch: claim queued tasks (with a lease) onto Ready replicas with a free slot; sweep dead leases.
 
-A dispatch is one unary `Start` call; the task's end comes back batched on its pool manager's
-registration stream (`finished`), which frees the slot. A pool manager whose stream breaks and does
-not return within a grace period has its tasks ended with WORKER_RESET; the lease sweeper covers what
-a scheduler restart forgot.
+A dispatch is one start on the pool manager's ``StartStream`` (:mod:`llorch.callstream`); the task's
+end comes back batched on its pool manager's registration stream (`finished`), which frees the slot.
+A pool manager whose stream breaks and does not return within a grace period has its tasks ended with
+WORKER_RESET; the lease sweeper covers what a scheduler restart forgot.
 
 One loop, woken by admissions, finished tasks and pool reports. Every path ends a task through the
 store's append-unless-terminal step.
