@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from . import profile
-from .cpu import TOKEN_STACK, Meter, cost
+from .cpu import TASK_STACK, TOKEN_STACK, Meter, cost
 from .env import BenchEnv
 from .stats import Dist, Spread, added, r3
 from .traffic import StreamTrace, Target, wave
@@ -91,9 +91,22 @@ class AB:
             "direct": cost(self.cpu["direct"], _delivered(direct_runs), ()),
         }
 
+    def cpu_per_task(
+        self, stack_runs: list[list[StreamTrace]], direct_runs: list[list[StreamTrace]]
+    ) -> dict[str, Any]:
+        """P9 for the last ``run``: µs of CPU per complete task (every token delivered), by role."""
+        return {
+            "stack": cost(self.cpu["stack"], _complete(stack_runs), TASK_STACK),
+            "direct": cost(self.cpu["direct"], _complete(direct_runs), ()),
+        }
+
 
 def _delivered(runs: list[list[StreamTrace]]) -> int:
     return sum(t.tokens for traces in runs for t in traces)
+
+
+def _complete(runs: list[list[StreamTrace]]) -> int:
+    return sum(1 for traces in runs for t in traces if t.error is None)
 
 
 def _errors(runs: list[list[StreamTrace]]) -> list[str]:
@@ -182,6 +195,8 @@ async def p2_ttft(ab: AB, session: aiohttp.ClientSession, plan: Plan) -> dict[st
                 "concurrency": concurrency,
                 "samples_per_round": concurrency * waves,
                 **_compare(stack_runs, direct_runs, _ttfts),
+                # The idle check before each wave is inside the window: one status read per wave.
+                "cpu": ab.cpu_per_task(stack_runs, direct_runs),
             }
         )
     gated = cases[-1]

@@ -26,6 +26,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The stack sums of BENCH.md's P9 (the engines and the load generator are reported apart).
 TOKEN_STACK: tuple[str, ...] = ("gateway", "pool manager", "redis")
 ADMISSION_STACK: tuple[str, ...] = ("gateway", "scheduler", "redis")
+# A short task touches every service: its cost per task (P2) sums them all (information, no target).
+TASK_STACK: tuple[str, ...] = ("gateway", "scheduler", "pool manager", "redis")
 TARGET_US_PER_TOKEN = 25.0
 TARGET_US_PER_ADMISSION = 150.0
 

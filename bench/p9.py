@@ -6,7 +6,8 @@ and P9 gathers those figures into one verdict. Gated: P1 at its gated stream cou
 saturation (≤ 25 µs per token, summed over gateway, pool manager and Redis), and every P4 case (≤ 150 µs
 per answer, summed over gateway, scheduler and Redis). P1's smaller stream counts are information: a
 stream or two over a few seconds weigh the stack's idle work (health checks, heartbeats) by too few
-tokens.
+tokens. P2's CPU per short task (its waves of 2-token tasks, summed over every service a task touches)
+is information too: what admission, dispatch, start, relay and end cost together.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .cpu import ADMISSION_STACK, TARGET_US_PER_ADMISSION, TARGET_US_PER_TOKEN, TOKEN_STACK
+from .cpu import ADMISSION_STACK, TARGET_US_PER_ADMISSION, TARGET_US_PER_TOKEN, TASK_STACK, TOKEN_STACK
 
 # The order the per-process columns are printed in; roles not listed follow.
 ROLES = ("gateway", "scheduler", "pool manager", "redis", "engines", "load generator")
@@ -41,6 +42,7 @@ def p9_cost(benchmarks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The P9 entry from the P1, P3 and P4 entries present (None when none of them ran)."""
     tokens: list[dict[str, Any]] = []
     admissions: list[dict[str, Any]] = []
+    tasks: list[dict[str, Any]] = []
     for bench in benchmarks:
         if bench["id"] == "P1":
             for case in bench["cases"]:
@@ -48,6 +50,20 @@ def p9_cost(benchmarks: list[dict[str, Any]]) -> dict[str, Any] | None:
                     gated = case["streams"] == bench["target"]["streams"]
                     name = f"P1, {case['streams']} stream{'s' if case['streams'] > 1 else ''}"
                     tokens.append(_token_case(name, case["cpu"], gated))
+        elif bench["id"] == "P2":
+            tokens_each = bench["params"]["tokens_per_stream"]
+            for case in bench["cases"]:
+                if "cpu" in case:
+                    tasks.append(
+                        {
+                            "case": f"P2, {case['concurrency']} concurrent, {tokens_each} tokens",
+                            "gated": False,
+                            "unit": "task (every token delivered)",
+                            **case["cpu"]["stack"],
+                            "direct": case["cpu"]["direct"],
+                            "pass": None,
+                        }
+                    )
         elif bench["id"] == "P3":
             case = bench["cases"][0]
             if "cpu" in case:
@@ -68,7 +84,7 @@ def p9_cost(benchmarks: list[dict[str, Any]]) -> dict[str, Any] | None:
                             "pass": _within(value, TARGET_US_PER_ADMISSION),
                         }
                     )
-    if not tokens and not admissions:
+    if not tokens and not admissions and not tasks:
         return None
     gated = [c for c in tokens + admissions if c["gated"]]
     return {
@@ -79,9 +95,11 @@ def p9_cost(benchmarks: list[dict[str, Any]]) -> dict[str, Any] | None:
             "token_stack": list(TOKEN_STACK),
             "us_per_admission_max": TARGET_US_PER_ADMISSION,
             "admission_stack": list(ADMISSION_STACK),
+            "task_stack": list(TASK_STACK),
         },
         "tokens": tokens,
         "admissions": admissions,
+        "tasks": tasks,
         "pass": bool(gated) and all(c["pass"] for c in gated),
     }
 
@@ -105,12 +123,12 @@ def p9_rows(bench: dict[str, Any]) -> list[list[str]]:
     """The results table's rows: one per measured case."""
     goal = bench["target"]
     out = []
-    for kind, limit, stack in (
-        ("tokens", goal["us_per_token_max"], goal["token_stack"]),
-        ("admissions", goal["us_per_admission_max"], goal["admission_stack"]),
+    for kind, unit, limit, stack in (
+        ("tokens", "token", goal["us_per_token_max"], goal["token_stack"]),
+        ("admissions", "admission", goal["us_per_admission_max"], goal["admission_stack"]),
+        ("tasks", "task", None, goal.get("task_stack", [])),
     ):
-        unit = "token" if kind == "tokens" else "admission"
-        for case in bench[kind]:
+        for case in bench.get(kind, []):
             target = f"≤ {limit:g} µs/{unit} ({' + '.join(stack)})" if case["gated"] else "(info)"
             measured = (
                 f"{case['case']}: {_us(case['stack_us_per_unit'])} µs/{unit} over {case['units']:,} "
@@ -123,15 +141,16 @@ def p9_rows(bench: dict[str, Any]) -> list[list[str]]:
 
 def p9_details(bench: dict[str, Any]) -> str:
     """Markdown under the table: µs of CPU per unit by process, and the direct side for context."""
-    cases = bench["tokens"] + bench["admissions"]
+    cases = bench["tokens"] + bench["admissions"] + bench.get("tasks", [])
     roles: list[str] = []
     for case in cases:
         roles += [r for r in _ordered(case["us_per_unit"]) if r not in roles and r != "direct engines"]
     lines = [
-        "P9: µs of CPU per token delivered to the clients (P1, P3: the stack runs) or per admission "
-        "answered (P4: the POST phase), by process (`/proc/<pid>/stat` utime + stime; the gateway with "
-        "its worker processes; engines = the processes the pool manager spawned; load generator = the "
-        "benchmark's own process). Direct = the same load straight at standalone engines.",
+        "P9: µs of CPU per token delivered to the clients (P1, P3: the stack runs), per admission "
+        "answered (P4: the POST phase) or per complete short task (P2), by process (`/proc/<pid>/stat` "
+        "utime + stime; the gateway with its worker processes; engines = the processes the pool manager "
+        "spawned; load generator = the benchmark's own process). Direct = the same load straight at "
+        "standalone engines.",
         "",
         "| case | units | stack µs/unit | "
         + " | ".join(roles)

@@ -24,7 +24,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc.aio
 
-from .rpc import DEFAULT_DEADLINE_S
+from . import tracing
+from .logs import correlation_id_var
+from .rpc import CORRELATION_KEY, DEFAULT_DEADLINE_S
 
 
 class Numbered(Protocol):
@@ -36,6 +38,15 @@ R = TypeVar("R", bound=Numbered)
 
 StreamCall = Any
 """grpc.aio's StreamStreamCall (its stubs do not type the generic)."""
+
+
+def call_context() -> dict[str, str]:
+    """What a unary call's metadata would carry for this call: the current span's trace context and
+    the correlation id of the request being served."""
+    context = tracing.http_headers()
+    if cid := correlation_id_var.get():
+        context[CORRELATION_KEY] = cid
+    return context
 
 
 class CallChannel(Generic[C, R]):

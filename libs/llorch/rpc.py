@@ -63,8 +63,13 @@ def load_internal_token(state_dir: Path, token_file: Path | None = None, create:
 def metadata(token: str, correlation_id: str | None = None) -> tuple[tuple[str, str], ...]:
     """Call metadata: the internal bearer token and the correlation id of the request being served."""
     cid = correlation_id or correlation_id_var.get()
-    base = (("authorization", f"Bearer {token}"),)
+    base = auth_metadata(token)
     return (*base, (CORRELATION_KEY, cid)) if cid else base
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The internal bearer token alone: a long-lived stream's metadata (each call carries the rest)."""
+    return (("authorization", f"Bearer {token}"),)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -14,13 +14,12 @@ from typing import Any, TypeVar, cast
 import grpc.aio
 
 from llorch import tracing
-from llorch.callstream import CallChannel
+from llorch.callstream import CallChannel, call_context
 from llorch.config import GrpcTlsConfig
 from llorch.grpc_tls import open_channel
-from llorch.logs import correlation_id_var
 from llorch.rpc import (
-    CORRELATION_KEY,
     DEFAULT_DEADLINE_S,
+    auth_metadata,
     from_envelope,
     from_rpc_error,
     metadata,
@@ -142,7 +141,7 @@ class AdmitChannel:
     its result, never by ending the stream); the next admission opens a new stream."""
 
     def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, token: str) -> None:
-        auth = (("authorization", f"Bearer {token}"),)  # the rest travels in each call
+        auth = auth_metadata(token)
         stream = cast(Any, stub.AdmitStream)
         self._channel: CallChannel[scheduler_pb2.AdmitCall, scheduler_pb2.AdmitResult] = CallChannel(
             lambda: stream(metadata=auth),
@@ -152,10 +151,10 @@ class AdmitChannel:
         )
 
     async def admit(self, request: scheduler_pb2.AdmitRequest) -> scheduler_pb2.AdmitResponse:
-        context = tracing.http_headers()  # the task's trace starts here
-        if cid := correlation_id_var.get():
-            context[CORRELATION_KEY] = cid
-        result = await self._channel.call(scheduler_pb2.AdmitCall(request=request, context=context))
+        call = scheduler_pb2.AdmitCall(
+            request=request, context=call_context()
+        )  # the task's trace starts here
+        result = await self._channel.call(call)
         if result.error_json:
             raise from_envelope(result.error_json)
         return result.reply

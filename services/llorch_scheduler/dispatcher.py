@@ -22,12 +22,11 @@ from typing import Any, Protocol, cast
 from opentelemetry.trace import SpanKind
 
 from llorch import events, tracing
-from llorch.callstream import CallChannel
+from llorch.callstream import CallChannel, call_context
 from llorch.config import LlorchConfig, SamplerProfile
 from llorch.errors import Code, OrchestratorError
-from llorch.logs import correlation_id_var
 from llorch.resilience import Outage, until_done
-from llorch.rpc import CORRELATION_KEY
+from llorch.rpc import auth_metadata
 from llorch.store import LEASE_MS, Claim, Placement, Priority, Store, TaskRecord, TaskState, now_ms
 from llorch.v1 import poolmgr_pb2, types_pb2
 
@@ -229,12 +228,9 @@ class Dispatcher:
             replica_id=request.replica_id,
             model=record.model_ref,
         ):
-            context = tracing.http_headers()  # the engine's span continues this trace
-            if cid := correlation_id_var.get():
-                context[CORRELATION_KEY] = cid
-            try:
+            try:  # the engine's span continues this trace
                 result = await self._starts(target.manager).call(
-                    poolmgr_pb2.StartCall(request=request, context=context)
+                    poolmgr_pb2.StartCall(request=request, context=call_context())
                 )
             except _StartFailed as exc:
                 log.warning(
@@ -268,7 +264,7 @@ class Dispatcher:
         if known is not None and known[0] is manager.stub:
             return known[1]
         stream = cast(Any, manager.stub.StartStream)
-        auth = (("authorization", f"Bearer {self.token}"),)  # the rest travels in each call
+        auth = auth_metadata(self.token)
         channel: Starts = CallChannel(
             lambda: stream(metadata=auth),
             lambda calls: poolmgr_pb2.StartCalls(calls=calls),

@@ -13,7 +13,7 @@ import pytest
 
 from bench import cpu
 from bench.cpu import Role, Stat
-from bench.p9 import p9_cost
+from bench.p9 import p9_cost, p9_details, p9_rows
 from bench.profile import Folded, frame_name
 
 TCK = cpu.CLK_TCK
@@ -157,6 +157,26 @@ def test_p9_gates_p1_at_its_gated_streams_p3_and_every_p4_case() -> None:
     result = p9_cost([p1, p3, p4])
     assert result is not None and result["pass"] is False
     assert p9_cost([{"id": "P6"}]) is None
+
+
+def test_p9_reports_p2s_cost_per_task_as_information_beside_the_gates() -> None:
+    p2 = {
+        "id": "P2",
+        "params": {"tokens_per_stream": 2},
+        "cases": [{"concurrency": 32, "cpu": _token(4000.0)}],
+    }
+    result = p9_cost([p2])
+    assert result is not None
+    [task] = result["tasks"]
+    assert (task["case"], task["stack_us_per_unit"], task["pass"]) == (
+        "P2, 32 concurrent, 2 tokens",
+        4000.0,
+        None,
+    )
+    assert result["pass"] is False  # information alone gates nothing, so nothing passed
+    rows = p9_rows(result)
+    assert rows[-1][1:3] == ["CPU per task", "(info)"] and rows[-1][4] == "info"
+    assert "P2, 32 concurrent, 2 tokens" in p9_details(result)
 
 
 def test_folded_stacks_count_own_and_inclusive_samples_once_per_stack() -> None:
