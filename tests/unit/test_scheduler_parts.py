@@ -232,17 +232,21 @@ async def test_session_affinity_survives_a_scheduler_restart(store: Store) -> No
 # -- Dispatcher and the sweeper -----------------------------------------------------------------------
 
 
+async def _dispatch_until_ended(parts: Parts, task_id: str, what: str) -> None:
+    """Run the dispatcher until the task has ended."""
+    run = asyncio.create_task(parts.dispatcher.run())
+    try:
+        parts.dispatcher.wake()
+        await _ended(parts.store, task_id, what)
+    finally:
+        run.cancel()
+
+
 async def test_a_dispatch_to_a_gone_pool_manager_ends_typed_and_frees_the_lease(store: Store) -> None:
     parts = _build(store)
     parts.report(_pool())  # its address is a closed port
     admitted = await parts.admission.admit(_request())
-    run = asyncio.create_task(parts.dispatcher.run())
-    try:
-        parts.dispatcher.wake()
-
-        await _ended(store, admitted.task_id, "the dispatch to fail")
-    finally:
-        run.cancel()
+    await _dispatch_until_ended(parts, admitted.task_id, "the dispatch to fail")
     log = await _log(store, admitted.task_id)
     assert [name for name, _ in log] == ["started", "error"]
     assert log[-1][1]["code"] == "WORKER_RESET" and log[-1][1]["pool_id"] == "p1"
@@ -255,12 +259,7 @@ async def test_a_deadline_is_judged_against_the_queue_as_it_is_after_a_dispatch(
     parts = _build(store)
     parts.report(_pool())  # one slot; its address is a closed port, so the dispatch fails
     ahead = await parts.admission.admit(_request(max_tokens=40))
-    run = asyncio.create_task(parts.dispatcher.run())
-    try:
-        parts.dispatcher.wake()
-        await _ended(store, ahead.task_id, "the first task's dispatch to fail")
-    finally:
-        run.cancel()
+    await _dispatch_until_ended(parts, ahead.task_id, "the first task's dispatch to fail")
     # 40 tokens at the prior 25 ms/token: one task ahead would start this one 1,000 ms from now.
     admitted = await parts.admission.admit(_request(max_tokens=40, deadline_ms=500))
     assert (admitted.queue_position, admitted.predicted_start_ms) == (0, 0)
