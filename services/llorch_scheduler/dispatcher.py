@@ -124,10 +124,6 @@ class Dispatcher:
         self._attempts: dict[str, int] = {}
         self._retried: dict[str, str] = {}  # task_id -> the replica that reset under it
         self.slo = SloWindow()
-        self._start_channels: dict[
-            str, tuple[object, CallChannel[poolmgr_pb2.StartCall, poolmgr_pb2.StartResult]]
-        ] = {}
-        self._closing: set[asyncio.Task[None]] = set()
         self.outage = Outage("redis (dispatcher)")
 
     def wake(self) -> None:
@@ -258,30 +254,24 @@ class Dispatcher:
             )
 
     def _starts(self, manager: Manager) -> Starts:
-        """The manager's start stream (:mod:`llorch.callstream`): one per manager connection, opened on
-        first use and again after it breaks; a manager that came back elsewhere gets a new one."""
-        known = self._start_channels.get(manager.manager_id)
-        if known is not None and known[0] is manager.stub:
-            return known[1]
-        stream = cast(Any, manager.stub.StartStream)
-        auth = auth_metadata(self.token)
-        channel: Starts = CallChannel(
-            lambda: stream(metadata=auth),
-            lambda calls: poolmgr_pb2.StartCalls(calls=calls),
-            lambda message: message.results,
-            _StartFailed,
-        )
-        self._start_channels[manager.manager_id] = (manager.stub, channel)
-        if known is not None:
-            closing = asyncio.create_task(known[1].aclose())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-        return channel
+        """The manager's start stream (:mod:`llorch.callstream`), kept with the manager's connection:
+        opened on first use and again after it breaks (a manager back at another address is a new
+        connection, and so gets a new one)."""
+        if manager.starts is None:
+            stream = cast(Any, manager.stub.StartStream)
+            auth = auth_metadata(self.token)
+            manager.starts = CallChannel(
+                lambda: stream(metadata=auth),
+                lambda calls: poolmgr_pb2.StartCalls(calls=calls),
+                lambda message: message.results,
+                _StartFailed,
+            )
+        return manager.starts
 
     async def aclose(self) -> None:
-        for _, channel in self._start_channels.values():
-            await channel.aclose()
-        self._start_channels.clear()
+        for manager in self.registry.managers.values():
+            if manager.starts is not None:
+                await manager.starts.aclose()
 
     def _generate_request(
         self, rs: str, task_id: str, record: TaskRecord, target: Candidate, claim: Claim

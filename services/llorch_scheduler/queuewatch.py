@@ -108,7 +108,8 @@ class QueueWatch:
         self._views[rs] = replace(view, interactive=interactive, batch=batch)
 
     def views(self) -> dict[str, QueueView]:
-        """Each set's queue heads as of the last scan (plus admissions since), ages as of now."""
+        """Each set's queue heads as of the last scan (depths kept current by admissions and claims
+        since), ages as of now."""
         now = now_ms()
         out: dict[str, QueueView] = {}
         for rs, view in self._views.items():

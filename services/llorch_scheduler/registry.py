@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import grpc.aio
 
+from llorch.callstream import CallChannel
 from llorch.config import GrpcTlsConfig
 from llorch.grpc_tls import open_channel
 from llorch.ids import replica_set_id
 from llorch.lifecycle import LOADABLE_STATES
-from llorch.v1 import poolmgr_pb2_grpc, types_pb2
+from llorch.v1 import poolmgr_pb2, poolmgr_pb2_grpc, types_pb2
 
 from .placement import Option, rank
 
@@ -40,6 +41,8 @@ class Manager:
     pools: dict[str, types_pb2.PoolState] = field(default_factory=dict)
     running: frozenset[str] = frozenset()
     connected: bool = True
+    # The dispatcher's start stream on this connection, opened on first use.
+    starts: CallChannel[poolmgr_pb2.StartCall, poolmgr_pb2.StartResult] | None = None
 
 
 @dataclass(frozen=True, slots=True)
