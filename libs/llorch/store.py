@@ -55,6 +55,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from llorch import lua
+from llorch.respwire import pack_in_c
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
@@ -499,6 +500,8 @@ class Store:
                 url, max_connections=max_connections, socket_timeout=SOCKET_TIMEOUT_S, **common
             )
         subscriber = aioredis.Redis.from_url(url, max_connections=8, **common)
+        pack_in_c(client)
+        pack_in_c(subscriber)
         try:
             yield cls(client, prefix, subscriber)
         finally:

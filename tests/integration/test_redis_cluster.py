@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from llorch.store import Keys
+from llorch.respwire import HiredisConnection
+from llorch.store import Keys, Store
 from tests.support.procs import wait_until
 from tests.support.redis_cluster import RedisCluster
 from tests.support.stack import Client, Stack, mock_pool
@@ -89,3 +90,14 @@ async def test_admission_stream_cancel_and_sessions_on_a_cluster(
         assert len(spread) >= 2, spread  # the stack really uses more than one node
     finally:
         stack.stop()
+
+
+async def test_every_cluster_node_packs_commands_with_hiredis(cluster: RedisCluster) -> None:
+    """Nodes found after the first command are made from the same connection settings as the
+    startup node, so each of them packs in C too (llorch.respwire)."""
+    async with Store.connect(cluster.url, cluster=True, prefix="t:") as store:
+        for n in range(16):  # keys over all three nodes
+            await store.client.set(f"t:spread:{n}", "x")
+        nodes = store.client.get_nodes()
+        assert len(nodes) == 3
+        assert {node.connection_class for node in nodes} == {HiredisConnection}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from llorch import events
 from llorch.errors import Code, OrchestratorError
+from llorch.respwire import HiredisConnection
 from llorch.store import (
     AdmitStatus,
     Admitted,
@@ -30,6 +31,13 @@ from llorch.store import (
 async def store(redis_url: str) -> AsyncIterator[Store]:
     async with Store.connect(redis_url, prefix="t:") as s:
         yield s
+
+
+async def test_commands_are_packed_by_hiredis(store: Store) -> None:
+    """Both of the store's clients (commands, and the live-event subscription) pack in C."""
+    assert await store.ping()
+    assert store.client.connection_pool.connection_class is HiredisConnection
+    assert store._subscriber.connection_pool.connection_class is HiredisConnection
 
 
 def _limits(
