@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -100,13 +103,29 @@ def _read_once(path: Path, size: int, mtime_ns: int) -> ModelFacts | None:
     return _facts(GGUFReader(path))
 
 
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+
+
 @functools.cache
 def _worker() -> concurrent.futures.ProcessPoolExecutor:
-    """One worker process per service, started on first use."""
+    """One worker process per service, started on first use, and gone with the service."""
     # spawn, not fork: the services hold gRPC and event-loop threads that a forked child must not inherit
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
     )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose service dies without shutting the pool down (SIGKILL, a crash) would wait
+    forever: the pool's queue holds both ends of its pipe in the worker, so no EOF ever comes. On Linux
+    the kernel kills it with its parent (PR_SET_PDEATHSIG); a parent already gone ends it at once."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def default_cache_file() -> Path:
