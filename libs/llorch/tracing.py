@@ -209,6 +209,10 @@ def http_middleware(parent_of: TraceParentOf | None = None) -> Middleware:
 def _start(
     name: str, kind: SpanKind, carrier: Mapping[str, str] | None, attributes: Mapping[str, Attr]
 ) -> Iterator[Span]:
+    if not carrier and not enabled():
+        # What OTel's no-op tracer would do, without its context switch: the current span stays.
+        yield trace.get_current_span()
+        return
     context = _PROPAGATION.extract(carrier) if carrier else None
     with _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
         yield current
