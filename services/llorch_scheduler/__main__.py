@@ -103,7 +103,7 @@ def build(
         metrics,
         token,
         loader,
-        watch.claimed,
+        watch.moved,
     )
     sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
     return Parts(sessions, watch, admission, dispatcher, sweeper, catalog, loader)

@@ -105,12 +105,13 @@ class Dispatcher:
         metrics: SchedulerMetrics,
         internal_token: str,
         residency: Residency | None = None,
-        claimed: Callable[[str, Iterable[Priority]], None] = lambda _rs, _priorities: None,
+        queue_moved: Callable[[str, Iterable[Priority], int], None] = lambda _rs, _priorities, _step: None,
     ) -> None:
         """``residency``: which sets hold their dispatch for a swap, and who hears of each use;
-        ``claimed``: told the priorities of the tasks each claim took out of a set's queue."""
+        ``queue_moved``: told the priorities of the tasks each claim took out of a set's queue (-1)
+        and of each task put back (+1)."""
         self.residency = residency or _AlwaysResident()
-        self.claimed = claimed
+        self.queue_moved = queue_moved
         self.settings = settings
         self.sessions = sessions
         self.store = store
@@ -151,14 +152,14 @@ class Dispatcher:
             )
             if not claims:
                 return
-            self.claimed(rs, (claim.priority for claim in claims))
+            self.queue_moved(rs, (claim.priority for claim in claims), -1)
             placed: list[tuple[Claim, Candidate, bool]] = []
             try:
                 for claim in claims:
                     warm = await self._warm(claim.task_id)
                     best = self.registry.candidates(rs, warm)
                     if not best:  # a replica left while we claimed
-                        await self.store.requeue_head(rs, claim)
+                        await self._requeue(rs, claim)
                         continue
                     avoid = self._retried.get(claim.task_id)
                     target = next((c for c in best if c.replica.replica_id != avoid), best[0])
@@ -365,7 +366,7 @@ class Dispatcher:
         self._retried[task_id] = flight.target.replica.replica_id
         log.info("task retried", extra={"event": "task_retry", "task_id": task_id})
         await self.store.requeued(task_id)
-        await self.store.requeue_head(flight.rs, flight.claim)
+        await self._requeue(flight.rs, flight.claim)
         self.wake()
 
     async def _lost(self, task_id: str) -> None:
@@ -426,7 +427,12 @@ class Dispatcher:
             return
         self._attempts[claim.task_id] = attempts
         await self.store.requeued(claim.task_id)
+        await self._requeue(rs, claim)
+
+    async def _requeue(self, rs: str, claim: Claim) -> None:
+        """A claimed task back at the head of its class."""
         await self.store.requeue_head(rs, claim)
+        self.queue_moved(rs, (claim.priority,), 1)
 
     async def _fail(
         self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = ""
@@ -443,6 +449,7 @@ class Dispatcher:
         record = await self.store.task(task_id)
         if record is not None and record.state == TaskState.QUEUED:
             await self.store.requeue_claimed(record)
+            self.queue_moved(rs, (record.priority,), 1)
             log.info("claim returned", extra={"event": "claim_returned", "task_id": task_id})
             self.wake()
             return

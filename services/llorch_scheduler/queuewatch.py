@@ -90,22 +90,31 @@ class QueueWatch:
         self.waiting[task_id] = Waiting(rs, tokens, now + deadline_ms, position, now, priority, phase)
         self._set_depths(rs, *depths)
 
-    def claimed(self, rs: str, priorities: Iterable[Priority]) -> None:
-        """Tasks left the set's queue for dispatch: the depths admission predicts from follow at once
+    def moved(self, rs: str, priorities: Iterable[Priority], step: int) -> None:
+        """Tasks left the set's queue for dispatch (``step`` -1) or went back to it (+1: a refused
+        or retried dispatch, a lapsed claim): the depths admission predicts from follow at once
         instead of at the next scan (a burst would otherwise be told positions long gone)."""
         ni, nb = self._depths.get(rs, (0, 0))
         for priority in priorities:
             if priority == "interactive":
-                ni -= 1
+                ni += step
             else:
-                nb -= 1
+                nb += step
         self._set_depths(rs, max(0, ni), max(0, nb))
 
     def _set_depths(self, rs: str, interactive: int, batch: int) -> None:
-        """Kept current between scans by admissions and claims; each scan reads the truth again."""
+        """Kept current between scans by admissions and claims; each scan reads the truth again. An
+        emptied class has no oldest task; one that fills again has one from now (the scan corrects it)."""
         self._depths[rs] = (interactive, batch)
         view = self._views.get(rs) or QueueView(rs)
-        self._views[rs] = replace(view, interactive=interactive, batch=batch)
+        now = now_ms()
+        self._views[rs] = replace(
+            view,
+            interactive=interactive,
+            batch=batch,
+            oldest_interactive_ms=(view.oldest_interactive_ms or now) if interactive else 0,
+            oldest_batch_ms=(view.oldest_batch_ms or now) if batch else 0,
+        )
 
     def views(self) -> dict[str, QueueView]:
         """Each set's queue heads as of the last scan (depths kept current by admissions and claims

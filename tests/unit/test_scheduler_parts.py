@@ -29,7 +29,9 @@ from llorch_scheduler.admission import Admission
 from llorch_scheduler.dispatcher import Dispatcher
 from llorch_scheduler.leases import LeaseSweeper
 from llorch_scheduler.metrics import SchedulerMetrics
+from llorch_scheduler.queuewatch import QueueWatch
 from llorch_scheduler.registry import PoolRegistry, set_of
+from llorch_scheduler.residency import QueueView
 from llorch_scheduler.sessions import Sessions
 from llorch_scheduler.submission import Budget, Submission
 from tests.support.events_schema import check_event
@@ -67,6 +69,7 @@ class Parts:
     dispatcher: Dispatcher
     sessions: Sessions
     sweeper: LeaseSweeper
+    watch: QueueWatch
 
     def report(self, *pools: types_pb2.PoolState, address: str = "") -> None:
         self.registry.update("pm-0", address or f"127.0.0.1:{free_port()}", "127.0.0.1:1", list(pools))
@@ -95,7 +98,9 @@ def _build(store: Store, capacity: int = 4, policy: str = "reject", dispatch_att
     )
     registry = PoolRegistry()
     parts = build(cfg, store, registry, SchedulerMetrics(CollectorRegistry()), "token")
-    return Parts(store, registry, parts.admission, parts.dispatcher, parts.sessions, parts.sweeper)
+    return Parts(
+        store, registry, parts.admission, parts.dispatcher, parts.sessions, parts.sweeper, parts.watch
+    )
 
 
 @pytest.fixture
@@ -339,6 +344,34 @@ async def test_the_sweeper_returns_a_claim_that_was_never_dispatched(store: Stor
         second.task_id,
     ]
     assert [name for name, _ in await _log(store, first.task_id)] == ["started"]
+
+
+async def test_a_claim_put_back_counts_ahead_of_the_next_admission(store: Store) -> None:
+    """The queue depth admission predicts from rises again when a claim goes back to its queue (here
+    a lapsed claim the sweeper returns), so the next task is judged behind it."""
+    parts = _build(store)
+    parts.report(_pool())  # one slot
+    first = await parts.admission.admit(_request(max_tokens=40))
+    [claim] = await store.claim(first.rs, lease_ms=-1)
+    parts.dispatcher.queue_moved(first.rs, [claim.priority], -1)  # what the dispatcher's claim tells
+    assert await parts.sweeper.sweep() == 1
+    # 40 tokens at the prior 25 ms/token: the returned task ahead starts this one 1,000 ms from now.
+    with pytest.raises(OrchestratorError) as refused:
+        await parts.admission.admit(_request(max_tokens=40, deadline_ms=500))
+    assert refused.value.code == Code.DEADLINE_UNMET
+
+
+async def test_a_class_emptied_by_claims_has_no_oldest_age(store: Store) -> None:
+    """Between scans the queue view follows admissions and claims: a class with no task left reports
+    no waiting age (residency weighs that age against its swap wait)."""
+    parts = _build(store)
+    parts.report(_pool())
+    first = await parts.admission.admit(_request())
+    await parts.watch.scan(first.rs)  # the view's oldest task: this one
+    assert parts.watch.views()[first.rs].interactive == 1
+    [claim] = await store.claim(first.rs, LEASE_MS)
+    parts.dispatcher.queue_moved(first.rs, [claim.priority], -1)
+    assert parts.watch.views()[first.rs] == QueueView(first.rs)
 
 
 async def test_the_sweeper_ends_a_victim_its_evicting_admission_left(store: Store) -> None:
