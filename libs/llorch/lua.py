@@ -93,7 +93,7 @@ return {t[3], t[5] or ''}
 # queued task. KEYS: task, events, then the seven queue keys above; on a single Redis (not a cluster,
 # where they live in other slots) also the id's locator and the recent-tasks index, which an admitted
 # task then gets in the same step instead of in two more round trips.
-# ARGV: ttl_s, channel, task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms,
+# ARGV: ttl_s, task_id, priority, capacity, class capacity, policy, now_ms, deadline_at_ms,
 # first position of the `started` window, window size n, locator TTL ('': leave the locator alone)
 # and value (the set), recent-index member, its score and the index's bound (member '': no index
 # write), n encoded `started` payloads (one per position from the first; a position outside the
@@ -103,50 +103,52 @@ return {t[3], t[5] or ''}
 # (reject, or drop-lru with no queued batch task) leaves nothing to displace. Under drop-lru the oldest
 # queued batch task is evicted; it is parked in `evicted` for 10 s, so if the caller dies before
 # ending it the sweeper does.
+# No live message: nobody can follow a task before its admission answers (a stream of an id not yet
+# admitted is 404), and a stream that does meet `started` late reads it from the log (the feed's gap
+# check). A PUBLISH per admission cost every gateway a message it only threw away (issue 16).
 ADMIT: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', -1, 0, 0, ''} end
 local ni = redis.call('ZCARD', KEYS[3])
 local nb = redis.call('ZCARD', KEYS[4])
-local batch = ARGV[4] == 'batch'
+local batch = ARGV[3] == 'batch'
 local mine = ni
 if batch then mine = nb end
 -- A class cap below the capacity is a hard limit (it never evicts); one equal to it is the
 -- capacity itself, where drop-lru applies.
-local cap, ccap = tonumber(ARGV[5]), tonumber(ARGV[6])
+local cap, ccap = tonumber(ARGV[4]), tonumber(ARGV[5])
 if mine >= ccap and ccap < cap then return {'full', -1, ni, nb, ''} end
 local evicted = ''
 if ni + nb >= cap then
-  if ARGV[7] ~= 'drop-lru' or nb == 0 then return {'full', -1, ni, nb, ''} end
+  if ARGV[6] ~= 'drop-lru' or nb == 0 then return {'full', -1, ni, nb, ''} end
   evicted = redis.call('ZPOPMIN', KEYS[4])[1]
   redis.call('ZREM', KEYS[6], evicted)
   redis.call('ZREM', KEYS[7], evicted)
-  redis.call('ZADD', KEYS[9], tonumber(ARGV[8]) + 10000, evicted)
+  redis.call('ZADD', KEYS[9], tonumber(ARGV[7]) + 10000, evicted)
   nb = nb - 1
 end
 local position = ni
 if batch then position = ni + nb end
-local first, n = tonumber(ARGV[10]), tonumber(ARGV[11])
-local started = ARGV[17 + math.min(math.max(position - first, 0), n - 1)]
-redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', 0, 'tokens_out', '0', unpack(ARGV, 17 + n))
+local first, n = tonumber(ARGV[9]), tonumber(ARGV[10])
+local started = ARGV[16 + math.min(math.max(position - first, 0), n - 1)]
+redis.call('HSET', KEYS[1], 'terminal', '0', 'seq', 0, 'tokens_out', '0', unpack(ARGV, 16 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('XADD', KEYS[2], '0-1', 'e', 'started', 'd', started)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 local seq = redis.call('INCR', KEYS[5])
-redis.call('ZADD', KEYS[6], ARGV[8], ARGV[3])
-redis.call('ZADD', KEYS[7], ARGV[9], ARGV[3])
+redis.call('ZADD', KEYS[6], ARGV[7], ARGV[2])
+redis.call('ZADD', KEYS[7], ARGV[8], ARGV[2])
 if batch then
-  redis.call('ZADD', KEYS[4], seq, ARGV[3])
+  redis.call('ZADD', KEYS[4], seq, ARGV[2])
   nb = nb + 1
 else
-  redis.call('ZADD', KEYS[3], seq, ARGV[3])
+  redis.call('ZADD', KEYS[3], seq, ARGV[2])
   ni = ni + 1
 end
-if ARGV[12] ~= '' then redis.call('SET', KEYS[10], ARGV[13], 'EX', ARGV[12]) end
-if ARGV[14] ~= '' then
-  redis.call('ZADD', KEYS[11], ARGV[15], ARGV[14])
-  redis.call('ZREMRANGEBYRANK', KEYS[11], 0, -tonumber(ARGV[16]) - 1)
+if ARGV[11] ~= '' then redis.call('SET', KEYS[10], ARGV[12], 'EX', ARGV[11]) end
+if ARGV[13] ~= '' then
+  redis.call('ZADD', KEYS[11], ARGV[14], ARGV[13])
+  redis.call('ZREMRANGEBYRANK', KEYS[11], 0, -tonumber(ARGV[15]) - 1)
 end
-redis.call('PUBLISH', ARGV[2], table.concat({ARGV[3], 0, 'started', started}, '\\31'))
 return {'ok', position, ni, nb, evicted}
 """
 

@@ -624,7 +624,6 @@ class Store:
         index = (f"{rs}{US}{task_id}", time.time_ns() // 1000, RECENT_TASKS_MAX) if inline else ("", 0, 0)
         args = [
             ttl_s,
-            self.keys.channel(),
             task_id,
             task.priority,
             limits.capacity,
