@@ -412,24 +412,31 @@ class _Pipelined:
             return await self.client.evalsha(self.script.sha, *call)
 
     async def _pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """The calls' replies in order; a call's own error (not a lost connection) is its reply."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(self.script.sha, *call)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:  # those did not run: load the script and send them again, in their order
-            try:
-                self.script.sha = await self.client.script_load(self.script.script)
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for i in missing:
-                        pipe.evalsha(self.script.sha, *calls[i])
-                    again: list[Any] = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # the others ran: only the missing ones fail
-                again = [exc] * len(missing)
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
+        return await _evalsha_pipeline(self.client, self.script, calls)
+
+
+async def _evalsha_pipeline(client: Any, script: AsyncScript, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """One script's calls (``numkeys, *keys, *args``) as one pipeline of EVALSHA: their replies in
+    order, a call's own error (not a lost connection) as its reply. Not redis-py's pipelined Script
+    call, which sends a SCRIPT EXISTS round trip before every pipeline: calls Redis answers NOSCRIPT
+    (it restarted) did not run, so they alone are sent again once the script is loaded."""
+    async with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            pipe.evalsha(script.sha, *call)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:  # those did not run: load the script and send them again, in their order
+        try:
+            script.sha = await client.script_load(script.script)
+            async with client.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    pipe.evalsha(script.sha, *calls[i])
+                again: list[Any] = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the others ran: only the missing ones fail
+            again = [exc] * len(missing)
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    return results
 
 
 class Store:
@@ -555,10 +562,11 @@ class Store:
         refuse scripts, concurrent calls."""
         if self.cluster:
             return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
-            return list(await pipe.execute())
+        results = await _evalsha_pipeline(self.client, script, [(len(k), *k, *a) for k, a in calls])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     # -- task records and events -------------------------------------------------------------------
 

@@ -81,3 +81,21 @@ async def test_an_event_after_the_terminal_one_in_a_batch_is_refused_before_writ
     with pytest.raises(ValueError, match="follows the terminal"):
         await store.append_many([bad], 60)
     assert [e.name for e in await store.read_events("t", -1)] == ["started"]
+
+
+async def _script_exists_calls(store: Store) -> int:
+    stats = await store.client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_one_round_trip_and_a_redis_that_forgot_the_script(store: Store) -> None:
+    """A batch is one pipeline of EVALSHA, with no SCRIPT EXISTS before it; after a script flush (what
+    a Redis restart does) the batch still lands, once."""
+    await _admit(store, "f", "rs1")
+    token = [("token", events.token(" x", 0), "")]
+    before = await _script_exists_calls(store)
+    assert await store.append_many([Append("f", token, tokens_out=1, batch_id="f-1")], 60) == [1]
+    assert await _script_exists_calls(store) == before
+    await store.client.script_flush()
+    assert await store.append_many([Append("f", token, tokens_out=2, batch_id="f-2")], 60) == [2]
+    assert [e.seq for e in await store.read_events("f", -1)] == [0, 1, 2]
