@@ -145,11 +145,11 @@ class Dispatcher:
                 await self._fill(rs)
 
     async def _fill(self, rs: str) -> None:
-        """Claim as many tasks as there are free slots in one step, then place them concurrently."""
+        """Claim as many tasks as there are free slots in one step, then place them concurrently.
+        Fewer claims than asked for means the queue is empty: a task admitted since wakes this again."""
         while candidates := self.registry.candidates(rs):
-            claims = await self.store.claim(
-                rs, LEASE_MS, sum(c.slots_free for c in candidates), self.settings.max_batch_wait_ms
-            )
+            limit = sum(c.slots_free for c in candidates)
+            claims = await self.store.claim(rs, LEASE_MS, limit, self.settings.max_batch_wait_ms)
             if not claims:
                 return
             self.queue_moved(rs, (claim.priority for claim in claims), -1)
@@ -170,6 +170,8 @@ class Dispatcher:
                     self.registry.release(target.replica.replica_id, claim.task_id)
                 raise
             await asyncio.gather(*(self._dispatch(rs, claim, target, warm) for claim, target, warm in placed))
+            if len(claims) < limit and len(placed) == len(claims):
+                return
 
     async def _warm(self, task_id: str) -> str | None:
         """The replica holding this task's session KV: its last replica, same engine process."""
