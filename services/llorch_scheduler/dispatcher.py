@@ -369,7 +369,6 @@ class Dispatcher:
         log.info("task retried", extra={"event": "task_retry", "task_id": task_id})
         await self.store.requeued(task_id)
         await self._requeue(flight.rs, flight.claim)
-        self.wake()
 
     async def _lost(self, task_id: str) -> None:
         self._retried.pop(task_id, None)
@@ -432,9 +431,11 @@ class Dispatcher:
         await self._requeue(rs, claim)
 
     async def _requeue(self, rs: str, claim: Claim) -> None:
-        """A claimed task back at the head of its class."""
+        """A claimed task back at the head of its class, and a fill to place it again (the fill that
+        claimed it may have stopped already: see :meth:`_fill`)."""
         await self.store.requeue_head(rs, claim)
         self.queue_moved(rs, (claim.priority,), 1)
+        self.wake()
 
     async def _fail(
         self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = ""
