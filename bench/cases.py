@@ -86,18 +86,24 @@ class AB:
         self, stack_runs: list[list[StreamTrace]], direct_runs: list[list[StreamTrace]]
     ) -> dict[str, Any]:
         """P9 for the last ``run``: µs of CPU per token delivered to the clients, by role, each side."""
-        return {
-            "stack": cost(self.cpu["stack"], _delivered(stack_runs), TOKEN_STACK),
-            "direct": cost(self.cpu["direct"], _delivered(direct_runs), ()),
-        }
+        return self._cpu_per(_delivered, TOKEN_STACK, stack_runs, direct_runs)
 
     def cpu_per_task(
         self, stack_runs: list[list[StreamTrace]], direct_runs: list[list[StreamTrace]]
     ) -> dict[str, Any]:
         """P9 for the last ``run``: µs of CPU per complete task (every token delivered), by role."""
+        return self._cpu_per(_complete, TASK_STACK, stack_runs, direct_runs)
+
+    def _cpu_per(
+        self,
+        units: Callable[[list[list[StreamTrace]]], int],
+        stack: tuple[str, ...],
+        stack_runs: list[list[StreamTrace]],
+        direct_runs: list[list[StreamTrace]],
+    ) -> dict[str, Any]:
         return {
-            "stack": cost(self.cpu["stack"], _complete(stack_runs), TASK_STACK),
-            "direct": cost(self.cpu["direct"], _complete(direct_runs), ()),
+            "stack": cost(self.cpu["stack"], units(stack_runs), stack),
+            "direct": cost(self.cpu["direct"], units(direct_runs), ()),
         }
 
 
