@@ -775,13 +775,6 @@ class Store:
         fields = cast(dict[str, str], await self.client.hgetall(keys[0])) if keys else {}
         return _record(task_id, fields) if fields else None
 
-    async def task_session(self, task_id: str) -> str | None:
-        """The task's session id; None for an unknown task or one without a session."""
-        keys = await self._task_keys(task_id)
-        if keys is None:
-            return None
-        return cast(str | None, await self.client.hget(keys[0], "session_id")) or None
-
     async def task_exists(self, task_id: str) -> bool:
         keys = await self._task_keys(task_id)
         return keys is not None and bool(await self.client.exists(keys[0]))
@@ -789,20 +782,32 @@ class Store:
     async def read_events(self, task_id: str, after_seq: int, count: int = READ_PAGE) -> list[Event]:
         """The first ``count`` events with seq > ``after_seq`` that are in the log now (no waiting), in
         order; fewer only when the log has no more."""
+        return (await self._read_events(task_id, after_seq, count, session=False))[0]
+
+    async def stream_start(self, task_id: str, after_seq: int) -> tuple[list[Event], str | None]:
+        """An SSE stream's first read: :meth:`read_events`' first page and the task's session id (None
+        for an unknown task or one without a session), in the same round trip."""
+        return await self._read_events(task_id, after_seq, READ_PAGE, session=True)
+
+    async def _read_events(
+        self, task_id: str, after_seq: int, count: int, session: bool
+    ) -> tuple[list[Event], str | None]:
         keys = await self._task_keys(task_id)
         if keys is None:
-            return []
+            return [], None
         # One round trip: the entry that starts at or before after_seq (it may hold later events too),
         # then up to ``count`` entries that start after it; each holds at least one event.
         after_seq = max(after_seq, -1)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xrevrange(keys[1], max=f"0-{after_seq + 1}", min="-", count=1)
             pipe.xrange(keys[1], min=f"0-{after_seq + 2}", count=count)
-            straddling, following = await pipe.execute()
+            if session:
+                pipe.hget(keys[0], "session_id")
+            straddling, following, *rest = await pipe.execute()
         out: list[Event] = []
         for entry_id, body in [*straddling, *following]:
             out += _entry_events(entry_id, body, after_seq)
-        return out[:count]
+        return out[:count], (cast(str | None, rest[0]) or None) if rest else None
 
     async def last_event(self, task_id: str) -> Event | None:
         """The last event in the task's log, if any."""

@@ -105,6 +105,7 @@ async def traced(endpoint: str | None, service: str, instance: str = "") -> Asyn
         yield False
         return
     trace.set_tracer_provider(provider)
+    _Installed.exporting = True
     log.info("tracing on", extra={"event": "tracing_started", "what": "otlp/http"})
     try:
         yield True
@@ -113,10 +114,15 @@ async def traced(endpoint: str | None, service: str, instance: str = "") -> Asyn
         await asyncio.to_thread(provider.shutdown)
 
 
+class _Installed:
+    exporting = False  # set once, by traced(): OTel's global provider is set once per process too
+
+
 def enabled() -> bool:
-    """Whether :func:`traced` installed an exporting provider in this process."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    """Whether :func:`traced` installed an exporting provider in this process. A flag, not a look
+    at OTel's global provider: that reads the environment on every call, and spans start on every
+    admission and dispatch."""
+    return _Installed.exporting
 
 
 @contextlib.contextmanager

@@ -128,13 +128,13 @@ class Api:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         task_id = _path_id(request, "task_id")
-        headers = await self._stream_budget_headers(task_id)
-        return await relay(request, self.d.store, self.d.feed, task_id, self.d.cfg.sse.heartbeat_s, headers)
+        return await relay(
+            request, self.d.store, self.d.feed, task_id, self.d.cfg.sse.heartbeat_s, self._budget_headers
+        )
 
-    async def _stream_budget_headers(self, task_id: str) -> dict[str, str]:
+    async def _budget_headers(self, session_id: str) -> dict[str, str]:
         """X-Budget-* at stream start: the task's session's remaining budgets, where set."""
-        session_id = await self.d.store.task_session(task_id)
-        session = await self.d.store.session(session_id) if session_id else None
+        session = await self.d.store.session(session_id)
         if session is None:
             return {}
         budgets = session.budgets

@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import Histogram
@@ -69,15 +69,18 @@ async def relay(
     feed: EventFeed,
     task_id: str,
     heartbeat_s: float,
-    headers: dict[str, str] | None = None,
+    session_headers: Callable[[str], Awaitable[dict[str, str]]] | None = None,
 ) -> web.StreamResponse:
+    """``session_headers``: the response's extra headers for a task of a session (its id), asked for
+    before the 200 is sent."""
     after = parse_last_event_id(request)
     # Subscribe before the replay so nothing appended in between can be missed.
     with feed.subscribe(task_id, timed=True) as sub:
-        replay = await store.read_events(task_id, after)
+        replay, session_id = await store.stream_start(task_id, after)
         if not replay and not await store.task_exists(task_id):
             raise OrchestratorError(Code.NOT_FOUND, f"task {task_id} is unknown or expired")
         last = await store.last_event(task_id) if not replay and after >= 0 else None
+        headers = await session_headers(session_id) if session_id and session_headers else None
         response = await open_event_stream(request, headers)
         ending = ("disconnect", "")  # unless the terminal event is written or an error cuts it
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import grpc.aio
 
@@ -73,8 +74,11 @@ def on_demand(pool: types_pb2.PoolState) -> bool:
 
 def set_of(pool: types_pb2.PoolState) -> str:
     """The pool's replica set. An on-demand pool's leaves out the engine build, which is unknown until
-    its first load and may change between loads: its queue must outlive its loads and unloads."""
-    return replica_set_id(
+    its first load and may change between loads: its queue must outlive its loads and unloads.
+
+    Asked for every pool on every admission and dispatch, so the id (a hash of canonical JSON) is
+    remembered per identity."""
+    return _set_id(
         pool.engine,
         pool.model_digest,
         pool.ctx,
@@ -82,6 +86,9 @@ def set_of(pool: types_pb2.PoolState) -> str:
         pool.sampler_profile_version,
         () if "completion" in pool.workloads else tuple(pool.workloads),
     )
+
+
+_set_id = lru_cache(maxsize=1024)(replica_set_id)
 
 
 class PoolRegistry:

@@ -88,6 +88,20 @@ async def test_nothing_lands_after_a_terminal_event(store: Store) -> None:
     assert (await store.terminate("nope", TaskState.FAILED, "{}", 60)).previous is None
 
 
+async def test_a_stream_start_reads_the_log_and_the_session_id_together(store: Store) -> None:
+    """An SSE stream's first read: read_events' page and the task's session id (None without one)."""
+    await _admit(store, "plain")
+    request = TaskRequest("p", 4, 1, "best_effort")
+    task = NewTask("in-session", "rs", "interactive", "m", "s-1", "mock", 60_000, request)
+    window = [events.started("in-session", p, 0, 1.0, "interactive") for p in range(4)]
+    assert (await store.admit(task, _limits(8), 10**13, (0, window), 60, 60)).status == AdmitStatus.OK
+    assert await store.stream_start("plain", -1) == (await store.read_events("plain", -1), None)
+    log, session_id = await store.stream_start("in-session", -1)
+    assert [e.name for e in log] == ["started"] and session_id == "s-1"
+    assert await store.stream_start("in-session", 0) == ([], "s-1")
+    assert await store.stream_start("unknown", -1) == ([], None)
+
+
 async def test_admission_is_one_step_record_started_and_queue_entry(store: Store) -> None:
     """ADMIT writes all three or nothing: a refusal leaves no record, no log and no queue entry, and
     `started` names the position the task really got (from the offered window)."""
