@@ -135,6 +135,12 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(service: str, level: str = "info", log_file: Path | None = None) -> None:
     """Configure the root logger for one service process (composition roots only)."""
     formatter = JsonFormatter(service)
+    # The Python logging HOWTO's "Optimization": a line names none of its caller's frame, thread or
+    # process, so the record skips collecting them (the scheduler logs two lines per task).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -124,12 +124,24 @@ class Dispatcher:
         self._inflight: dict[str, InFlight] = {}
         self._attempts: dict[str, int] = {}
         self._retried: dict[str, str] = {}  # task_id -> the replica that reset under it
+        # Per set: how many tasks this process put in its queue (admitted or put back), and that
+        # count as of the last claim that found the queue empty. While they are equal the queue is
+        # known to be empty, and a wake (a task's end, a pool report) claims nothing from it.
+        self._added: dict[str, int] = {}
+        self._drained_at: dict[str, int] = {}
         self.slo = SloWindow()
         self.outage = Outage("redis (dispatcher)")
 
     def wake(self) -> None:
         self._wake.set()
         self.residency.wake()
+
+    def queued(self, rs: str) -> None:
+        """A task went into the set's queue (admitted, or put back): fill the set again. Called once
+        the store step that queued it has answered, so a claim sent before this call either saw the
+        task or cannot mark the queue empty past it (see :meth:`_fill`)."""
+        self._added[rs] = self._added.get(rs, 0) + 1
+        self.wake()
 
     async def run(self) -> None:
         """Fill every set on each wake. A Redis outage pauses the loop (retried with backoff, logged
@@ -146,10 +158,20 @@ class Dispatcher:
 
     async def _fill(self, rs: str) -> None:
         """Claim as many tasks as there are free slots in one step, then place them concurrently.
-        Fewer claims than asked for means the queue is empty: a task admitted since wakes this again."""
+
+        Fewer claims than asked for means the queue was empty when the claim ran. Only this process
+        puts tasks in a queue (:meth:`queued`), so until it does again the queue is still empty and
+        the claim is skipped: a task's end no longer costs a claim that finds nothing. A task queued
+        while the claim was in flight counts after the claim was sent, so it keeps the set fillable.
+        A restarted scheduler knows nothing empty until its first claim."""
         while candidates := self.registry.candidates(rs):
+            added = self._added.get(rs, 0)
+            if self._drained_at.get(rs) == added:
+                return
             limit = sum(c.slots_free for c in candidates)
             claims = await self.store.claim(rs, LEASE_MS, limit, self.settings.max_batch_wait_ms)
+            if len(claims) < limit:
+                self._drained_at[rs] = added
             if not claims:
                 return
             self.queue_moved(rs, (claim.priority for claim in claims), -1)
@@ -435,7 +457,7 @@ class Dispatcher:
         claimed it may have stopped already: see :meth:`_fill`)."""
         await self.store.requeue_head(rs, claim)
         self.queue_moved(rs, (claim.priority,), 1)
-        self.wake()
+        self.queued(rs)
 
     async def _fail(
         self, task_id: str, code: Code, message: str, engine: str = "", pool_id: str = ""
@@ -454,7 +476,7 @@ class Dispatcher:
             await self.store.requeue_claimed(record)
             self.queue_moved(rs, (record.priority,), 1)
             log.info("claim returned", extra={"event": "claim_returned", "task_id": task_id})
-            self.wake()
+            self.queued(rs)
             return
         await self._fail(task_id, Code.WORKER_RESET, "the pool manager running this task stopped responding")
         await self.store.release_lease(rs, task_id)

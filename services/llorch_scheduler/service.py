@@ -76,7 +76,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         with tracing.server_span("llorch.v1.Scheduler/Admit", call_metadata):
             admitted = await self.admission.admit(submission_of(request))
             tracing.annotate(task_id=admitted.task_id, model=request.model_ref)
-        self.dispatcher.wake()
+        self.dispatcher.queued(admitted.rs)
         reply = scheduler_pb2.AdmitResponse(
             task_id=admitted.task_id,
             session_id=request.session_id,

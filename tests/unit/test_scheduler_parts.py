@@ -361,6 +361,40 @@ async def test_a_claim_put_back_counts_ahead_of_the_next_admission(store: Store)
     assert refused.value.code == Code.DEADLINE_UNMET
 
 
+async def test_a_drained_queue_is_claimed_from_again_only_once_a_task_is_queued(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that comes back short shows the set's queue empty: later wakes (a task's end, a pool
+    report) send no claim until this process queues a task again, also one queued while that claim was
+    in flight (its store step ran after the claim's)."""
+    parts = _build(store)
+    parts.report(_pool())  # one slot; its address is a closed port, so a dispatch fails and frees it
+    dispatcher = parts.dispatcher
+    claim = store.claim
+    claimed: list[list[str]] = []
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        out = await claim(*args, **kwargs)
+        claimed.append([c.task_id for c in out])
+        if len(claimed) == 3:  # a task admitted while this claim was in flight
+            late = await parts.admission.admit(_request(task_id="late"))
+            dispatcher.queued(late.rs)
+        return out
+
+    monkeypatch.setattr(store, "claim", recorded)
+    await dispatcher._fill_all()  # nothing queued yet: one claim, empty
+    await dispatcher._fill_all()  # known empty: no claim
+    assert claimed == [[]]
+    first = await parts.admission.admit(_request(task_id="first"))
+    dispatcher.queued(first.rs)
+    await dispatcher._fill_all()  # claims it, its dispatch fails and frees the slot, then empty
+    await dispatcher._fill_all()  # "late" came while that claim was out: claimed, then empty
+    await dispatcher._fill_all()  # known empty again
+    assert claimed == [[], ["first"], [], ["late"], []]
+    for task_id in ("first", "late"):
+        assert [name for name, _ in await _log(store, task_id)] == ["started", "error"]
+
+
 async def test_a_class_emptied_by_claims_has_no_oldest_age(store: Store) -> None:
     """Between scans the queue view follows admissions and claims: a class with no task left reports
     no waiting age (residency weighs that age against its swap wait)."""
