@@ -105,6 +105,7 @@ def build(
         loader,
         watch.moved,
     )
+    watch.seen_waiting = dispatcher.seen_waiting
     sweeper = LeaseSweeper(store, registry.running_tasks, dispatcher.lease_expired, admission.finish_eviction)
     return Parts(sessions, watch, admission, dispatcher, sweeper, catalog, loader)
 

@@ -143,6 +143,14 @@ class Dispatcher:
         self._added[rs] = self._added.get(rs, 0) + 1
         self.wake()
 
+    def seen_waiting(self, rs: str) -> None:
+        """The queue watch read tasks in the set's queue. Were it taken for empty, its queue changed
+        behind this process's back (Redis restarted from an older state brings back tasks claimed
+        since), so fill it again: within one scan interval, no task waits on an admission to come."""
+        if self._drained_at.get(rs) == self._added.get(rs, 0):
+            del self._drained_at[rs]
+            self.wake()
+
     async def run(self) -> None:
         """Fill every set on each wake. A Redis outage pauses the loop (retried with backoff, logged
         once); it resumes by itself when Redis is back."""
@@ -163,7 +171,8 @@ class Dispatcher:
         puts tasks in a queue (:meth:`queued`), so until it does again the queue is still empty and
         the claim is skipped: a task's end no longer costs a claim that finds nothing. A task queued
         while the claim was in flight counts after the claim was sent, so it keeps the set fillable.
-        A restarted scheduler knows nothing empty until its first claim."""
+        A restarted scheduler knows nothing empty until its first claim; a queue that filled behind
+        its back is seen by the next queue scan (:meth:`seen_waiting`)."""
         while candidates := self.registry.candidates(rs):
             added = self._added.get(rs, 0)
             if self._drained_at.get(rs) == added:

@@ -4,6 +4,8 @@ Every ``sse.queued_metrics_interval_ms`` each replica set's queue is read once: 
 deadline are taken out and end with DEADLINE_UNMET; every task whose position changed since its last
 frame gets a queued ``metrics`` event (position, predicted start, queue depth, on-time probability), all
 in one pipelined round trip. So a waiting client hears at most one frame per interval, and only news.
+A scan that reads tasks in a queue also tells the dispatcher, which takes a set whose last claim came
+back short for empty until then (see :meth:`Dispatcher.seen_waiting`).
 
 While the set's on-demand model is not loaded (issue 13) the frames say ``phase: loading`` with the
 load's remaining time (``load_eta_ms``, included in the predicted start) and, when the load itself
@@ -72,6 +74,7 @@ class QueueWatch:
         self._views: dict[str, QueueView] = {}
         self.load_eta: LoadEta = lambda _rs: None
         self.why: Callable[[str], str | None] = lambda _rs: None
+        self.seen_waiting: Callable[[str], None] = lambda _rs: None  # a scan read tasks in the set's queue
 
     def admitted(
         self,
@@ -158,6 +161,8 @@ class QueueWatch:
             int(admitted.get(batch[0], 0)) if batch else 0,
         )
         order = interactive + batch
+        if order:
+            self.seen_waiting(rs)
         eta = self.load_eta(rs)
         total, _ = self.registry.slots(rs)
         if eta is not None:

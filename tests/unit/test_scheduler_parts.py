@@ -395,6 +395,24 @@ async def test_a_drained_queue_is_claimed_from_again_only_once_a_task_is_queued(
         assert [name for name, _ in await _log(store, task_id)] == ["started", "error"]
 
 
+async def test_a_queue_filled_behind_the_dispatchers_back_is_claimed_after_the_next_scan(
+    store: Store,
+) -> None:
+    """A set taken for empty (its last claim came back short) whose queue holds a task this process
+    never queued (Redis restarted from an older state): the queue watch's scan sees it, and the next
+    fill claims it."""
+    parts = _build(store)
+    parts.report(_pool())  # its address is a closed port, so the dispatch fails
+    await parts.dispatcher._fill_all()  # an empty claim: the set is taken for empty from now on
+    admitted = await parts.admission.admit(_request())  # the dispatcher is not told (no queued())
+    await parts.dispatcher._fill_all()
+    record = await store.task(admitted.task_id)
+    assert record is not None and record.state == TaskState.QUEUED
+    await parts.watch.scan(admitted.rs)
+    await parts.dispatcher._fill_all()
+    assert [name for name, _ in await _log(store, admitted.task_id)] == ["started", "error"]
+
+
 async def test_a_class_emptied_by_claims_has_no_oldest_age(store: Store) -> None:
     """Between scans the queue view follows admissions and claims: a class with no task left reports
     no waiting age (residency weighs that age against its swap wait)."""
