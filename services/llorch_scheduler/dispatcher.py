@@ -147,9 +147,13 @@ class Dispatcher:
         """The queue watch read tasks in the set's queue. Were it taken for empty, its queue changed
         behind this process's back (Redis restarted from an older state brings back tasks claimed
         since), so fill it again: within one scan interval, no task waits on an admission to come."""
-        if self._drained_at.get(rs) == self._added.get(rs, 0):
+        if self._known_empty(rs):
             del self._drained_at[rs]
             self.wake()
+
+    def _known_empty(self, rs: str) -> bool:
+        """The set's last claim came back short and this process queued nothing there since."""
+        return self._drained_at.get(rs) == self._added.get(rs, 0)
 
     async def run(self) -> None:
         """Fill every set on each wake. A Redis outage pauses the loop (retried with backoff, logged
@@ -174,9 +178,9 @@ class Dispatcher:
         A restarted scheduler knows nothing empty until its first claim; a queue that filled behind
         its back is seen by the next queue scan (:meth:`seen_waiting`)."""
         while candidates := self.registry.candidates(rs):
-            added = self._added.get(rs, 0)
-            if self._drained_at.get(rs) == added:
+            if self._known_empty(rs):
                 return
+            added = self._added.get(rs, 0)
             limit = sum(c.slots_free for c in candidates)
             claims = await self.store.claim(rs, LEASE_MS, limit, self.settings.max_batch_wait_ms)
             if len(claims) < limit:
