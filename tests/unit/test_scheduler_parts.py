@@ -479,8 +479,15 @@ async def test_dispatch_resumes_by_itself_after_a_redis_restart(tmp_path: Path) 
                 await wait_until(paused, 30, "the dispatcher to notice the outage")
                 assert not run.done()
                 server.start()
+
+                async def resumed() -> bool:
+                    return not parts.dispatcher.outage.down
+
+                # The retried fill finds the queue empty before the admission below; the admission
+                # then tells the dispatcher, as the service does after each one.
+                await wait_until(resumed, 30, "the dispatcher to resume")
                 admitted = await parts.admission.admit(_request())
-                parts.dispatcher.wake()
+                parts.dispatcher.queued(admitted.rs)
 
                 await _ended(store, admitted.task_id, "a dispatch after the restart")
                 assert not parts.dispatcher.outage.down and not run.done()
