@@ -7,7 +7,9 @@ attempts fail in between.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,7 +93,22 @@ async def until_done(
     errors: tuple[type[BaseException], ...] = STORE_ERRORS,
     attempts: int | None = None,
 ) -> T:
-    """Run ``step`` until it succeeds (or ``attempts`` ran out: the last error is raised)."""
+    """Run ``step`` until it succeeds (or ``attempts`` ran out: the last error is raised).
+
+    The waits between attempts are 50 ms doubling to 2 s, each with up to 50 ms of jitter. The
+    first attempt runs bare: every event-log flush and every dispatcher fill comes through here, and
+    almost all of them succeed at once, so tenacity's per-call machinery is built only after a
+    failure (it then runs the remaining attempts, its waits starting one doubling on)."""
+    try:
+        result = await step()
+    except errors as exc:
+        if attempts is not None and attempts <= 1:
+            raise
+        outage.failed(exc)
+        await asyncio.sleep(BACKOFF_INITIAL_S + random.uniform(0, BACKOFF_INITIAL_S))
+    else:
+        outage.recovered()
+        return result
 
     def before_sleep(state: RetryCallState) -> None:
         outage.failed(state.outcome.exception() if state.outcome else None)
@@ -99,9 +116,9 @@ async def until_done(
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(errors),
         wait=wait_exponential_jitter(
-            multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S, jitter=BACKOFF_INITIAL_S
+            multiplier=2 * BACKOFF_INITIAL_S, max=BACKOFF_MAX_S, jitter=BACKOFF_INITIAL_S
         ),
-        stop=stop_never if attempts is None else stop_after_attempt(attempts),
+        stop=stop_never if attempts is None else stop_after_attempt(attempts - 1),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -109,6 +126,6 @@ async def until_done(
     async def attempt() -> T:  # a coroutine function, so tenacity awaits what ``step`` returns
         return await step()
 
-    result: T = await retrying(attempt)
+    result = await retrying(attempt)
     outage.recovered()
     return result

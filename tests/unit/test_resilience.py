@@ -49,3 +49,31 @@ async def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError):
         await until_done(broken, Outage("x"))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3])
+async def test_bounded_attempts_run_exactly_that_many_times(attempts: int) -> None:
+    """The bare first try and tenacity's later ones add up to ``attempts``; one attempt never
+    waits, so it does not count as an outage."""
+    calls: list[int] = []
+
+    async def never() -> None:
+        calls.append(1)
+        raise RedisConnectionError("down")
+
+    outage = Outage("redis (test)")
+    with pytest.raises(RedisConnectionError):
+        await until_done(never, outage, attempts=attempts)
+    assert len(calls) == attempts
+    assert outage.down is (attempts > 1)
+
+
+async def test_a_step_that_succeeds_at_once_ends_an_outage_already_under_way() -> None:
+    outage = Outage("redis (test)")
+    outage.failed(RedisConnectionError("down"))
+
+    async def fine() -> str:
+        return "ok"
+
+    assert await until_done(fine, outage) == "ok"
+    assert not outage.down
