@@ -52,7 +52,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from llorch import lua
 from llorch.respwire import pack_in_c
@@ -405,21 +405,36 @@ class _Pipelined:
                 future.set_result(result)
 
     async def _send(self, call: tuple[Any, ...]) -> Any:
-        try:
-            return await self.client.evalsha(self.script.sha, *call)
-        except NoScriptError:  # Redis restarted and forgot it: load it, send again
-            self.script.sha = await self.client.script_load(self.script.script)
-            return await self.client.evalsha(self.script.sha, *call)
+        return await _evalsha(self.client, self.script, call)
 
     async def _pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         return await _evalsha_pipeline(self.client, self.script, calls)
+
+
+async def _evalsha(client: Any, script: AsyncScript, call: tuple[Any, ...]) -> Any:
+    """One call of the script (``numkeys, *keys, *args``) as EVALSHA; if Redis answers NOSCRIPT (it
+    restarted and forgot the script), the call did not run: load the script and send it again."""
+    try:
+        return await client.evalsha(script.sha, *call)
+    except NoScriptError:
+        script.sha = await client.script_load(script.script)
+        return await client.evalsha(script.sha, *call)
 
 
 async def _evalsha_pipeline(client: Any, script: AsyncScript, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
     """One script's calls (``numkeys, *keys, *args``) as one pipeline of EVALSHA: their replies in
     order, a call's own error (not a lost connection) as its reply. Not redis-py's pipelined Script
     call, which sends a SCRIPT EXISTS round trip before every pipeline: calls Redis answers NOSCRIPT
-    (it restarted) did not run, so they alone are sent again once the script is loaded."""
+    (it restarted) did not run, so they alone are sent again once the script is loaded.
+
+    A single call goes as one command: it is the common case (one APPEND covers many tasks), and
+    redis-py's pipeline machinery costs ~100 to 180 µs more CPU per round trip than one command on
+    the 2-core box."""
+    if len(calls) == 1:
+        try:
+            return [await _evalsha(client, script, calls[0])]
+        except ResponseError as exc:  # the call's own error, as the pipeline would answer it
+            return [exc]
     async with client.pipeline(transaction=False) as pipe:
         for call in calls:
             pipe.evalsha(script.sha, *call)
