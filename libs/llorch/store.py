@@ -39,6 +39,7 @@ fills it from the stream, so a lost message costs a read, never an event.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -51,11 +52,10 @@ from typing import Any, Final, Literal, NamedTuple, cast
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from llorch import lua
-from llorch.respwire import pack_in_c
+from llorch.respwire import Wire, pack_in_c
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: Final[tuple[Priority, Priority]] = ("interactive", "batch")
@@ -359,8 +359,7 @@ class _Pipelined:
     for them all). Each call stays one atomic script, and they run in the order they were made.
     Single Redis only: a cluster's pipelines refuse scripts."""
 
-    def __init__(self, client: Any, script: AsyncScript) -> None:
-        self.client = client
+    def __init__(self, script: _Script) -> None:
         self.script = script
         self._busy = False
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -405,53 +404,68 @@ class _Pipelined:
                 future.set_result(result)
 
     async def _send(self, call: tuple[Any, ...]) -> Any:
-        return await _evalsha(self.client, self.script, call)
+        return await self.script.call(call)
 
     async def _pipeline(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        return await _evalsha_pipeline(self.client, self.script, calls)
+        return await self.script.calls(calls)
 
 
-async def _evalsha(client: Any, script: AsyncScript, call: tuple[Any, ...]) -> Any:
-    """One call of the script (``numkeys, *keys, *args``) as EVALSHA; if Redis answers NOSCRIPT (it
-    restarted and forgot the script), the call did not run: load the script and send it again."""
-    try:
-        return await client.evalsha(script.sha, *call)
-    except NoScriptError:
-        script.sha = await client.script_load(script.script)
-        return await client.evalsha(script.sha, *call)
+class _Script:
+    """One Lua script, run by its SHA1 (EVALSHA): over the store's own :class:`Wire` where it has one
+    (a single Redis over TCP or a Unix socket), else through redis-py. Calls that Redis answers
+    NOSCRIPT (it restarted and forgot the script) did not run: the script is loaded and they alone
+    are sent again, in their order. Not redis-py's Script, which sends a SCRIPT EXISTS round trip
+    before every pipeline."""
 
+    def __init__(self, client: Any, wire: Wire | None, source: str) -> None:
+        self.client = client
+        self.wire = wire
+        self.cluster = isinstance(client, RedisCluster)
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-async def _evalsha_pipeline(client: Any, script: AsyncScript, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """One script's calls (``numkeys, *keys, *args``) as one pipeline of EVALSHA: their replies in
-    order, a call's own error (not a lost connection) as its reply. Not redis-py's pipelined Script
-    call, which sends a SCRIPT EXISTS round trip before every pipeline: calls Redis answers NOSCRIPT
-    (it restarted) did not run, so they alone are sent again once the script is loaded.
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        return await self.call((len(keys), *keys, *args))
 
-    A single call goes as one command: it is the common case (one APPEND covers many tasks), and
-    redis-py's pipeline machinery costs ~100 to 180 µs more CPU per round trip than one command on
-    the 2-core box."""
-    if len(calls) == 1:
+    async def call(self, call: tuple[Any, ...]) -> Any:
+        """One call (``numkeys, *keys, *args``): its reply, or its error raised."""
+        [reply] = await self.calls([call])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def calls(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Many calls in one round trip: their replies in order, a call's own error (not a lost
+        connection, which raises) as its reply. On a cluster, whose pipelines refuse scripts, the
+        calls go concurrently."""
+        results = await self._send(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            try:
+                self.sha = await self.client.script_load(self.source)
+                again = await self._send([calls[i] for i in missing])
+            except Exception as exc:  # the others ran: only the missing ones fail
+                again = [exc] * len(missing)
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _send(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if self.wire is not None:
+            return await self.wire.execute([("EVALSHA", self.sha, *call) for call in calls])
+        if self.cluster or len(calls) == 1:  # one command costs less than redis-py's pipeline
+            return list(await asyncio.gather(*(self._one(call) for call in calls)))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(self.sha, *call)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def _one(self, call: tuple[Any, ...]) -> Any:
         try:
-            return [await _evalsha(client, script, calls[0])]
-        except ResponseError as exc:  # the call's own error, as the pipeline would answer it
-            return [exc]
-    async with client.pipeline(transaction=False) as pipe:
-        for call in calls:
-            pipe.evalsha(script.sha, *call)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-    if missing:  # those did not run: load the script and send them again, in their order
-        try:
-            script.sha = await client.script_load(script.script)
-            async with client.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    pipe.evalsha(script.sha, *calls[i])
-                again: list[Any] = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # the others ran: only the missing ones fail
-            again = [exc] * len(missing)
-        for i, result in zip(missing, again, strict=True):
-            results[i] = result
-    return results
+            return await self.client.evalsha(self.sha, *call)
+        except ResponseError as exc:  # the call's own error, as a pipeline answers it
+            return exc
 
 
 class Store:
@@ -469,21 +483,22 @@ class Store:
         self.cluster = isinstance(client, RedisCluster)
         self._subscriber: Any = subscriber or client
         self.keys = Keys(prefix)
+        self.wire = Wire.of(client, SOCKET_TIMEOUT_S)
         self._located: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._append = client.register_script(lua.APPEND)
-        self._terminate = client.register_script(lua.TERMINATE)
-        self._admit = client.register_script(lua.ADMIT)
-        self._admit_calls = _Pipelined(client, self._admit)
-        self._claim = client.register_script(lua.CLAIM)
-        self._requeue = client.register_script(lua.REQUEUE)
-        self._queued_frame = client.register_script(lua.QUEUED_FRAME)
-        self._dequeue = client.register_script(lua.DEQUEUE)
-        self._mark_running = client.register_script(lua.MARK_RUNNING)
-        self._mark_running_calls = _Pipelined(client, self._mark_running)
-        self._session_admit = client.register_script(lua.SESSION_ADMIT)
-        self._session_settle = client.register_script(lua.SESSION_SETTLE)
-        self._session_set = client.register_script(lua.SESSION_SET)
-        self._session_delete = client.register_script(lua.SESSION_DELETE)
+        self._append = _Script(client, self.wire, lua.APPEND)
+        self._terminate = _Script(client, self.wire, lua.TERMINATE)
+        self._admit = _Script(client, self.wire, lua.ADMIT)
+        self._admit_calls = _Pipelined(self._admit)
+        self._claim = _Script(client, self.wire, lua.CLAIM)
+        self._requeue = _Script(client, self.wire, lua.REQUEUE)
+        self._queued_frame = _Script(client, self.wire, lua.QUEUED_FRAME)
+        self._dequeue = _Script(client, self.wire, lua.DEQUEUE)
+        self._mark_running = _Script(client, self.wire, lua.MARK_RUNNING)
+        self._mark_running_calls = _Pipelined(self._mark_running)
+        self._session_admit = _Script(client, self.wire, lua.SESSION_ADMIT)
+        self._session_settle = _Script(client, self.wire, lua.SESSION_SETTLE)
+        self._session_set = _Script(client, self.wire, lua.SESSION_SET)
+        self._session_delete = _Script(client, self.wire, lua.SESSION_DELETE)
         self._known_sets: set[str] = set()
 
     @classmethod
@@ -524,9 +539,12 @@ class Store:
         subscriber = aioredis.Redis.from_url(url, max_connections=8, **common)
         pack_in_c(client)
         pack_in_c(subscriber)
+        store = cls(client, prefix, subscriber)
         try:
-            yield cls(client, prefix, subscriber)
+            yield store
         finally:
+            if store.wire is not None:
+                await store.wire.aclose()
             await client.aclose()
             await subscriber.aclose()
 
@@ -572,12 +590,10 @@ class Store:
         await self.client.set(key, rs, ex=ttl_s)
         return True
 
-    async def _many(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One script over many keys: a pipeline (one round trip), or on a cluster, where pipelines
-        refuse scripts, concurrent calls."""
-        if self.cluster:
-            return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))
-        results = await _evalsha_pipeline(self.client, script, [(len(k), *k, *a) for k, a in calls])
+    async def _many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script over many keys in one round trip (see :meth:`_Script.calls`); the first
+        call's error is raised."""
+        results = await script.calls([(len(k), *k, *a) for k, a in calls])
         for result in results:
             if isinstance(result, Exception):
                 raise result

@@ -6,7 +6,7 @@ single Redis the step also writes a minted id's locator and the recent-tasks ind
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -38,17 +38,19 @@ async def _admit(store: Store, task_id: str, minted: bool) -> Admitted:
     )
 
 
-def _count_pipelines(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many pipelines the store's client opens (the shared round trips)."""
-    opened: list[int] = []
-    original = store.client.pipeline
+def _count_shared_trips(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every round trip the store's wire makes for more than one command."""
+    assert store.wire is not None  # a single Redis: the scripts go over the store's own connection
+    shared: list[int] = []
+    original = store.wire.execute
 
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        opened.append(1)
-        return original(*args, **kwargs)
+    async def execute(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) > 1:
+            shared.append(len(commands))
+        return await original(commands)
 
-    monkeypatch.setattr(store.client, "pipeline", pipeline)
-    return opened
+    monkeypatch.setattr(store.wire, "execute", execute)
+    return shared
 
 
 @pytest.mark.parametrize("minted", [True, False])
@@ -56,7 +58,7 @@ async def test_a_burst_is_pipelined_and_refuses_exactly_the_surplus(
     store: Store, monkeypatch: pytest.MonkeyPatch, minted: bool
 ) -> None:
     assert (await _admit(store, "first", minted)).status == AdmitStatus.OK  # the set is known now
-    opened = _count_pipelines(store, monkeypatch)
+    opened = _count_shared_trips(store, monkeypatch)
     ids = [f"b{n:02d}" for n in range(BURST)]
     results = dict(zip(ids, await asyncio.gather(*(_admit(store, t, minted) for t in ids)), strict=True))
     assert opened, "concurrent admissions never shared a round trip"
@@ -83,17 +85,18 @@ async def test_a_redis_that_forgot_its_scripts_loses_no_admission(
 ) -> None:
     assert (await _admit(store, "warm", True)).status == AdmitStatus.OK  # the script is loaded
     await store.client.script_flush()
-    original = store.client.evalsha
+    assert store.wire is not None
+    original = store.wire.execute
 
-    async def evalsha_then_forget(*args: Any) -> Any:
-        """A lone call reloads the script; then Redis forgets it again, so the calls that waited meet
+    async def execute_then_forget(commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """After every round trip Redis forgets the script again, so the calls that waited meet
         NOSCRIPT inside their pipeline."""
-        result = await original(*args)
+        result = await original(commands)
         await store.client.script_flush()
         return result
 
-    monkeypatch.setattr(store.client, "evalsha", evalsha_then_forget)
-    opened = _count_pipelines(store, monkeypatch)
+    monkeypatch.setattr(store.wire, "execute", execute_then_forget)
+    opened = _count_shared_trips(store, monkeypatch)
     ids = [f"f{n}" for n in range(8)]
     results = await asyncio.gather(*(_admit(store, task_id, True) for task_id in ids))
     assert [r.status for r in results] == [AdmitStatus.OK] * len(ids)
