@@ -10,6 +10,9 @@ The packing is the same as redis-py's own ``HiredisRespSerializer``: the command
 literal words (``"CONFIG GET"``), buffers become bytes, and an argument that is not str, bytes, int or
 float is a :class:`redis.exceptions.DataError`, as redis-py raises for it. The classes replace the
 three asyncio connection classes a URL can select (``redis://``, ``rediss://``, ``unix://``).
+
+:class:`Wire` goes further for the store's Lua scripts, the commands on every token's and every
+admission's path: its own connection, with no redis-py code between the call and the socket.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class _Replies(asyncio.Protocol):
                     self.waiting.popleft()
                     if not future.done():  # its caller gave up (cancelled): the replies are dropped
                         future.set_result(replies)
-        except (InvalidResponse, IndexError):  # garbage, or a reply nobody asked for
+        except (InvalidResponse, IndexError, ValueError):  # garbage (or not UTF-8), or unasked for
             self.close(RedisConnectionError("Protocol error: unexpected data from Redis"))
 
     def connection_lost(self, exc: Exception | None) -> None:
