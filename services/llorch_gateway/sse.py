@@ -137,7 +137,7 @@ async def abort_stream(response: web.StreamResponse, code: Code) -> None:
 
 def _frames(events: list[Event]) -> bytes:
     """The SSE frames of ``events``, in one buffer (one write per batch)."""
-    return "".join([f"id: {e.seq}\nevent: {e.name}\ndata: {e.data}\n\n" for e in events]).encode()
+    return "".join([f"id: {seq}\nevent: {name}\ndata: {data}\n\n" for seq, name, data in events]).encode()
 
 
 class _Stream:

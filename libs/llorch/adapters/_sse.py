@@ -7,40 +7,36 @@ separators are skipped.
 
 This is the pool manager's hottest read: the body is taken in whatever pieces the connection has
 buffered (under load, many events at once) and split into lines here, rather than one ``readline``
-await per line, and :func:`loads` parses a chunk's JSON with less Python around the C scanner.
+await per line, and :func:`loads` parses a chunk's JSON with orjson (a llama-server token chunk in
+about a third of the C scanner's time, and a sixth of ``json.loads``'), falling back to ``json.loads``
+for what orjson refuses, so the errors stay ``json.loads``' own.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
-from json.scanner import make_scanner
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import aiohttp
+import orjson
 
 DONE: Final = b"[DONE]"
 # llama-server's stop chunk echoes the prompt and the generation settings, so a line can be far longer
 # than aiohttp's default line limit (128 KiB).
 MAX_LINE_BYTES: Final = 64 * 1024 * 1024
 _DATA: Final = b"data:"
-# json.loads' own decoder settings; typeshed types make_scanner oddly, hence the cast
-_scan = cast(Callable[[str, int], tuple[Any, int]], make_scanner(json.JSONDecoder()))  # type: ignore[arg-type]
 
 
 def loads(data: bytes) -> Any:
-    """``json.loads(data)`` for one event's payload (stripped, UTF-8), minus the layers around the
-    scanner; anything unusual (other encodings, trailing bytes, invalid JSON) goes through
-    ``json.loads`` itself, so the errors are its own."""
+    """``json.loads(data)`` for one event's payload, through orjson. What orjson refuses and
+    ``json.loads`` may take (NaN, a BOM, a lone surrogate, other encodings) or rejects with its own
+    message goes through ``json.loads`` itself. One difference stays: orjson reads an integer past
+    64 bits as a float; no engine field (counts, token ids, slot ids) comes near that."""
     try:
-        text = data.decode()
-        value, end = _scan(text, 0)
-    except (UnicodeDecodeError, StopIteration, ValueError):
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
         return json.loads(data)
-    if end != len(text):
-        return json.loads(data)  # raises "Extra data"
-    return value
 
 
 class SseReader:

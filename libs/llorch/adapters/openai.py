@@ -32,7 +32,6 @@ and docs; no real vLLM has been run against this adapter):
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -50,7 +49,7 @@ from llorch.adapters._http import (
     sample_values,
     worker_reset,
 )
-from llorch.adapters._sse import DONE
+from llorch.adapters._sse import DONE, loads
 from llorch.adapters.base import (
     Embedded,
     EngineHealth,
@@ -155,7 +154,7 @@ class OpenAIAdapter(HttpAdapter):
             usage: dict[str, object] = {}
             seen = 0
             while (data := await stream.reader.next_data()) is not None and data != DONE:
-                event = json.loads(data)
+                event = loads(data)
                 if not isinstance(event, dict):
                     continue
                 if event.get("error") is not None or event.get("object") == "error":

@@ -33,7 +33,6 @@ router source; no real TGI has been run against this adapter):
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -50,6 +49,7 @@ from llorch.adapters._http import (
     parse_metrics,
     worker_reset,
 )
+from llorch.adapters._sse import loads
 from llorch.adapters.base import (
     KV_UNREPORTED,
     Embedded,
@@ -137,7 +137,7 @@ class TgiAdapter(HttpAdapter):
                 data = await stream.reader.next_data()
                 if data is None:
                     raise worker_reset(f"{_NAME} closed the stream before the final event")
-                event = json.loads(data)
+                event = loads(data)
                 if not isinstance(event, dict):
                     continue
                 if event.get("error") is not None:

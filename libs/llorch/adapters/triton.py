@@ -39,7 +39,6 @@ Wire facts used, checked against documentation and the stub only (ENGINE-PROTOCO
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Mapping
 from typing import Final, Literal
 from urllib.parse import quote
@@ -55,6 +54,7 @@ from llorch.adapters._http import (
     parse_metrics,
     sample_values,
 )
+from llorch.adapters._sse import loads
 from llorch.adapters.base import (
     Embedded,
     EngineHealth,
@@ -217,7 +217,7 @@ class TritonAdapter(HttpAdapter):
         async with self._http.open_stream(url, payload, _NAME, _submit_error) as stream:
             seen = 0
             while (data := await stream.reader.next_data()) is not None:
-                event = json.loads(data)
+                event = loads(data)
                 if not isinstance(event, dict):
                     continue
                 if event.get("error") is not None:
