@@ -12,7 +12,10 @@ float is a :class:`redis.exceptions.DataError`, as redis-py raises for it. The c
 three asyncio connection classes a URL can select (``redis://``, ``rediss://``, ``unix://``).
 
 :class:`Wire` goes further for the store's Lua scripts, the commands on every token's and every
-admission's path: its own connection, with no redis-py code between the call and the socket.
+admission's path: its own connection, with no redis-py code between the call and the socket. A wire
+also carries the gateway's live-events subscription (:meth:`Wire.subscribe`): each message is handed
+over from the connection's read callback, with no listener task and no redis-py pub/sub parsing
+between the socket and the relay.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -100,6 +103,10 @@ class _Replies(asyncio.Protocol):
         self.waiting: deque[tuple[asyncio.Future[list[Any]], list[Any], int]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: RedisConnectionError | None = None
+        # a subscriber's: what arrives while no command waits (pushed messages) goes here
+        self.on_push: Callable[[Any], None] | None = None
+        # fails with the reason once the connection is lost or closed (a subscriber waits on it)
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -108,6 +115,9 @@ class _Replies(asyncio.Protocol):
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
+                if not self.waiting and self.on_push is not None:
+                    self.on_push(reply)
+                    continue
                 future, replies, count = self.waiting[0]
                 replies.append(reply)
                 if len(replies) == count:
@@ -121,6 +131,7 @@ class _Replies(asyncio.Protocol):
         self.close(RedisConnectionError("Connection closed by server."))
 
     def close(self, why: RedisConnectionError) -> None:
+        self.fail(why)
         if self.lost is None:
             self.lost = why
         if self.transport is not None:
@@ -129,6 +140,13 @@ class _Replies(asyncio.Protocol):
             future, _, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(self.lost)
+
+    def fail(self, why: Exception) -> None:
+        """End :attr:`ended` with ``why`` (the first reason wins); retrieved here, so a subscription
+        nobody waits on any more logs nothing."""
+        if not self.ended.done():
+            self.ended.set_exception(why)
+            self.ended.exception()
 
 
 class Wire:
@@ -184,6 +202,29 @@ class Wire:
         except TimeoutError:
             replies.close(RedisConnectionError("Connection dropped after a read timeout"))
             raise RedisTimeoutError(f"Timeout reading from Redis after {self._timeout_s:g} s") from None
+
+    async def subscribe(self, channel: str, on_message: Callable[[str], None]) -> asyncio.Future[None]:
+        """Subscribe this wire's connection to ``channel``: each message's data goes to ``on_message``
+        as it is read. Returns once subscribed, with a future that fails when the subscription ends:
+        the connection lost (a ``ConnectionError``), or what ``on_message`` raised (the connection
+        is then closed). The connection takes no other command from then on (Redis's subscribed
+        mode), so a wire that subscribes is a subscriber's alone; :meth:`aclose` ends it."""
+        replies = await self._connected()
+
+        def push(reply: Any) -> None:
+            if type(reply) is list and len(reply) == 3 and reply[0] == "message":
+                try:
+                    on_message(reply[2])
+                except Exception as exc:  # the consumer's own failure ends the subscription with it
+                    replies.fail(exc)
+                    replies.close(RedisConnectionError("Subscription ended by its consumer"))
+
+        replies.on_push = push
+        [answer] = await self.execute([("SUBSCRIBE", channel)])
+        if isinstance(answer, Exception):
+            replies.close(RedisConnectionError("Connection closed after a refused SUBSCRIBE"))
+            raise answer
+        return replies.ended
 
     async def aclose(self) -> None:
         if self._replies is not None:

@@ -43,14 +43,14 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -849,13 +849,33 @@ class Store:
         return _entry_events(*entries[0])[-1] if entries else None
 
     @asynccontextmanager
-    async def subscribe_events(self) -> AsyncIterator[PubSub]:
-        """A pub/sub connection on the live-events channel (see the module docstring)."""
+    async def follow_events(self, on_message: Callable[[str], None]) -> AsyncIterator[Awaitable[None]]:
+        """Subscribed to the live-events channel (see the module docstring): each message's data goes
+        to ``on_message``. Yields once subscribed; awaiting what it yields raises when the
+        subscription ends (a store error when the connection is lost). A plain single Redis is
+        followed over a :class:`Wire` of its own (messages handed over as they are read); a cluster
+        or TLS through redis-py's pub/sub and a listener task."""
+        channel = self.keys.channel()
+        wire = Wire.of(self._subscriber, SOCKET_TIMEOUT_S)
+        if wire is not None:
+            try:
+                yield await wire.subscribe(channel, on_message)
+            finally:
+                await wire.aclose()
+            return
         pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.keys.channel())
+        await pubsub.subscribe(channel)
+
+        async def listen() -> None:
+            async for message in pubsub.listen():
+                on_message(message["data"])
+
+        listener = asyncio.create_task(listen())
         try:
-            yield pubsub
+            yield listener
         finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
             await pubsub.aclose()
 
     # -- queues and leases ---------------------------------------------------------------------------

@@ -120,15 +120,14 @@ class EventFeed:
         delay = BACKOFF_INITIAL_S
         while True:
             try:
-                async with self.store.subscribe_events() as pubsub:
+                async with self.store.follow_events(self._dispatch) as ended:
                     self.connected.set()
                     outage.recovered()
                     delay = BACKOFF_INITIAL_S
                     for subs in list(self._subs.values()):
                         for sub in subs:
                             sub.push([])  # re-read: messages may have been lost while down
-                    async for message in pubsub.listen():
-                        self._dispatch(message["data"])
+                    await ended
             except STORE_ERRORS as exc:
                 outage.failed(exc)
             except Exception as exc:  # the feed must outlive anything it is sent

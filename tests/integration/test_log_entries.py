@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,20 +72,16 @@ def _expected(start: Event, batches: list[list[tuple[str, str, str]]]) -> list[E
     return log
 
 
-async def _next_message(pubsub: Any) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-        if message is not None:
-            return str(message["data"])
-    raise AssertionError("no live message")
+async def _next_message(messages: asyncio.Queue[str]) -> str:
+    return await asyncio.wait_for(messages.get(), 30)
 
 
 async def test_every_position_reads_exactly_the_events_after_it(store: Store) -> None:
     started = await _admit(store, "m")
     one, big, alone = _tokens(0, 1), _tokens(1, BIG), _tokens(BIG + 1, 1)
     last = [*_tokens(BIG + 2, 3), ("end", END, TaskState.SUCCEEDED.value)]
-    async with store.subscribe_events() as pubsub:
+    pubsub: asyncio.Queue[str] = asyncio.Queue()
+    async with store.follow_events(pubsub.put_nowait):
         assert await store.append(Append("m", [("metrics", '{"phase":"decode"}', "")])) == 1
         assert await store.append(Append("m", one, tokens_out=1)) == 2
         flush = Append("m", big, tokens_out=BIG + 1, batch_id="m-big")
@@ -142,7 +137,8 @@ async def test_a_raw_separator_is_refused_before_writing(store: Store) -> None:
 async def test_the_feed_delivers_a_multi_event_message_per_event(store: Store) -> None:
     await _admit(store, "l")
     feed = EventFeed(store)
-    async with store.subscribe_events() as pubsub:
+    pubsub: asyncio.Queue[str] = asyncio.Queue()
+    async with store.follow_events(pubsub.put_nowait):
         with feed.subscribe("l") as sub:
             await store.append(Append("l", _tokens(0, ENTRY_MAX + 5)))
             feed._dispatch(await _next_message(pubsub))

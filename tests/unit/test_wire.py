@@ -1,7 +1,8 @@
 """The store's own Redis connection (:class:`llorch.respwire.Wire`), against a real server: replies
 in order with error replies as values, one connection shared by concurrent callers, a cancelled
 caller leaving the stream in step, and redis-py's failure contract through a restart, a frozen server
-and a wrong password (which never shows up in the error)."""
+and a wrong password (which never shows up in the error); a subscription handing over its messages
+until its connection is lost or its consumer fails."""
 
 from __future__ import annotations
 
@@ -141,3 +142,48 @@ def test_only_a_plain_single_redis_gets_a_wire() -> None:
     assert Wire.of(Redis.from_url("unix:///tmp/none.sock"), 1.0) is not None
     assert Wire.of(Redis.from_url("rediss://localhost:1"), 1.0) is None
     assert Wire.of(RedisCluster(host="localhost", port=1), 1.0) is None
+
+
+async def test_a_subscription_hands_over_each_message_in_order(wire: Wire, redis_url: str) -> None:
+    got: asyncio.Queue[str] = asyncio.Queue()
+    ended = await wire.subscribe("w:chan", got.put_nowait)
+    publisher = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for n in range(50):
+            assert await publisher.publish("w:chan", f"m{n}\x1e\x1f") == 1  # subscribed when it returned
+        assert [await asyncio.wait_for(got.get(), 30) for _ in range(50)] == [
+            f"m{n}\x1e\x1f" for n in range(50)
+        ]
+        assert not ended.done()
+    finally:
+        await publisher.aclose()
+    await wire.aclose()
+    with pytest.raises(ConnectionError):
+        await ended
+
+
+async def test_a_subscription_ends_with_the_lost_connection_or_its_consumers_error(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "r", appendonly=False)
+    server.start()
+    wire, other = _wire(server.url), _wire(server.url)
+    publisher = Redis.from_url(server.url)
+    try:
+        ended = await wire.subscribe("w:chan", lambda data: None)
+        server.stop()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(ended, 30)
+        server.start()
+
+        def refuse(data: str) -> None:
+            raise ValueError(f"cannot read {data}")
+
+        ended = await other.subscribe("w:chan", refuse)
+        assert await publisher.publish("w:chan", "x") == 1
+        with pytest.raises(ValueError, match="cannot read x"):
+            await asyncio.wait_for(ended, 30)
+        assert await publisher.publish("w:chan", "y") == 0  # its connection was closed
+    finally:
+        await publisher.aclose()
+        await wire.aclose()
+        await other.aclose()
+        server.stop()
