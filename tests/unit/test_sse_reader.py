@@ -3,6 +3,7 @@ fast path behave exactly like line-by-line reading and ``json.loads``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -26,21 +27,11 @@ EXPECTED = [
 ]
 
 
-class _Content:
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-
-    async def readany(self) -> bytes:
-        return self.chunks.pop(0) if self.chunks else b""
-
-
-class _Resp:
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.content = _Content(chunks)
-
-
 async def _all(chunks: list[bytes]) -> list[bytes]:
-    reader = SseReader(_Resp(chunks))  # type: ignore[arg-type]
+    reader = SseReader()
+    for chunk in chunks:
+        reader.feed(chunk)
+    reader.end()
     out = []
     while (data := await reader.next_data()) is not None:
         out.append(data)
@@ -54,11 +45,41 @@ async def test_any_split_of_the_body_gives_the_same_events(size: int) -> None:
     assert await _all(chunks) == EXPECTED
 
 
+async def test_a_waiting_reader_wakes_for_each_piece_and_at_the_end() -> None:
+    reader = SseReader()
+    first = asyncio.ensure_future(reader.next_data())
+    await asyncio.sleep(0)  # the reader is waiting now (an ordering step, not a timed wait)
+    assert not first.done()
+    reader.feed(b"data: 1\n")
+    assert await first == b"1"
+    last = asyncio.ensure_future(reader.next_data())
+    await asyncio.sleep(0)
+    reader.feed(b"data: 2")  # no newline yet: nothing to hand over
+    await asyncio.sleep(0)
+    assert not last.done()
+    reader.end()
+    assert await last == b"2"
+    assert await reader.next_data() is None
+
+
+async def test_a_failure_comes_after_the_payloads_before_it() -> None:
+    reader = SseReader()
+    reader.feed(b"data: 1\ndata: 2\ndata: cut")
+    reader.fail(ConnectionResetError("cut"))
+    assert [await reader.next_data(), await reader.next_data()] == [b"1", b"2"]
+    with pytest.raises(ConnectionResetError):
+        await reader.next_data()
+    reader.end()  # an end after the failure does not hide it
+    with pytest.raises(ConnectionResetError):
+        await reader.next_data()
+
+
 async def test_an_endless_line_is_refused() -> None:
     piece = b"data: " + b"x" * (1 << 20)
-    reader = SseReader(_Resp([piece] * (MAX_LINE_BYTES // len(piece) + 2)))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="too big"):
-        await reader.next_data()
+    reader = SseReader()
+    with pytest.raises(ValueError, match="too big"):  # the limit is crossed mid-loop
+        for _ in range(MAX_LINE_BYTES // len(piece) + 2):
+            reader.feed(piece)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from llorch import tracing
 from llorch.adapters._http import EngineHttp
+from llorch.errors import Code, OrchestratorError
 from llorch.logs import JsonFormatter
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -153,6 +154,10 @@ async def engine() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     await runner.cleanup()
 
 
+def _refused(status: int, body: bytes) -> OrchestratorError:
+    return OrchestratorError(Code.INTERNAL, f"HTTP {status}")
+
+
 async def test_engine_requests_carry_the_current_traceparent(
     engine: tuple[str, list[dict[str, str]]], local: trace.Tracer
 ) -> None:
@@ -161,8 +166,8 @@ async def test_engine_requests_carry_the_current_traceparent(
     try:
         assert await http.probe(f"{url}/health") == 200
         with local.start_as_current_span("engine") as span:
-            async with await http.request("POST", f"{url}/completion", {"prompt": "p"}, stream=True):
-                pass
+            async with http.open_stream(f"{url}/completion", {"prompt": "p"}, "engine", _refused) as stream:
+                assert await stream.reader.next_data() is None  # a JSON answer, no event in it
     finally:
         await http.aclose()
     outside, inside = seen

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llorch import tracing
 from llorch.adapters._sse import SseReader
+from llorch.adapters._stream import post_stream
 from llorch.adapters.base import Finished
 from llorch.errors import Code, OrchestratorError
 
@@ -62,7 +63,8 @@ class HttpAdapter:
 
 
 class EngineHttp:
-    """One adapter's HTTP client: a borrowed or owned session plus the two timeout policies.
+    """One adapter's HTTP client: a borrowed or owned aiohttp session for control calls, a connection
+    of its own for each stream (:meth:`open_stream`), and the two timeout policies.
 
     ``session`` is borrowed when given (the caller closes it); otherwise one is created on first use,
     without a connection limit, and :meth:`aclose` closes it. ``request_timeout_s`` bounds control calls
@@ -76,9 +78,7 @@ class EngineHttp:
         self._owns_session = session is None
         self._closed = False
         self.control_timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self.stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=request_timeout_s, sock_connect=request_timeout_s
-        )
+        self.connect_timeout_s = request_timeout_s
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -95,16 +95,14 @@ class EngineHttp:
         if session is not None and self._owns_session:
             await session.close()
 
-    async def request(
-        self, method: str, url: str, payload: object = None, *, stream: bool = False
-    ) -> aiohttp.ClientResponse:
+    async def request(self, method: str, url: str, payload: object = None) -> aiohttp.ClientResponse:
         """Send once, and once more if a stale keep-alive connection broke before any answer.
 
         The caller owns the response (``async with`` it, or close/release it). Inside a span (the
         pool manager's engine span) the request carries its ``traceparent``.
         """
         session = self.session()
-        limits = self.stream_timeout if stream else self.control_timeout
+        limits = self.control_timeout
         headers = tracing.http_headers()
         try:
             return await session.request(method, url, json=payload, timeout=limits, headers=headers)
@@ -118,27 +116,28 @@ class EngineHttp:
     async def open_stream(
         self, url: str, payload: object, what: str, status_error: Callable[[int, bytes], OrchestratorError]
     ) -> AsyncIterator[EngineStream]:
-        """POST a streaming request and read it inside the block. A refused submit or a broken body is
-        WORKER_RESET, an unparseable chunk INTERNAL, a non-200 answer ``status_error``. Leaving the block
-        before ``finished`` is set (an abort, an error) drops the connection, so the engine stops."""
+        """POST a streaming request on a connection of its own (:mod:`llorch.adapters._stream`) and read
+        it inside the block. A refused submit or a broken body is WORKER_RESET, an unparseable chunk
+        INTERNAL, a non-200 answer ``status_error``. Leaving the block drops the connection, so an
+        engine left before its final chunk (an abort, an error) stops. Inside a span (the pool
+        manager's engine span) the request carries its ``traceparent``."""
+        if self._closed:
+            raise RuntimeError(f"{self._owner} is closed")
         try:
-            resp = await self.request("POST", url, payload, stream=True)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            answer = await post_stream(url, payload, tracing.http_headers(), self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
             raise worker_reset(f"cannot reach {what} to submit", exc) from exc
-        stream = EngineStream(SseReader(resp))
         try:
-            if resp.status != 200:
-                raise status_error(resp.status, await resp.read())
-            yield stream
-        except aiohttp.ClientError as exc:
+            status = answer.head.result()
+            if status != 200:
+                raise status_error(status, await answer.body())
+            yield EngineStream(answer.reader)
+        except ConnectionError as exc:
             raise worker_reset(f"{what} stream broke", exc) from exc
-        except ValueError as exc:  # json.JSONDecodeError
+        except ValueError as exc:  # json.JSONDecodeError, a line over the limit
             raise OrchestratorError(Code.INTERNAL, f"{what} sent an unparseable chunk: {exc}") from exc
         finally:
-            if stream.finished is None:
-                resp.close()
-            else:
-                resp.release()
+            answer.close()
 
     async def fetch(self, method: str, url: str, what: str) -> tuple[int, bytes]:
         """``(status, body)`` of a control call; an engine that does not answer is WORKER_RESET."""
