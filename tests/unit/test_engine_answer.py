@@ -268,3 +268,14 @@ def test_a_line_over_the_limit_fails_the_reader_and_drops_the_connection(
             await client_left.wait()
 
     run(case())
+
+
+@pytest.mark.parametrize(
+    "url", ["https://127.0.0.1:1/completion", "unix:///tmp/x.sock", "http:///completion"]
+)
+def test_only_plain_http_urls_are_taken(run: Run, url: str) -> None:
+    async def case() -> None:
+        with pytest.raises(ValueError, match="plain http"):
+            await post_stream(url, {}, {}, 5.0)
+
+    run(case())

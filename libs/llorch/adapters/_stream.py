@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from typing import Final, cast
 from urllib.parse import urlsplit
 
@@ -132,15 +131,16 @@ async def post_stream(
 ) -> EngineAnswer:
     """POST ``payload`` as JSON to ``url`` on a new connection and wait for the answer's head.
 
-    Raises ``OSError`` (refused, reset, closed before the head) or ``TimeoutError`` (no connection
-    within ``connect_timeout_s``); the answer's status is in ``await answer.head``, already resolved.
-    The head itself has no deadline: an engine may hold it until the prompt is read, and the scheduler
-    owns decode timeouts. The caller closes the answer.
+    The pool manager launches every engine on loopback, so the URL is plain ``http://`` (anything else
+    is a ``ValueError``). Raises ``OSError`` (refused, reset, closed before the head) or
+    ``TimeoutError`` (no connection within ``connect_timeout_s``); the answer's status is in
+    ``await answer.head``, already resolved. The head itself has no deadline: an engine may hold it
+    until the prompt is read, and the scheduler owns decode timeouts. The caller closes the answer.
     """
     parts = urlsplit(url)
-    secure = parts.scheme == "https"
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if secure else 80)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"an engine stream needs a plain http:// URL, not {parts.scheme!r}")
+    host, port = parts.hostname, parts.port or 80
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
@@ -156,9 +156,8 @@ async def post_stream(
     ]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     loop = asyncio.get_running_loop()
-    context = ssl.create_default_context() if secure else None
     async with asyncio.timeout(connect_timeout_s):
-        _, answer = await loop.create_connection(lambda: EngineAnswer(request), host, port, ssl=context)
+        _, answer = await loop.create_connection(lambda: EngineAnswer(request), host, port)
     try:
         await answer.head
     except BaseException:
