@@ -54,6 +54,16 @@ async def _request(reader: asyncio.StreamReader) -> tuple[list[str], bytes]:
     return head, await reader.readexactly(length)
 
 
+def _replying(wire: bytes) -> Script:
+    """An engine that answers the request with exactly ``wire``, then closes."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(wire)
+
+    return script
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -136,11 +146,7 @@ def test_a_body_with_a_length_ends_at_its_length_while_the_socket_stays_open(run
 
 def test_a_body_without_framing_ends_with_the_connection(run: Run) -> None:
     async def case() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\ndata: 2")
-
-        async with _engine(script) as url:
+        async with _engine(_replying(b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\ndata: 2")) as url:
             answer = await post_stream(url, {}, {}, 5.0)
             assert await _payloads(answer) == [b"1", b"2"]
 
@@ -149,11 +155,8 @@ def test_a_body_without_framing_ends_with_the_connection(run: Run) -> None:
 
 def test_an_interim_answer_is_skipped(run: Run) -> None:
     async def case() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _request(reader)
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED_200 + _chunk(b"data: 1\n") + b"0\r\n\r\n")
-
-        async with _engine(script) as url:
+        wire = b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED_200 + _chunk(b"data: 1\n") + b"0\r\n\r\n"
+        async with _engine(_replying(wire)) as url:
             answer = await post_stream(url, {}, {}, 5.0)
             assert await answer.head == 200
             assert await _payloads(answer) == [b"1"]
@@ -183,11 +186,8 @@ def test_a_refusal_gives_its_status_and_body(run: Run) -> None:
 
 def test_a_body_cut_off_mid_chunk_raises_after_the_payloads_before_it(run: Run) -> None:
     async def case() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _request(reader)
-            writer.write(CHUNKED_200 + _chunk(b"data: 1\n\ndata: 2\n\n") + b"40\r\ndata: 3")
-
-        async with _engine(script) as url:
+        wire = CHUNKED_200 + _chunk(b"data: 1\n\ndata: 2\n\n") + b"40\r\ndata: 3"
+        async with _engine(_replying(wire)) as url:
             answer = await post_stream(url, {}, {}, 5.0)
             assert [await answer.reader.next_data(), await answer.reader.next_data()] == [b"1", b"2"]
             with pytest.raises(ConnectionResetError, match="mid-answer"):
@@ -201,11 +201,7 @@ def test_a_body_cut_off_mid_chunk_raises_after_the_payloads_before_it(run: Run) 
 )
 def test_no_answer_or_not_http_is_a_connection_error(run: Run, reply: bytes) -> None:
     async def case() -> None:
-        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _request(reader)
-            writer.write(reply)
-
-        async with _engine(script) as url:
+        async with _engine(_replying(reply)) as url:
             with pytest.raises(ConnectionResetError):
                 await post_stream(url, {}, {}, 5.0)
 
