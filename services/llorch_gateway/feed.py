@@ -29,11 +29,18 @@ class Subscription:
     The silence timer is armed once per silence, not once per wait: each delivery only notes the time,
     and a timer that fires early (events came meanwhile) re-arms itself for the rest of the interval.
     A timeout per wait (``asyncio.timeout``) cost several µs for every relayed token of every stream.
+
+    ``sink``, when its consumer sets one, is offered each delivery that comes while the consumer waits
+    in :meth:`next` with nothing pending; it returns True when it took the events (the SSE relay
+    writes them to its client at once), and they are then neither kept nor woken for. Anything it
+    declines is kept and wakes the consumer as usual, so the order of deliveries is kept.
     """
 
     def __init__(self, timed: bool = False) -> None:
         self._items: list[Event] = []
         self._ready = asyncio.Event()
+        self._waiting = False  # the consumer waits in next()
+        self.sink: Callable[[list[Event], float], bool] | None = None
         self._last = time.monotonic()  # the last delivery (or the start)
         self._timer: asyncio.TimerHandle | None = None
         # seq -> time.monotonic() when the feed delivered it live, for the first event of each message
@@ -45,6 +52,8 @@ class Subscription:
         """Deliver live events; an empty list means "re-read from the stream"."""
         self._last = now = time.monotonic()
         if events:
+            if self._waiting and not self._items and self.sink is not None and self.sink(events, now):
+                return
             if self.arrivals is not None:  # the group's first event stands for the group: they
                 self.arrivals.setdefault(events[0].seq, now)  # arrived together
             self._items += events
@@ -57,7 +66,11 @@ class Subscription:
         if not self._items:
             if self._timer is None:
                 self._arm(timeout_s, timeout_s)
-            await self._ready.wait()
+            self._waiting = True
+            try:
+                await self._ready.wait()
+            finally:
+                self._waiting = False
             if not self._items:  # the silence timer woke us
                 self._ready.clear()
                 self._last = time.monotonic()

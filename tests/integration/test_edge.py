@@ -196,6 +196,23 @@ async def test_reconnect_past_a_running_task_ends_with_its_terminal_event(stack:
     assert int(frames[0]["id"]) < 100000
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+async def test_a_live_stream_is_framed_for_the_clients_http_version(stack: Stack, version: bytes) -> None:
+    """Live tokens (written straight to the connection while the relay's task waits) are chunked for
+    HTTP/1.1 and raw for HTTP/1.0, which ends with the connection; every event comes once, in order."""
+    async with aiohttp.ClientSession() as session:
+        task_id = await Client(stack, session).admit(prompt="live", max_tokens=60)
+    payload = request("GET", f"/v1/tasks/{task_id}/stream", [auth(stack), CLOSE])
+    reply = await exchange(stack.api_port, payload.replace(b"HTTP/1.1", version, 1))
+    assert reply.status == 200, reply.raw[:500]
+    chunked = reply.headers.get("transfer-encoding") == "chunked"
+    assert chunked == (version == b"HTTP/1.1"), reply.headers
+    frames = sse_frames(reply.body)
+    assert [int(f["id"]) for f in frames] == list(range(len(frames))), reply.body[:500]
+    assert frames[-1]["event"] == "end", frames[-1]
+    assert [json.loads(f["data"])["i"] for f in frames if f["event"] == "token"] == list(range(60))
+
+
 # -------------------------------------------------------------------------------------- dependency faults
 
 

@@ -48,3 +48,33 @@ async def test_events_that_keep_coming_are_never_mistaken_for_silence() -> None:
             seq += 1
     assert got == list(range(seq))
     sub.close()
+
+
+async def test_a_sink_takes_deliveries_only_while_the_consumer_waits_with_nothing_pending() -> None:
+    """What the sink takes is not handed out again; what it declines is, in order; and while anything
+    is pending, later deliveries queue behind it without being offered, so the order holds."""
+    sub = Subscription()
+    offered: list[list[int]] = []
+    take = True
+
+    def sink(events: list[Event], arrived: float) -> bool:
+        offered.append([e.seq for e in events])
+        return take
+
+    sub.sink = sink
+
+    def deliver() -> None:  # runs once the consumer below waits in next()
+        nonlocal take
+        sub.push(_events(1, 2))  # taken by the sink
+        take = False
+        sub.push(_events(3, 1))  # declined: kept, and wakes the consumer
+        sub.push(_events(4, 1))  # something is pending: queued behind it, not offered
+
+    sub.push(_events(0, 1))  # no consumer waits yet: kept, not offered
+    assert offered == []
+    assert [e.seq for e in await sub.next(TICK_S) or []] == [0]
+    asyncio.get_running_loop().call_soon(deliver)
+    async with asyncio.timeout(HANG_GUARD_S):
+        assert [e.seq for e in await sub.next(TICK_S) or []] == [3, 4]
+    assert offered == [[1, 2], [3]]
+    sub.close()
