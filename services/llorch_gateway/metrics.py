@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from llorch.metrics import LATENCY_BUCKETS_MS
 
@@ -14,6 +21,39 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 """Method labels kept as sent; any other method a client invents counts as ``other`` (bounded series)."""
 # A relay lag is normally well under the contract's first bucket (5 ms): two finer ones below it.
 RELAY_LAG_BUCKETS_MS = (1, 2.5, *LATENCY_BUCKETS_MS)
+
+
+class LoopHistogram(Collector):
+    """A histogram without labels observed from one event loop's thread: plain counts, where
+    prometheus_client's :class:`Histogram` takes a lock for its sum and again for a bucket. The relay
+    observes once per live message per stream; at 256 paced streams those locks were 8 % of the
+    gateway's CPU. The exposition is the same: cumulative ``_bucket`` series with ``le``, ``_count``,
+    ``_sum``."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = (*sorted(float(b) for b in buckets), math.inf)
+        self._counts = [0] * len(self._bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1  # le: the first bound >= value
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative = itertools.accumulate(self._counts)
+        buckets = [(_le(b), float(n)) for b, n in zip(self._bounds, cumulative, strict=True)]
+        family.add_metric([], buckets, self._sum)
+        yield family
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` as prometheus_client writes it (``1.0``, ``+Inf``)."""
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
 class GatewayMetrics:
@@ -32,12 +72,12 @@ class GatewayMetrics:
         # Events carry no append time; the feed's receipt is the nearest: the script that appends an
         # event publishes it in the same step. Events replayed from the log are not counted, and the
         # events of one live message (they arrive and are written together) count once, by its first.
-        self.sse_relay_lag = Histogram(
+        self.sse_relay_lag = LoopHistogram(
             "sse_relay_lag_ms",
             "From the gateway's receipt of a live task event to the write of its SSE frame (ms); "
             "one observation per live message, for its first event",
-            buckets=RELAY_LAG_BUCKETS_MS,
-            registry=registry,
+            RELAY_LAG_BUCKETS_MS,
+            registry,
         )
         # rule: a config rule id, a built-in rule name or `plugin:<name>` (bounded by the config).
         self.policy_decisions = Counter(

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
 from llorch.store import Event, Store
+from llorch_gateway.metrics import LoopHistogram
 from llorch_gateway.sse import WRITE_BUFFER_LIMIT, _frames, _Stream
 
 HANG_GUARD_S = 30.0
@@ -58,7 +59,7 @@ def _stream(store: Store, pipe: Pipe, after: int, log_at: int, chunked: bool = T
     response = web.StreamResponse()
     if chunked:
         response.enable_chunked_encoding()
-    lag = Histogram("lag", "", registry=CollectorRegistry())
+    lag = LoopHistogram("lag", "", [1.0], CollectorRegistry())
     return _Stream(response, store, "t", after, log_at, lag, pipe.transport)
 
 
@@ -74,6 +75,12 @@ def _chunk(events: list[Event]) -> bytes:
 def _observed(stream: _Stream) -> float:
     assert stream.lag is not None
     return next(s.value for m in stream.lag.collect() for s in m.samples if s.name.endswith("_count"))
+
+
+def test_frames_are_the_events_in_sse_text() -> None:
+    one = b'id: 5\nevent: token\ndata: {"t":"w5","i":5}\n\n'
+    assert _frames(_tokens(5, 1)) == one
+    assert _frames(_tokens(5, 2)) == one + b'id: 6\nevent: token\ndata: {"t":"w6","i":6}\n\n'
 
 
 async def test_events_that_continue_the_stream_are_written_at_once(store: Store, pipe: Pipe) -> None:
