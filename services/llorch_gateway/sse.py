@@ -87,6 +87,9 @@ async def relay(
         last = await store.last_event(task_id) if not replay and after >= 0 else None
         headers = await session_headers(session_id) if session_id and session_headers else None
         response = await open_event_stream(request, headers)
+        if request.method == "HEAD":  # the head a GET gets, and no body
+            await response.write_eof()
+            return response
         ending = ("disconnect", "")  # unless the terminal event is written or an error cuts it
         try:
             ahead = not replay and after >= 0 and (last is None or last.seq < after)
@@ -172,8 +175,8 @@ class _Stream:
         transport: asyncio.BaseTransport | None = None,
     ) -> None:
         self.response = response
-        # the body is written straight to the connection only where it is chunked or raw (no
-        # compression), as aiohttp would write it; the 200's head went out in prepare()
+        # the body is written straight to ``transport`` (None: never) only where it is chunked or raw
+        # (no compression), as aiohttp would write it; the 200's head went out in prepare()
         direct = transport is not None and not response.compression
         self.transport = cast(asyncio.WriteTransport, transport) if direct else None
         self.chunked = response.chunked

@@ -213,6 +213,19 @@ async def test_a_live_stream_is_framed_for_the_clients_http_version(stack: Stack
     assert [json.loads(f["data"])["i"] for f in frames if f["event"] == "token"] == list(range(60))
 
 
+async def test_head_of_a_running_tasks_stream_is_the_head_alone(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        task_id = await Client(stack, session).admit(prompt="head", max_tokens=40)
+    reply = await exchange(
+        stack.api_port, request("HEAD", f"/v1/tasks/{task_id}/stream", [auth(stack), CLOSE])
+    )
+    assert reply.status == 200, reply.raw[:500]
+    assert reply.headers["content-type"].startswith("text/event-stream"), reply.headers
+    assert reply.raw.endswith(b"\r\n\r\n") and reply.body == b"", reply.raw[-300:]
+    unknown = await exchange(stack.api_port, request("HEAD", "/v1/tasks/t-none/stream", [auth(stack), CLOSE]))
+    assert unknown.status == 404, unknown.raw[:500]
+
+
 # -------------------------------------------------------------------------------------- dependency faults
 
 
