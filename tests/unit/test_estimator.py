@@ -64,3 +64,24 @@ def test_learning_moves_the_rate_towards_what_was_observed() -> None:
         est.finished("rs", f"t{n}", tokens_out=10, decode_ms=50, ok=True)
     assert abs(est.service_ms("rs", 10) - 50) < 1
     assert 250 <= est.backoff_ms("rs", slots_total=2) <= 60000
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=5000), max_size=40),
+    st.integers(min_value=65, max_value=600),
+    st.integers(min_value=64, max_value=700),
+)
+def test_deep_positions_in_many_slots_match_the_list_schedule(
+    running_ms: list[int], slots: int, first: int
+) -> None:
+    """Past the heap's reach, with hundreds of slots: positions inside the first round (a burst into
+    idle slots) and past it agree with the full schedule."""
+    est = Estimator(alpha=0.2, prior_ms_per_token=25, clamp=BackoffClamp(250, 60000), clock=lambda: 7.0)
+    for n, expected in enumerate(running_ms):
+        est.started("rs", f"r{n}", expected // 25 or 1)
+    schedule = est.starts_ms("rs", first + 4, slots, 8)
+    window = est.predicted_starts("rs", first, 4, slots, 8)
+    assert all(abs(got - want) <= 1 for got, want in zip(window, schedule[first:], strict=True))
+    if first + 4 <= slots - len(running_ms):  # idle slots enough for the whole window
+        assert window == [0, 0, 0, 0]
