@@ -79,12 +79,13 @@ class Estimator:
         return model.task_ms if model.samples else self.service_ms(rs, tokens_hint)
 
     def _free_at(self, rs: str, slots_total: int) -> list[float]:
-        """When each of the set's slots frees up (ms from now): running tasks' expected remainder."""
+        """When each of the set's slots frees up (ms from now), in ascending order: idle slots (0) first,
+        then running tasks' expected remainder."""
         model = self._model(rs)
         now = self.clock()
         busy = [max(0.0, expected - (now - started) * 1000) for started, expected in model.running.values()]
         free_at = sorted(busy)[: max(1, slots_total)]
-        return free_at + [0.0] * (max(1, slots_total) - len(free_at))
+        return [0.0] * (max(1, slots_total) - len(free_at)) + free_at
 
     def starts_ms(self, rs: str, ahead_and_self: int, slots_total: int, tokens_hint: int) -> list[int]:
         """Predicted start (ms from now) of the first ``ahead_and_self`` queued tasks, in queue order."""
@@ -127,11 +128,10 @@ class Estimator:
         # A position within the first round (its start comes before any slot's second task: at or
         # under the earliest free time plus one mean) starts when the slot at that rank frees; at a
         # burst into many idle slots that is every admission, and it spares the bisection's scans.
-        ordered = sorted(free_at)
-        second = ordered[0] + mean
+        second = free_at[0] + mean  # free_at is in ascending order
         return [
-            int(ordered[position])
-            if position < len(ordered) and ordered[position] <= second
+            int(free_at[position])
+            if position < len(free_at) and free_at[position] <= second
             else _bisect_start(free_at, mean, position + 1)
             for position in positions
         ]
