@@ -110,7 +110,7 @@ def _status(members: list[types_pb2.PoolState]) -> str:
     states = {p.state for p in members}
     if "Ready" in states:
         return "loaded"
-    if states & {"Preloading", "SelfTest", "Backoff"}:
+    if states & COMING_STATES:
         return "loading"
     return "unloaded"
 

@@ -27,6 +27,7 @@ from typing import Any
 import grpc.aio
 
 from llorch.config import ResidencyConfig
+from llorch.lifecycle import COMING_STATES
 from llorch.rpc import DEFAULT_DEADLINE_S, metadata
 from llorch.v1 import poolmgr_pb2, scheduler_pb2, types_pb2
 
@@ -49,9 +50,7 @@ _ALPHA = 0.3
 
 _PHASES: Mapping[str, residency.Phase] = {
     "Stopped": "unloaded",
-    "Preloading": "loading",
-    "SelfTest": "loading",
-    "Backoff": "loading",
+    **dict.fromkeys(COMING_STATES, "loading"),
     "Ready": "ready",
     "Draining": "draining",
     "Drained": "draining",
