@@ -80,17 +80,17 @@ async def test_every_position_reads_exactly_the_events_after_it(store: Store) ->
     started = await _admit(store, "m")
     one, big, alone = _tokens(0, 1), _tokens(1, BIG), _tokens(BIG + 1, 1)
     last = [*_tokens(BIG + 2, 3), ("end", END, TaskState.SUCCEEDED.value)]
-    pubsub: asyncio.Queue[str] = asyncio.Queue()
-    async with store.follow_events(pubsub.put_nowait):
+    live: asyncio.Queue[str] = asyncio.Queue()
+    async with store.follow_events(live.put_nowait):
         assert await store.append(Append("m", [("metrics", '{"phase":"decode"}', "")])) == 1
         assert await store.append(Append("m", one, tokens_out=1)) == 2
         flush = Append("m", big, tokens_out=BIG + 1, batch_id="m-big")
         assert await store.append_many([flush], 60) == [BIG + 2]
         # The live message of the big flush is the format the feed has always parsed: every event.
-        await _next_message(pubsub)
-        await _next_message(pubsub)
+        await _next_message(live)
+        await _next_message(live)
         parts = ["m", "3"] + [x for name, data, _ in big for x in (name, data)]
-        assert await _next_message(pubsub) == US.join(parts)
+        assert await _next_message(live) == US.join(parts)
         assert await store.last_event("m") == Event(BIG + 2, "token", big[-1][1])
         # A retry of the same batch (its reply was lost) writes nothing twice.
         entries = await store.client.xlen(store.keys.events("rs-le", "m"))
@@ -137,11 +137,11 @@ async def test_a_raw_separator_is_refused_before_writing(store: Store) -> None:
 async def test_the_feed_delivers_a_multi_event_message_per_event(store: Store) -> None:
     await _admit(store, "l")
     feed = EventFeed(store)
-    pubsub: asyncio.Queue[str] = asyncio.Queue()
-    async with store.follow_events(pubsub.put_nowait):
+    live: asyncio.Queue[str] = asyncio.Queue()
+    async with store.follow_events(live.put_nowait):
         with feed.subscribe("l") as sub:
             await store.append(Append("l", _tokens(0, ENTRY_MAX + 5)))
-            feed._dispatch(await _next_message(pubsub))
+            feed._dispatch(await _next_message(live))
             delivered = await sub.next(5)
     assert delivered == await store.read_events("l", 0)
     assert delivered is not None and len(delivered) == ENTRY_MAX + 5
