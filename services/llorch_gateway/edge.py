@@ -55,6 +55,7 @@ def body_limit(request: web.Request) -> int:
 
 BODY_TIMEOUT: Final = web.AppKey("body_timeout_s", float)
 METRICS: Final = web.AppKey("gateway_metrics", GatewayMetrics)
+CORRELATION_ID: Final = web.RequestKey("correlation_id", str)  # set by :func:`edge` on every request
 
 LINGER_S: Final = 2.0
 """After a response to a request whose body was not read, drain it at most this long, then close."""
@@ -71,7 +72,7 @@ def route_template(request: web.Request) -> str:
 
 def error_response(exc: OrchestratorError, request: web.BaseRequest) -> web.Response:
     """The error response of ``exc``, in the route's dialect (:mod:`.dialects`)."""
-    headers = {CORRELATION_HEADER: request.get("correlation_id", "")}
+    headers = {CORRELATION_HEADER: request.get(CORRELATION_ID, "")}
     retry_ms = exc.context.get("retry_after_ms")
     if isinstance(retry_ms, int) and exc.http_status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
@@ -145,7 +146,7 @@ async def read_body(request: web.Request, handler: Handler) -> web.StreamRespons
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     cid = correlation_id(request.headers.get(CORRELATION_HEADER))
-    request["correlation_id"] = cid
+    request[CORRELATION_ID] = cid
     token = correlation_id_var.set(cid)
     status = 500
     try:
@@ -199,8 +200,8 @@ class EdgeRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started; connection closed")
-        cid = request.get("correlation_id") or correlation_id(None)
-        request["correlation_id"] = cid
+        cid = request.get(CORRELATION_ID) or correlation_id(None)
+        request[CORRELATION_ID] = cid
         if status < 500:
             reason = (message or type(exc).__name__).encode("ascii", "backslashreplace").decode()[:200]
             log.info(

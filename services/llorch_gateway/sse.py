@@ -38,7 +38,7 @@ from llorch.events import TERMINAL as TERMINAL_EVENTS
 from llorch.events import EventName
 from llorch.store import READ_PAGE, Event, Store
 
-from .edge import CORRELATION_HEADER, METRICS
+from .edge import CORRELATION_HEADER, CORRELATION_ID, METRICS
 from .feed import EventFeed, Subscription, Tail
 from .metrics import LoopHistogram
 
@@ -271,7 +271,7 @@ async def open_event_stream(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
-            CORRELATION_HEADER: request["correlation_id"],
+            CORRELATION_HEADER: request[CORRELATION_ID],
             **(headers or {}),
         }
     )

@@ -89,8 +89,7 @@ class Estimator:
 
     def starts_ms(self, rs: str, ahead_and_self: int, slots_total: int, tokens_hint: int) -> list[int]:
         """Predicted start (ms from now) of the first ``ahead_and_self`` queued tasks, in queue order."""
-        free_at = self._free_at(rs, slots_total)
-        heapq.heapify(free_at)
+        free_at = self._free_at(rs, slots_total)  # ascending, so already a heap
         mean = self._mean_task_ms(rs, tokens_hint)
         starts = []
         for _ in range(ahead_and_self):
@@ -117,8 +116,7 @@ class Estimator:
         positions = range(first, first + count)
         if len(free_at) == 1:  # one slot: the bisection's answer in closed form
             return [int(free_at[0] + position * mean) for position in positions]
-        if first + count <= HEAP_POSITIONS:
-            heapq.heapify(free_at)
+        if first + count <= HEAP_POSITIONS:  # free_at is ascending, so already a heap
             starts = []
             for position in range(first + count):
                 if position >= first:
