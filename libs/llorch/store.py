@@ -521,9 +521,10 @@ class Store:
             "password": password,
             "decode_responses": True,
             "socket_connect_timeout": SOCKET_TIMEOUT_S,
-            "socket_keepalive": True,
             "health_check_interval": HEALTH_CHECK_S,
         }
+        if not url.startswith("unix:"):  # TCP keepalive: a Unix socket's connection class refuses it
+            common["socket_keepalive"] = True
         if ssl_ca_certs is not None:  # a plain connection class refuses ssl_* keywords
             common["ssl_ca_certs"] = ssl_ca_certs
         # A frozen Redis fails a call after SOCKET_TIMEOUT_S (a retriable error) instead of hanging it.
