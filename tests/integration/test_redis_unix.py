@@ -1,4 +1,4 @@
-"""``redis.url: unix://…`` (SPEC §7 accepts it): the store and the whole stack work over a Redis that
+"""``redis.url: unix://…`` (the config accepts it): the store and the whole stack work over a Redis that
 listens only on a Unix socket. Before, the store passed TCP keepalive to every connection class, and
 redis-py's Unix socket connection refuses it, so every service failed at its first Redis call."""
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from llorch.store import Store
 from llorch_cli.embedded_redis import server_binary
-from tests.support.procs import Proc, wait_until
+from tests.support.procs import Proc
+from tests.support.restartable_redis import wait_answering
 from tests.support.stack import Client, Stack, mock_pool
 
 
@@ -25,20 +25,8 @@ async def unix_redis(tmp_path: Path) -> AsyncIterator[str]:
     argv += ["--dir", str(tmp_path), "--save", "", "--appendonly", "no"]
     proc = Proc(argv, tmp_path / "redis.log")
     url = f"unix://{sock}?db=0"
-
-    async def pong() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"redis exited at start:\n{proc.log_text()[-2000:]}")
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5)
-        try:
-            return bool(await client.ping())
-        except aioredis.RedisError:
-            return False
-        finally:
-            await client.aclose()
-
     try:
-        await wait_until(pong, 30, f"redis on {sock}")
+        await wait_answering(proc, url)
         yield url
     finally:
         proc.stop()

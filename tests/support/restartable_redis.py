@@ -12,6 +12,23 @@ from llorch_cli.embedded_redis import server_binary
 from tests.support.procs import Proc, free_port, wait_until
 
 
+async def wait_answering(proc: Proc, url: str) -> None:
+    """Wait until the Redis server ``proc`` answers PING at ``url``; fail at once if it exits."""
+
+    async def pong() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"redis exited at start:\n{proc.log_text()[-2000:]}")
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5)
+        try:
+            return bool(await client.ping())
+        except aioredis.RedisError:
+            return False
+        finally:
+            await client.aclose()
+
+    await wait_until(pong, 30, f"redis at {url}")
+
+
 class RestartableRedis:
     """A Redis server with AOF whose lifecycle the test controls (same port and data dir on restart)."""
 
@@ -45,20 +62,7 @@ class RestartableRedis:
     async def start(self) -> None:
         self.starts += 1
         self.proc = Proc(self._argv(), self.dir / f"server-{self.starts}.log")
-        proc = self.proc
-
-        async def pong() -> bool:
-            if not proc.alive():
-                raise AssertionError(f"redis exited at start:\n{proc.log_text()[-2000:]}")
-            client = aioredis.Redis(port=self.port, socket_connect_timeout=0.5)
-            try:
-                return bool(await client.ping())
-            except aioredis.RedisError:
-                return False
-            finally:
-                await client.aclose()
-
-        await wait_until(pong, 30, f"redis on {self.port}")
+        await wait_answering(self.proc, self.url)
 
     def kill(self) -> None:
         assert self.proc is not None
