@@ -7,8 +7,11 @@ the file size (:func:`llorch.gpu.sizing.kv_reserve_from_facts`).
 
 Cost: ``gguf.GGUFReader`` memory-maps the file and never reads tensor data (each tensor is a lazy view),
 but it parses every metadata array element into its own numpy view, so the tokenizer vocabulary
-dominates: about 5 s for SmolLM2's 49k tokens + 49k merges, proportionally more for 128k-256k
-vocabularies. Callers on an event loop run it in a thread and read it once per use.
+dominated: about 5 s for SmolLM2's 49k tokens + 49k merges, proportionally more for 128k-256k
+vocabularies, paid at a model's first verification and so at the first reload onto it. The facts read
+no long array, so :class:`_FactsReader` steps over the contents of arrays longer than
+:data:`ARRAY_READ_MAX` elements. Callers on an event loop still run it in a process and read it once per
+use.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import struct
 import sys
 import threading
 from collections import Counter
@@ -30,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gguf import GGUF_MAGIC, GGUFReader, GGUFValueType, LlamaFileType
+import numpy as np
+import numpy.typing as npt
+from gguf import GGUF_MAGIC, GGUFEndian, GGUFReader, GGUFValueType, LlamaFileType
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ _MAGIC: Final = GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
 _BAD_FILE: Final = (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError)
 
 FactsJson = dict[str, str | int | list[int] | None]
+ARRAY_READ_MAX: Final = 4096
+"""Metadata arrays up to this many elements are read (a per-layer array has one per layer); longer ones
+(the tokenizer's tokens, merges and token types) keep their element type and length, not their
+elements."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,42 @@ def read_facts(path: Path | str) -> ModelFacts | None:
 @functools.lru_cache(maxsize=64)
 def _read_once(path: Path, size: int, mtime_ns: int) -> ModelFacts | None:
     """One read per unchanged file (its size and mtime key the cache): a restart costs nothing."""
-    return _facts(GGUFReader(path))
+    return _facts(_FactsReader(path))
+
+
+class _FactsReader(GGUFReader):
+    """``GGUFReader`` that steps over the elements of metadata arrays longer than
+    :data:`ARRAY_READ_MAX`: such a field's ``contents()`` is empty, its ``types`` are still
+    ``[ARRAY, element type]``. It overrides the reader's private ``_get_field_parts`` (gguf is pinned;
+    tests/unit/test_gguf_meta.py compares it with the plain reader). A length that runs past the end
+    of the file raises ``ValueError``, as the plain reader's short views do."""
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[npt.NDArray[Any]], list[int], list[GGUFValueType]]:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        if len(alen) < 1 or int(alen[0]) <= ARRAY_READ_MAX:
+            return super()._get_field_parts(orig_offs, raw_type)
+        itype = GGUFValueType(int(raw_itype[0]))
+        count, offs, end = int(alen[0]), orig_offs + 12, len(self.data)
+        if itype == GGUFValueType.STRING:
+            length = struct.Struct("<Q" if self.endianess == GGUFEndian.LITTLE else ">Q")
+            data = self.data.data  # the map's bytes, without a numpy view per string
+            for _ in range(count):
+                if offs + 8 > end:
+                    raise ValueError("a GGUF string array runs past the end of the file")
+                offs += 8 + length.unpack_from(data, offs)[0]
+        else:
+            element = self.gguf_scalar_to_np.get(itype)
+            if element is None:  # an array of arrays: not a tokenizer's, so read it as gguf does
+                return super()._get_field_parts(orig_offs, raw_type)
+            offs += count * np.dtype(element).itemsize
+        if offs > end:
+            raise ValueError("a GGUF array runs past the end of the file")
+        return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
 
 
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from llorch import gpu
 from llorch.config import LlorchConfig
-from llorch.gguf_meta import ModelFacts, facts_json, read_facts
+from llorch.gguf_meta import ARRAY_READ_MAX, ModelFacts, _FactsReader, facts_json, read_facts
 from llorch_poolmgr import preload
+from tests.support.gguf_reading import same_reading
 
 LAYERS = 4
 MIB = 1 << 20
@@ -119,6 +120,51 @@ def test_non_gguf_directory_missing_and_truncated_files_give_none(
     assert read_facts(tmp_path / "absent.gguf") is None
     whole = write_gguf(tmp_path / "m.gguf").read_bytes()
     for cut in (4, 24, len(whole) // 3, len(whole) - 8):
+        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+        with caplog.at_level(logging.WARNING, logger="llorch.gguf_meta"):
+            caplog.clear()
+            assert read_facts(tmp_path / "cut.gguf") is None, cut
+        assert any(r.getMessage() == "cannot read GGUF metadata" for r in caplog.records), cut
+
+
+def write_with_vocabulary(path: Path, tokens: int = ARRAY_READ_MAX + 1000) -> Path:
+    """A fake llama GGUF with a tokenizer's long arrays (tokens, merges, token types), a short array,
+    and keys written after them, so a reader that steps over the long ones must land on the rest."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_token_list([f"tok-{i}-é" for i in range(tokens)])  # non-ASCII: lengths are bytes
+    writer.add_token_merges([f"m {i}" for i in range(tokens)])
+    writer.add_token_types([i % 6 for i in range(tokens)])
+    writer.add_array("llorch.test.short", ["a", "bb", "ccc"])
+    writer.add_context_length(4096)
+    writer.add_embedding_length(64)
+    writer.add_head_count(8)
+    writer.add_head_count_kv([2, 2, 4, 4])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tensor("token_embd.weight", np.ones((10, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_long_metadata_arrays_are_stepped_over_and_everything_else_reads_the_same(tmp_path: Path) -> None:
+    path = write_with_vocabulary(tmp_path / "vocab.gguf")
+    same_reading(path)
+    fast = _FactsReader(path)
+    tokens = fast.fields["tokenizer.ggml.tokens"]
+    assert tokens.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
+    assert tokens.contents() == []
+    assert fast.fields["llorch.test.short"].contents() == ["a", "bb", "ccc"]
+    facts = read_facts(path)
+    assert facts is not None
+    assert (facts.trained_ctx, facts.kv_heads, facts.quantisation) == (4096, (2, 2, 4, 4), "Q8_0")
+
+
+def test_a_file_cut_inside_a_long_array_gives_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    whole = write_with_vocabulary(tmp_path / "vocab.gguf").read_bytes()
+    for cut in (len(whole) // 8, len(whole) // 4, len(whole) // 2):
         (tmp_path / "cut.gguf").write_bytes(whole[:cut])
         with caplog.at_level(logging.WARNING, logger="llorch.gguf_meta"):
             caplog.clear()
