@@ -29,10 +29,19 @@ def write_gguf(
     key_length: int | None = None,
     file_type: gguf.LlamaFileType | None = gguf.LlamaFileType.MOSTLY_Q8_0,
     parameter_count: int | None = None,
+    vocabulary: int = 0,
 ) -> Path:
-    """A fake llama GGUF: 4 layers, 64-wide embeddings, 8 query heads, GQA KV heads, two F32 tensors."""
+    """A fake llama GGUF: 4 layers, 64-wide embeddings, 8 query heads, GQA KV heads, two F32 tensors.
+    ``vocabulary``: that many tokens, merges and token types (a tokenizer's long arrays) and a short
+    array, written before the other keys, so a reader that steps over the long ones must land on the
+    rest."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(LAYERS)
+    if vocabulary:
+        writer.add_token_list([f"tok-{i}-é" for i in range(vocabulary)])  # non-ASCII: lengths are bytes
+        writer.add_token_merges([f"m {i}" for i in range(vocabulary)])
+        writer.add_token_types([i % 6 for i in range(vocabulary)])
+        writer.add_array("llorch.test.short", ["a", "bb", "ccc"])
     writer.add_context_length(4096)
     writer.add_embedding_length(64)
     writer.add_head_count(8)
@@ -127,26 +136,8 @@ def test_non_gguf_directory_missing_and_truncated_files_give_none(
         assert any(r.getMessage() == "cannot read GGUF metadata" for r in caplog.records), cut
 
 
-def write_with_vocabulary(path: Path, tokens: int = ARRAY_READ_MAX + 1000) -> Path:
-    """A fake llama GGUF with a tokenizer's long arrays (tokens, merges, token types), a short array,
-    and keys written after them, so a reader that steps over the long ones must land on the rest."""
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(LAYERS)
-    writer.add_token_list([f"tok-{i}-é" for i in range(tokens)])  # non-ASCII: lengths are bytes
-    writer.add_token_merges([f"m {i}" for i in range(tokens)])
-    writer.add_token_types([i % 6 for i in range(tokens)])
-    writer.add_array("llorch.test.short", ["a", "bb", "ccc"])
-    writer.add_context_length(4096)
-    writer.add_embedding_length(64)
-    writer.add_head_count(8)
-    writer.add_head_count_kv([2, 2, 4, 4])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tensor("token_embd.weight", np.ones((10, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+def write_with_vocabulary(path: Path) -> Path:
+    return write_gguf(path, kv_heads=[2, 2, 4, 4], vocabulary=ARRAY_READ_MAX + 1000)
 
 
 def test_long_metadata_arrays_are_stepped_over_and_everything_else_reads_the_same(tmp_path: Path) -> None:
