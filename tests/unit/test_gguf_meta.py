@@ -128,7 +128,14 @@ def test_non_gguf_directory_missing_and_truncated_files_give_none(
     assert read_facts(tmp_path) is None
     assert read_facts(tmp_path / "absent.gguf") is None
     whole = write_gguf(tmp_path / "m.gguf").read_bytes()
-    for cut in (4, 24, len(whole) // 3, len(whole) - 8):
+    assert_cuts_give_none(tmp_path, whole, (4, 24, len(whole) // 3, len(whole) - 8), caplog)
+
+
+def assert_cuts_give_none(
+    tmp_path: Path, whole: bytes, cuts: Sequence[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file cut at each of ``cuts`` gives None and the "cannot read" warning."""
+    for cut in cuts:
         (tmp_path / "cut.gguf").write_bytes(whole[:cut])
         with caplog.at_level(logging.WARNING, logger="llorch.gguf_meta"):
             caplog.clear()
@@ -155,12 +162,7 @@ def test_long_metadata_arrays_are_stepped_over_and_everything_else_reads_the_sam
 
 def test_a_file_cut_inside_a_long_array_gives_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     whole = write_with_vocabulary(tmp_path / "vocab.gguf").read_bytes()
-    for cut in (len(whole) // 8, len(whole) // 4, len(whole) // 2):
-        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
-        with caplog.at_level(logging.WARNING, logger="llorch.gguf_meta"):
-            caplog.clear()
-            assert read_facts(tmp_path / "cut.gguf") is None, cut
-        assert any(r.getMessage() == "cannot read GGUF metadata" for r in caplog.records), cut
+    assert_cuts_give_none(tmp_path, whole, (len(whole) // 8, len(whole) // 4, len(whole) // 2), caplog)
 
 
 def test_kv_reserve_from_facts_pads_the_context_as_llama_cpp_does(tmp_path: Path) -> None:
