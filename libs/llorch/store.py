@@ -591,6 +591,31 @@ class Store:
         await self.client.set(key, rs, ex=ttl_s)
         return True
 
+    async def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Plain commands (not scripts) in one round trip: their replies in order, each as redis-py's
+        client parses it (a stream read as ``[(id, {field: value}), ...]``, a ``WITHSCORES`` range as
+        ``[(member, score), ...]``); the first error reply is raised.
+
+        Over the store's :class:`Wire` where it has one. These are the commands on every stream's path
+        (its first read), every task's end (its lease) and the scheduler's periodic scans, and
+        redis-py's pipeline costs about three times the CPU per round trip (see
+        :mod:`llorch.respwire`). A cluster or TLS goes through redis-py's pipeline."""
+        if self.wire is None:
+            pipe: Pipeline
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    # the option redis-py's own zrange passes: it parses the scores into pairs
+                    pipe.execute_command(
+                        *command, **({"withscores": True} if command[-1] == "WITHSCORES" else {})
+                    )
+                results: list[Any] = await pipe.execute()
+                return results
+        replies = await self.wire.execute(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_as_parsed(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
     async def _many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """One script over many keys in one round trip (see :meth:`_Script.calls`); the first
         call's error is raised."""
@@ -830,12 +855,13 @@ class Store:
         # One round trip: the entry that starts at or before after_seq (it may hold later events too),
         # then up to ``count`` entries that start after it; each holds at least one event.
         after_seq = max(after_seq, -1)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(keys[1], max=f"0-{after_seq + 1}", min="-", count=1)
-            pipe.xrange(keys[1], min=f"0-{after_seq + 2}", count=count)
-            if session:
-                pipe.hget(keys[0], "session_id")
-            straddling, following, *rest = await pipe.execute()
+        commands: list[tuple[Any, ...]] = [
+            ("XREVRANGE", keys[1], f"0-{after_seq + 1}", "-", "COUNT", 1),
+            ("XRANGE", keys[1], f"0-{after_seq + 2}", "+", "COUNT", count),
+        ]
+        if session:
+            commands.append(("HGET", keys[0], "session_id"))
+        straddling, following, *rest = await self._round_trip(commands)
         out: list[Event] = []
         for entry_id, body in [*straddling, *following]:
             out += _entry_events(entry_id, body, after_seq)
@@ -925,56 +951,57 @@ class Store:
         return bool(await self._dequeue(keys=self._queue_keys(rs), args=[task_id]))
 
     async def queue_position(self, rs: str, task_id: str, priority: Priority) -> int | None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrank(self.keys.queue(rs, priority), task_id)
-            pipe.zcard(self.keys.queue(rs, "interactive"))
-            rank, n_interactive = await pipe.execute()
+        rank, n_interactive = await self._round_trip(
+            [("ZRANK", self.keys.queue(rs, priority), task_id), ("ZCARD", self.keys.queue(rs, "interactive"))]
+        )
         if rank is None:
             return None
         return int(rank) + (int(n_interactive) if priority == "batch" else 0)
 
     async def queue_depths(self, rs: str) -> tuple[int, int]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for priority in PRIORITIES:
-                pipe.zcard(self.keys.queue(rs, priority))
-            ni, nb = await pipe.execute()
+        ni, nb = await self._round_trip([("ZCARD", self.keys.queue(rs, priority)) for priority in PRIORITIES])
         return int(ni), int(nb)
 
     async def queued(self, rs: str) -> tuple[list[str], list[str], list[tuple[str, float]]]:
         """(interactive ids, batch ids, (id, admitted_ms) of batch) in queue order, for estimates."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrange(self.keys.queue(rs, "interactive"), 0, -1)
-            pipe.zrange(self.keys.queue(rs, "batch"), 0, -1)
-            pipe.zrange(self.keys.queue_admitted(rs), 0, -1, withscores=True)
-            interactive, batch, admitted = await pipe.execute()
+        interactive, batch, admitted = await self._round_trip(
+            [
+                ("ZRANGE", self.keys.queue(rs, "interactive"), 0, -1),
+                ("ZRANGE", self.keys.queue(rs, "batch"), 0, -1),
+                ("ZRANGE", self.keys.queue_admitted(rs), 0, -1, "WITHSCORES"),
+            ]
+        )
         return list(interactive), list(batch), [(str(t), float(s)) for t, s in admitted]
 
     async def overdue_queued(self, rs: str) -> list[str]:
         """Queued tasks whose deadline has passed."""
-        return cast(
-            list[str], await self.client.zrangebyscore(self.keys.queue_deadlines(rs), "-inf", now_ms())
+        [overdue] = await self._round_trip(
+            [("ZRANGEBYSCORE", self.keys.queue_deadlines(rs), "-inf", now_ms())]
         )
+        return cast(list[str], overdue)
 
     async def renew_leases(self, leases: Mapping[str, Sequence[str]], lease_ms: int) -> None:
         """Extend the leases of running tasks, ``{rs: [task_id, ...]}`` (only existing leases)."""
         expiry = now_ms() + lease_ms
-        pipe: Pipeline
-        async with self.client.pipeline(transaction=False) as pipe:
-            for rs, task_ids in leases.items():
-                if task_ids:
-                    pipe.zadd(self.keys.lease(rs), dict.fromkeys(task_ids, expiry), xx=True)
-            await pipe.execute()
+        await self._round_trip(
+            [
+                (
+                    "ZADD",
+                    self.keys.lease(rs),
+                    "XX",
+                    *(part for task_id in task_ids for part in (expiry, task_id)),
+                )
+                for rs, task_ids in leases.items()
+                if task_ids
+            ]
+        )
 
     async def release_lease(self, rs: str, task_id: str) -> None:
-        await self.client.zrem(self.keys.lease(rs), task_id)
+        await self.release_leases([(rs, task_id)])
 
     async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
         """Release many ``(rs, task_id)`` leases in one round trip."""
-        pipe: Pipeline
-        async with self.client.pipeline(transaction=False) as pipe:
-            for rs, task_id in leases:
-                pipe.zrem(self.keys.lease(rs), task_id)
-            await pipe.execute()
+        await self._round_trip([("ZREM", self.keys.lease(rs), task_id) for rs, task_id in leases])
 
     async def requeue_claimed(self, record: TaskRecord) -> None:
         """Put back a task that was claimed but never dispatched (its claimer died or lost Redis): at
@@ -1064,13 +1091,12 @@ class Store:
         return await self._expired(self.keys.lease)
 
     async def _expired(self, key: Callable[[str], str]) -> list[tuple[str, str]]:
-        sets = cast(set[str], await self.client.smembers(self.keys.replica_sets()))
+        """Every set's members of ``key(rs)`` scored at or before now: two round trips in all."""
+        [members] = await self._round_trip([("SMEMBERS", self.keys.replica_sets())])
+        sets = sorted(members)
         now = now_ms()
-        expired: list[tuple[str, str]] = []
-        for rs in sorted(sets):
-            ids = cast(list[str], await self.client.zrangebyscore(key(rs), "-inf", now))
-            expired.extend((rs, task_id) for task_id in ids)
-        return expired
+        found = await self._round_trip([("ZRANGEBYSCORE", key(rs), "-inf", now) for rs in sets])
+        return [(rs, task_id) for rs, ids in zip(sets, found, strict=True) for task_id in ids]
 
     async def leased(self, rs: str) -> list[str]:
         return cast(list[str], await self.client.zrange(self.keys.lease(rs), 0, -1))
@@ -1320,6 +1346,23 @@ def _session(session_id: str, f: Mapping[str, str], ttl_ms: int) -> SessionRecor
         tokens_held=int(f.get("tokens_held", "0")),
         ttl_ms=max(0, ttl_ms),
     )
+
+
+_STREAM_READS: Final = frozenset({"XRANGE", "XREVRANGE"})
+
+
+def _as_parsed(command: tuple[Any, ...], reply: Any) -> Any:
+    """A raw RESP reply as redis-py's client parses that command's (for the few shapes that differ)."""
+    if command[0] in _STREAM_READS:
+        return _stream_entries(reply)
+    if command[-1] == "WITHSCORES":
+        return [(member, float(score)) for member, score in zip(reply[::2], reply[1::2], strict=True)]
+    return reply
+
+
+def _stream_entries(reply: list[list[Any]]) -> list[tuple[str, dict[str, str]]]:
+    """A stream read's RESP reply (``[[id, [field, value, ...]], ...]``) as redis-py's client parses it."""
+    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))) for entry_id, fields in reply]
 
 
 def _entry_events(entry_id: str, body: Mapping[str, str], after_seq: int = -1) -> list[Event]:

@@ -4,6 +4,7 @@ slot) and the rest (locators, sessions) spread over the nodes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from llorch.respwire import HiredisConnection
-from llorch.store import Keys, Store
+from llorch.store import Event, Keys, Store
 from tests.support.procs import wait_until
 from tests.support.redis_cluster import RedisCluster
 from tests.support.stack import Client, Stack, mock_pool
@@ -101,3 +102,66 @@ async def test_every_cluster_node_packs_commands_with_hiredis(cluster: RedisClus
         nodes = store.client.get_nodes()
         assert len(nodes) == 3
         assert {node.connection_class for node in nodes} == {HiredisConnection}
+
+
+async def _plain_reads(store: Store, rs: str) -> list[Any]:
+    """Every read the store sends as plain commands in one round trip (``Store._round_trip``), after
+    writing what they read through the store's own client."""
+    keys, client, now = store.keys, store.client, int(time.time() * 1000)
+    await client.sadd(keys.replica_sets(), rs)
+    await client.zadd(keys.queue(rs, "interactive"), {"i1": 1, "i2": 2})
+    await client.zadd(keys.queue(rs, "batch"), {"b1": 1})
+    await client.zadd(keys.queue_admitted(rs), {"b1": 1234.5})
+    await client.zadd(keys.queue_deadlines(rs), {"i1": now - 60_000, "b1": now + 600_000})
+    await client.zadd(keys.lease(rs), {"i2": now - 60_000, "b1": now + 600_000})
+    await client.xadd(keys.events(rs, "t1"), {"e": "started", "d": "{}"}, id="0-1")
+    await client.xadd(keys.events(rs, "t1"), {"e": "token", "d": '{"t":"a"}'}, id="0-2")
+    await client.hset(keys.task(rs, "t1"), "session_id", "s1")
+    store.locate("t1", rs)
+    reads: list[Any] = [
+        await store.queued(rs),
+        await store.queue_depths(rs),
+        await store.queue_position(rs, "b1", "batch"),
+        await store.queue_position(rs, "gone", "batch"),
+        await store.overdue_queued(rs),
+        await store.expired_leases(),
+        await store.stream_start("t1", -1),
+        await store.stream_start("t1", 0),
+        await store.read_events("t1", 1),
+    ]
+    await store.renew_leases({rs: ["i2", "never-leased"]}, 60_000)
+    reads.append(await store.expired_leases())
+    reads.append(sorted(await store.leased(rs)))
+    await store.release_leases([(rs, "i2"), (rs, "b1")])
+    reads.append(await store.leased(rs))
+    return reads
+
+
+async def test_plain_reads_agree_on_the_wire_and_through_redis_py(
+    redis_url: str, cluster: RedisCluster
+) -> None:
+    """The same reads over the store's own wire (a single Redis) and through redis-py's pipeline (a
+    cluster, which has no wire) give the same values, and the values written."""
+    async with (
+        Store.connect(redis_url, prefix="plain:") as single,
+        Store.connect(cluster.url, cluster=True, prefix="plain:") as spread,
+    ):
+        assert single.wire is not None and spread.wire is None  # both paths run
+        on_wire = await _plain_reads(single, "rs-w")
+        through_redis_py = await _plain_reads(spread, "rs-w")
+    started, token = Event(0, "started", "{}"), Event(1, "token", '{"t":"a"}')
+    assert on_wire == [
+        (["i1", "i2"], ["b1"], [("b1", 1234.5)]),
+        (2, 1),
+        2,  # behind the two interactive tasks
+        None,
+        ["i1"],
+        [("rs-w", "i2")],
+        ([started, token], "s1"),
+        ([token], "s1"),
+        [],
+        [],  # renewed: not expired any more
+        ["b1", "i2"],  # a renewal adds no lease
+        [],
+    ]
+    assert through_redis_py == on_wire
