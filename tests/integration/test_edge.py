@@ -266,7 +266,9 @@ async def test_redis_killed_mid_stream_ends_the_stream_not_a_second_response(tmp
         async with asyncio.timeout(HANG_GUARD_S):
             await started.wait()
         redis.kill()
-        reply = await streaming  # the server must close the connection: the guard fails a hang
+        # The stream waits out feed.REDIS_GRACE_S first (a restart would keep it), then must close the
+        # connection: the guard fails a hang.
+        reply = await streaming
         assert reply.status == 200, reply.raw[:500]
         head_end = reply.raw.index(b"\r\n\r\n")
         assert b"HTTP/1." not in reply.raw[head_end:], reply.raw[-500:]
