@@ -570,7 +570,7 @@ class Store:
         cached = self._located.get(task_id)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        rs = cast(str | None, await self.client.get(self.keys.locator(task_id)))
+        rs = cast(str | None, await self._one("GET", self.keys.locator(task_id)))
         if rs is not None:
             self.locate(task_id, rs)
         return rs
@@ -594,10 +594,11 @@ class Store:
     async def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Plain commands (not scripts) in one round trip: their replies in order, each as redis-py's
         client parses it (a stream read as ``[(id, {field: value}), ...]``, a ``WITHSCORES`` range as
-        ``[(member, score), ...]``); the first error reply is raised.
+        ``[(member, score), ...]``, a hash as a dict); the first error reply is raised.
 
         Over the store's :class:`Wire` where it has one. These are the commands on every stream's path
-        (its first read), every task's end (its lease) and the scheduler's periodic scans, and
+        (its first read), every task's end (its lease), status reads and the scheduler's periodic
+        scans, and
         redis-py's pipeline costs about three times the CPU per round trip (see
         :mod:`llorch.respwire`). A cluster or TLS goes through redis-py's pipeline."""
         if self.wire is None:
@@ -615,6 +616,11 @@ class Store:
             if isinstance(reply, Exception):
                 raise reply
         return [_as_parsed(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
+    async def _one(self, *command: Any) -> Any:
+        """One plain command's reply (see :meth:`_round_trip`)."""
+        [reply] = await self._round_trip([command])
+        return reply
 
     async def _many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """One script over many keys in one round trip (see :meth:`_Script.calls`); the first
@@ -829,12 +835,12 @@ class Store:
 
     async def task(self, task_id: str) -> TaskRecord | None:
         keys = await self._task_keys(task_id)
-        fields = cast(dict[str, str], await self.client.hgetall(keys[0])) if keys else {}
+        fields = cast(dict[str, str], await self._one("HGETALL", keys[0])) if keys else {}
         return _record(task_id, fields) if fields else None
 
     async def task_exists(self, task_id: str) -> bool:
         keys = await self._task_keys(task_id)
-        return keys is not None and bool(await self.client.exists(keys[0]))
+        return keys is not None and bool(await self._one("EXISTS", keys[0]))
 
     async def read_events(self, task_id: str, after_seq: int, count: int = READ_PAGE) -> list[Event]:
         """The first ``count`` events with seq > ``after_seq`` that are in the log now (no waiting), in
@@ -872,7 +878,9 @@ class Store:
         keys = await self._task_keys(task_id)
         if keys is None:
             return None
-        entries = cast(list[tuple[str, dict[str, str]]], await self.client.xrevrange(keys[1], count=1))
+        entries = cast(
+            list[tuple[str, dict[str, str]]], await self._one("XREVRANGE", keys[1], "+", "-", "COUNT", 1)
+        )
         return _entry_events(*entries[0])[-1] if entries else None
 
     @asynccontextmanager
@@ -975,10 +983,9 @@ class Store:
 
     async def overdue_queued(self, rs: str) -> list[str]:
         """Queued tasks whose deadline has passed."""
-        [overdue] = await self._round_trip(
-            [("ZRANGEBYSCORE", self.keys.queue_deadlines(rs), "-inf", now_ms())]
+        return cast(
+            list[str], await self._one("ZRANGEBYSCORE", self.keys.queue_deadlines(rs), "-inf", now_ms())
         )
-        return cast(list[str], overdue)
 
     async def renew_leases(self, leases: Mapping[str, Sequence[str]], lease_ms: int) -> None:
         """Extend the leases of running tasks, ``{rs: [task_id, ...]}`` (only existing leases)."""
@@ -1092,8 +1099,7 @@ class Store:
 
     async def _expired(self, key: Callable[[str], str]) -> list[tuple[str, str]]:
         """Every set's members of ``key(rs)`` scored at or before now: two round trips in all."""
-        [members] = await self._round_trip([("SMEMBERS", self.keys.replica_sets())])
-        sets = sorted(members)
+        sets = sorted(await self._one("SMEMBERS", self.keys.replica_sets()))
         now = now_ms()
         found = await self._round_trip([("ZRANGEBYSCORE", key(rs), "-inf", now) for rs in sets])
         return [(rs, task_id) for rs, ids in zip(sets, found, strict=True) for task_id in ids]
@@ -1355,6 +1361,8 @@ def _as_parsed(command: tuple[Any, ...], reply: Any) -> Any:
     """A raw RESP reply as redis-py's client parses that command's (for the few shapes that differ)."""
     if command[0] in _STREAM_READS:
         return _stream_entries(reply)
+    if command[0] == "HGETALL":
+        return dict(zip(reply[::2], reply[1::2], strict=True))
     if command[-1] == "WITHSCORES":
         return [(member, float(score)) for member, score in zip(reply[::2], reply[1::2], strict=True)]
     return reply

@@ -128,6 +128,10 @@ async def _plain_reads(store: Store, rs: str) -> list[Any]:
         await store.stream_start("t1", -1),
         await store.stream_start("t1", 0),
         await store.read_events("t1", 1),
+        await store.last_event("t1"),
+        await store.task_exists("t1"),
+        await store.task_exists("unknown"),
+        await store.task("unknown"),
     ]
     await store.renew_leases({rs: ["i2", "never-leased"]}, 60_000)
     reads.append(await store.expired_leases())
@@ -160,6 +164,10 @@ async def test_plain_reads_agree_on_the_wire_and_through_redis_py(
         ([started, token], "s1"),
         ([token], "s1"),
         [],
+        token,
+        True,
+        False,
+        None,
         [],  # renewed: not expired any more
         ["b1", "i2"],  # a renewal adds no lease
         [],
