@@ -12,10 +12,10 @@ float is a :class:`redis.exceptions.DataError`, as redis-py raises for it. The c
 three asyncio connection classes a URL can select (``redis://``, ``rediss://``, ``unix://``).
 
 :class:`Wire` goes further for the store's Lua scripts, the commands on every token's and every
-admission's path: its own connection, with no redis-py code between the call and the socket. A wire
-also carries the gateway's live-events subscription (:meth:`Wire.subscribe`): each message is handed
-over from the connection's read callback, with no listener task and no redis-py pub/sub parsing
-between the socket and the relay.
+admission's path, and for its hot plain commands: its own connection, with no redis-py code between
+the call and the socket. A wire also carries the gateway's live-events subscription
+(:meth:`Wire.subscribe`): each message is handed over from the connection's read callback, with no
+listener task and no redis-py pub/sub parsing between the socket and the relay.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ class Wire:
     redis-py's asyncio client spends ~240 µs of CPU per round trip on the 2-core box (a connection
     checked out of the pool, its health and retry wrappers, a Python parser loop); this costs ~77 µs
     for the same EVALSHA (interleaved microbenchmark, uvloop). The store sends its Lua scripts here,
-    the commands on every token's and every admission's path; everything else stays on redis-py.
+    the commands on every token's and every admission's path, and the plain commands of its hot and
+    periodic reads (``Store._round_trip``); its cold paths stay on redis-py.
 
     It keeps redis-py's failure contract, so the retries around the store work unchanged: a
     connection that cannot be made or is lost raises :class:`redis.exceptions.ConnectionError`, a

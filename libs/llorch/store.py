@@ -597,10 +597,10 @@ class Store:
         ``[(member, score), ...]``, a hash as a dict); the first error reply is raised.
 
         Over the store's :class:`Wire` where it has one. These are the commands on every stream's path
-        (its first read), every task's end (its lease), status reads and the scheduler's periodic
-        scans, and
-        redis-py's pipeline costs about three times the CPU per round trip (see
-        :mod:`llorch.respwire`). A cluster or TLS goes through redis-py's pipeline."""
+        (its first read), every task's end (its lease), a session's reads (its admissions, dispatches
+        and streams), status reads and the scheduler's periodic scans, and redis-py's pipeline costs
+        about three times the CPU per round trip (see :mod:`llorch.respwire`). A cluster or TLS goes
+        through redis-py's pipeline."""
         if self.wire is None:
             pipe: Pipeline
             async with self.client.pipeline(transaction=False) as pipe:
@@ -1075,10 +1075,7 @@ class Store:
     async def session(self, session_id: str) -> SessionRecord | None:
         """The session, or None when unknown or expired."""
         key = self.keys.session(session_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.pttl(key)
-            fields, ttl = await pipe.execute()
+        fields, ttl = await self._round_trip([("HGETALL", key), ("PTTL", key)])
         return _session(session_id, fields, int(ttl)) if fields else None
 
     async def session_ran_on(self, session_id: str, replica_id: str, pid: int) -> SessionRecord | None:
